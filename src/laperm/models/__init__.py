@@ -1,0 +1,40 @@
+"""The paper's models, layer by layer as in the reference notebooks (SPEC §4).
+
+``build(name, seed=...)`` returns a Keras-initialised model; ``MODELS`` describes each one.
+"""
+
+from .cifar import Conv2, Conv4, Conv13
+from .layers import (
+    KERAS_BN_EPS,
+    KERAS_BN_MOMENTUM,
+    Conv2dSame,
+    KerasModelMixin,
+    keras_batch_norm,
+    same_padding,
+)
+from .mnist import F1, F2, Conv7, LeNet300
+from .registry import MODELS, ModelSpec, UnknownModelError, build, get_spec
+from .resnet import BasicBlock, ResNetV1
+
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "UnknownModelError",
+    "build",
+    "get_spec",
+    "F1",
+    "F2",
+    "LeNet300",
+    "Conv7",
+    "Conv2",
+    "Conv4",
+    "Conv13",
+    "ResNetV1",
+    "BasicBlock",
+    "Conv2dSame",
+    "KerasModelMixin",
+    "keras_batch_norm",
+    "same_padding",
+    "KERAS_BN_EPS",
+    "KERAS_BN_MOMENTUM",
+]

@@ -1,0 +1,101 @@
+"""Model registry: ``MODELS[name]`` describes a model, ``build(name)`` makes a Keras-initialised one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cifar import Conv2, Conv4, Conv13
+from .mnist import F1, F2, Conv7, LeNet300
+from .resnet import ResNetV1
+
+
+class UnknownModelError(ValueError):
+    """Raised by :func:`build` / :func:`get_spec` for a name not in :data:`MODELS`."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the paper's runs need to know about a model besides its layers.
+
+    ``l2`` is the coefficient c of the coupled Keras-style penalty c * sum(w**2) over the model's
+    ``l2_parameters()`` (0 if none). ``permute_biases`` says whether the paper's LaPerm permuted the
+    biases too (Conv7, F1, F2).
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    dataset: str  # "mnist" or "cifar10"
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    l2: float
+    permute_biases: bool
+    description: str
+
+
+def _resnet20(**kwargs) -> ResNetV1:
+    return ResNetV1(20, **kwargs)
+
+
+def _resnet50(**kwargs) -> ResNetV1:
+    return ResNetV1(50, **kwargs)
+
+
+_MNIST, _CIFAR = (1, 28, 28), (3, 32, 32)
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("f1", F1, "mnist", _MNIST, 10, 0.0, True,
+              "Flatten -> Linear(784, 10) without bias (7,840 weights)"),
+    ModelSpec("f2", F2, "mnist", _MNIST, 10, 1e-4, True,
+              "784-128-64-10 ReLU MLP without biases, L2 on the hidden layers (109,184 weights)"),
+    ModelSpec("lenet300", LeNet300, "mnist", _MNIST, 10, 0.0, False,
+              "LeNet-300-100 MLP with biases (266,610 params)"),
+    ModelSpec("conv7", Conv7, "mnist", _MNIST, 10, 0.0, True,
+              "7 convs + dense, no BatchNorm, he-uniform biases (325,578 params)"),
+    ModelSpec("conv2", Conv2, "cifar10", _CIFAR, 10, 1e-4, False,
+              "2 convs (ReLU then BN) + 3 dense layers (4,302,922 trainable)"),
+    ModelSpec("conv4", Conv4, "cifar10", _CIFAR, 10, 1e-4, False,
+              "4 convs (ReLU then BN) + 3 dense layers (2,427,722 trainable)"),
+    ModelSpec("conv13", Conv13, "cifar10", _CIFAR, 10, 1e-4, False,
+              "VGG-16-style 13 convs (ReLU then BN) + 2 dense layers (14,991,946 trainable)"),
+    ModelSpec("resnet", ResNetV1, "cifar10", _CIFAR, 10, 1e-4, False,
+              "CIFAR ResNet v1 of depth 6n+2; pass depth=..."),
+    ModelSpec("resnet20", _resnet20, "cifar10", _CIFAR, 10, 1e-4, False,
+              "CIFAR ResNet v1, depth 20 (n=3)"),
+    ModelSpec("resnet50", _resnet50, "cifar10", _CIFAR, 10, 1e-4, False,
+              "CIFAR ResNet v1, depth 50 (n=8), the paper's 'ResNet50' (760,266 trainable)"),
+]}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` for ``name`` (case-insensitive)."""
+    try:
+        return MODELS[name.lower()]
+    except (KeyError, AttributeError):
+        raise UnknownModelError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
+        ) from None
+
+
+def build(
+    name: str,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build model ``name`` with the Keras-equivalent initialisation.
+
+    ``seed`` (or a CPU ``generator``, not both) makes the initial weights reproducible on any
+    device; with neither, torch's global CPU generator is used. Other keyword arguments go to the
+    model class (e.g. ``depth=`` for ``"resnet"``, ``num_classes=``).
+    """
+    spec = get_spec(name)
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    return spec.builder(generator=generator, **kwargs)

@@ -1,0 +1,378 @@
+r"""LaPerm: Lookahead Permutation as a wrapper around any PyTorch optimizer.
+
+Given an inner optimizer (Adam in the paper) and a synchronisation period
+:math:`k`, LaPerm keeps, for every permuted row (the incoming weights of one
+output unit), its initial values sorted ascending, :math:`s = \operatorname{sort}(\theta_0)`.
+Each call to :meth:`LaPerm.step` performs
+
+.. math::
+
+    \theta_t &\leftarrow \text{InnerStep}(\theta_{t-1}, g_t) \\
+    \text{if } t \bmod k = 0:\quad
+    \theta_t[\operatorname{argsort}(\theta_t)] &\leftarrow s
+    \quad\text{(row by row, stable)}
+
+so right after a synchronisation every permuted row is exactly a permutation
+of its :math:`\theta_0` row, arranged in the rank order the inner optimizer
+reached.  The inner optimizer's state (Adam's moments and step) is never reset.
+
+Like timm's ``Lookahead``, the wrapper shares ``param_groups`` with the inner
+optimizer, so ``torch.optim.lr_scheduler`` schedulers, ``zero_grad`` and
+``state_dict`` work on it unchanged.  Per-group options (set them in the
+param-group dicts, or through :func:`laperm_param_groups`):
+
+* ``k`` -- synchronisation period in steps (int >= 1); may be changed at any
+  time, e.g. by a schedule: a sync happens after every step whose 1-based
+  count is a multiple of the current ``k``.
+* ``permute`` -- ``None`` (default: every parameter with >= 2 dims), ``True``
+  (every parameter of the group, biases included) or ``False``.
+* ``granularity`` -- ``"row"`` (one row per output unit) or ``"tensor"``.
+* ``transposed`` / ``unit_groups`` -- for ``ConvTranspose*`` weights, whose
+  output units sit on dim 1 (see :class:`laperm.reconnect.RowLayout`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import reconnect
+from .reconnect import RowLayout
+
+__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "NORM_LAYERS"]
+
+
+class LaPermError(RuntimeError):
+    """A LaPerm invariant or usage rule was broken; the message says how to fix it."""
+
+
+_GROUP_DEFAULTS = {"permute": None, "transposed": False, "unit_groups": 1}
+
+
+class LaPerm(torch.optim.Optimizer):
+    """Wrap ``base_optimizer`` so that training reconnects weights instead of changing them.
+
+    Args:
+        base_optimizer: any ``torch.optim.Optimizer``, already holding the
+            parameters (their current values are taken as :math:`\\theta_0`:
+            create the wrapper *after* any pruning or shared-value init).
+        k: synchronisation period in steps (default for groups that set none).
+        granularity: default unit of permutation, ``"row"`` or ``"tensor"``.
+        check_finite: raise at a sync if a permuted weight is NaN or inf
+            (ranks are undefined then) instead of scattering garbage.
+
+    Example::
+
+        inner = torch.optim.Adam(laperm_param_groups(model), lr=1e-3)
+        opt = LaPerm(inner, k=250)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        opt.sync()   # end of training: leave the weights in a synced state
+    """
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        k: int = 20,
+        granularity: str = "row",
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "LaPerm wraps an inner optimizer: pass e.g. "
+                "LaPerm(torch.optim.Adam(model.parameters()), k=20), "
+                f"not a {type(base_optimizer).__name__}"
+            )
+        if isinstance(base_optimizer, LaPerm):
+            raise TypeError("LaPerm cannot wrap another LaPerm optimizer")
+        _check_k(k)
+        if granularity not in reconnect.GRANULARITIES:
+            raise ValueError(
+                f"granularity must be one of {reconnect.GRANULARITIES}, got {granularity!r}"
+            )
+        # Optimizer.__init__ would copy the param groups; we share them instead
+        # (as timm's Lookahead does) and set up only what the base class needs.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        self.base_optimizer = base_optimizer
+        self.defaults = dict(base_optimizer.defaults, k=k, granularity=granularity, **_GROUP_DEFAULTS)
+        self.check_finite = check_finite
+        # Per permuted parameter: its sorted initial rows, layout and shape.
+        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._synced = True
+        for group in self.param_groups:
+            self._init_group(group)
+
+    # -- param groups ---------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        for key in ("k", "granularity", *_GROUP_DEFAULTS):
+            group.setdefault(key, self.defaults[key])
+        group.setdefault("laperm_step", 0)
+        _check_k(group["k"])
+        for i, p in enumerate(group["params"]):
+            if self._permuted(group, p):
+                layout = self._layout(group, p)
+                self.state[p] = {
+                    "sorted": reconnect.sorted_rows(p, layout),
+                    "layout": layout,
+                    "shape": tuple(p.shape),
+                    "name": _param_name(group, i),
+                }
+
+    @staticmethod
+    def _permuted(group: dict[str, Any], p: Tensor) -> bool:
+        permute = group.get("permute")
+        return p.dim() >= 2 if permute is None else bool(permute) and p.dim() >= 1
+
+    @staticmethod
+    def _layout(group: dict[str, Any], p: Tensor) -> RowLayout:
+        return RowLayout(
+            granularity=group["granularity"],
+            transposed=bool(group["transposed"]) and p.dim() >= 2,
+            groups=int(group["unit_groups"]),
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer; its current values become its θ0."""
+        self.base_optimizer.add_param_group(param_group)
+        self._init_group(self.param_groups[-1])
+
+    # -- stepping -------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """One inner step, then a sync for each group whose step count is a multiple of its k."""
+        loss = self.base_optimizer.step(closure)  # it re-enables grad for the closure
+        self._synced = False
+        due = []
+        for group in self.param_groups:
+            if "laperm_step" not in group:
+                raise LaPermError(
+                    "a param group was added to the inner optimizer after wrapping it; "
+                    "add groups through LaPerm.add_param_group so their θ0 is recorded"
+                )
+            group["laperm_step"] += 1
+            _check_k(group["k"])
+            due.append(group["laperm_step"] % group["k"] == 0)
+        if all(due):
+            self.sync()
+        else:
+            for group, is_due in zip(self.param_groups, due):
+                if is_due:
+                    self._sync_group(group)
+        return loss
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Synchronise every permuted parameter now (e.g. at the end of training)."""
+        for group in self.param_groups:
+            self._sync_group(group)
+        self._synced = True
+
+    def _sync_group(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st is None:
+                if self._permuted(group, p):
+                    raise LaPermError(
+                        "a parameter was added to the optimizer after LaPerm was created, "
+                        "so its initial values are unknown; add it through "
+                        "LaPerm.add_param_group instead"
+                    )
+                continue
+            name = st["name"]
+            if tuple(p.shape) != st["shape"]:
+                raise LaPermError(
+                    f"parameter {name} changed shape from {st['shape']} to "
+                    f"{tuple(p.shape)} after LaPerm recorded its initial values; "
+                    "create the optimizer after the model's final shape is set"
+                )
+            if self.check_finite and not bool(torch.isfinite(p).all()):
+                raise LaPermError(
+                    f"parameter {name} holds NaN or inf at a synchronisation, so its "
+                    "ranks are undefined; lower the learning rate or check the loss"
+                )
+            reconnect.sync_tensor_(p, st["sorted"], st["layout"])
+
+    @property
+    def is_synced(self) -> bool:
+        """True when no inner step has been taken since the last full sync."""
+        return self._synced
+
+    def steps_to_next_sync(self) -> int:
+        """Steps until the next scheduled sync of the first group (for progress displays)."""
+        group = self.param_groups[0]
+        return group["k"] - group["laperm_step"] % group["k"]
+
+    @contextlib.contextmanager
+    def synced_weights(self) -> Iterator[None]:
+        """Temporarily put the weights in their synced state (for evaluation).
+
+        The inner weights are restored on exit, so evaluating does not change
+        the training trajectory.
+        """
+        if self._synced:
+            yield
+            return
+        saved = [(p, p.detach().clone()) for p in self.state]
+        try:
+            self.sync()
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+            self._synced = False
+
+    def permuted_parameters(self) -> list[tuple[str, Tensor]]:
+        """``(name, parameter)`` for every parameter that LaPerm permutes."""
+        return [(st["name"], p) for p, st in self.state.items()]
+
+    def initial_sorted(self, p: Tensor) -> Tensor:
+        """The sorted initial rows kept for permuted parameter ``p``."""
+        return self.state[p]["sorted"]
+
+    def verify(self) -> None:
+        """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row."""
+        if not self._synced:
+            raise LaPermError("weights are between syncs; call sync() before verify()")
+        for p, st in self.state.items():
+            if not reconnect.rows_match(reconnect.to_rows(p, st["layout"]), st["sorted"]):
+                raise LaPermError(
+                    f"parameter {st['name']} is not a row-wise permutation of its initial values"
+                )
+
+    # -- state ------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Inner optimizer state plus sorted θ0, step counts and k (everything to resume)."""
+        index = {p: i for i, p in enumerate(self._all_params())}
+        return {
+            "base": self.base_optimizer.state_dict(),
+            "sorted": {index[p]: st["sorted"] for p, st in self.state.items()},
+            "synced": self._synced,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        if not isinstance(state_dict, dict) or not {"base", "sorted"} <= state_dict.keys():
+            raise LaPermError(
+                "not a LaPerm state_dict (expected keys 'base' and 'sorted'); "
+                "was it saved from the inner optimizer instead?"
+            )
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        params = self._all_params()
+        saved = state_dict["sorted"]
+        ours = {i for i, p in enumerate(params) if p in self.state}
+        if set(saved) != ours:
+            raise LaPermError(
+                "the saved LaPerm state permutes different parameters than this "
+                "optimizer; build the model and param groups as in the saved run"
+            )
+        for i, sorted_vals in saved.items():
+            st = self.state[params[i]]
+            if tuple(sorted_vals.shape) != tuple(st["sorted"].shape):
+                raise LaPermError(
+                    f"saved initial values of {st['name']} have shape "
+                    f"{tuple(sorted_vals.shape)}, expected {tuple(st['sorted'].shape)}"
+                )
+            st["sorted"] = sorted_vals.to(st["sorted"].device, st["sorted"].dtype).contiguous()
+        self._synced = bool(state_dict.get("synced", False))
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def __repr__(self) -> str:
+        ks = sorted({g["k"] for g in self.param_groups})
+        n = sum(p.numel() for p in self.state)
+        return f"LaPerm(k={ks if len(ks) > 1 else ks[0]}, permuted={n:,} weights, inner={type(self.base_optimizer).__name__})"
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (the sync period in steps), got {k!r}")
+
+
+def _param_name(group: dict[str, Any], i: int) -> str:
+    names = group.get("param_names")
+    return names[i] if names and i < len(names) else f"#{i} of its param group"
+
+
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def laperm_param_groups(
+    model: nn.Module,
+    permute_biases: bool = False,
+    permute_norm: bool = False,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """Param groups for ``model`` chosen by module type, ready for an inner optimizer.
+
+    * weights of ordinary layers (Linear, Conv*, ...): permuted by rows;
+    * ``ConvTranspose*`` weights: permuted with output units on dim 1;
+    * biases: permuted (each as one row) only if ``permute_biases``;
+    * normalisation-layer parameters: never permuted unless ``permute_norm``.
+
+    Every group carries ``param_names`` so errors name the offending tensor.
+    ``group_options`` (e.g. ``k=250``) are copied into every group.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+
+    def add(key: tuple, name: str, p: Tensor, **opts: Any) -> None:
+        g = groups.setdefault(key, {"params": [], "param_names": [], **opts, **group_options})
+        g["params"].append(p)
+        g["param_names"].append(name)
+
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, NORM_LAYERS):
+                add(("norm",), name, p, permute=permute_norm)
+            elif p.dim() == 1:
+                add(("bias",), name, p, permute=permute_biases)
+            elif isinstance(module, _CONV_T):
+                add(("convT", module.groups), name, p, permute=True, transposed=True,
+                    unit_groups=module.groups)
+            else:
+                add(("weight",), name, p, permute=None)
+    return list(groups.values())
+
+
+def permuted_fraction(optimizer: LaPerm) -> float:
+    """Fraction of all parameters (by count) that ``optimizer`` permutes."""
+    total = sum(p.numel() for p in optimizer._all_params())
+    return sum(p.numel() for p in optimizer.state) / max(total, 1)
+
