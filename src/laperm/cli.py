@@ -1,0 +1,198 @@
+"""The ``laperm`` command: train, verify, and list what is available.
+
+Every user error ends in one line ``laperm: error: ...`` and a non-zero exit,
+never a traceback (set ``LAPERM_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TRAIN_EXAMPLES = """\
+examples:
+  laperm train                                  # LaPerm on the bundled MNIST (lenet300), ~2 min on 2 cores
+  laperm train --preset f1                      # the paper's F1 row: single shared value, 40% pruned
+  laperm train --preset conv7 --epochs 15       # a preset with a reduced budget
+  laperm train --model lenet300 --optimizer adam --epochs 5      # plain Adam baseline
+  laperm train --model lenet300 --init pruned:0.7 --k 250         # sparse init, reconnecting
+  laperm train --preset conv2 --data-dir ~/data/cifar10           # CIFAR-10 (tarball, folder or zip)
+  laperm train --config my-run.yaml --seed 3    # a config file; flags override it
+  laperm train --resume runs/lenet300-laperm-seed0-1a2b3c4d      # continue an interrupted run
+"""
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to train")
+    g.add_argument("--preset", help="a paper setup (see `laperm presets`); flags override it")
+    g.add_argument("--config", type=Path, help="YAML or TOML file of config fields; flags override it")
+    g.add_argument("--model", help="model name (see `laperm models`); default lenet300")
+    g.add_argument("--dataset", help="mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar (default: the model's)")
+    g.add_argument("--data-dir", help="dataset location (IDX folder; CIFAR-10 tarball, folder or zip)")
+    g.add_argument("--init", help="he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=["laperm", "adam", "sgd"], help="laperm (default) or a plain baseline")
+    g.add_argument("--inner", choices=["adam", "adamw", "sgd"], help="LaPerm's inner optimizer (default adam)")
+    g.add_argument("--k", type=int, help="sync period in steps (default 100)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--lr-schedule", help="constant | exp:G | step:E:G | milestones:E=F,...")
+    g.add_argument("--l2", type=float, help="coupled L2 coefficient (default: the paper's for the model)")
+    g.add_argument("--loss-scale", choices=["mean", "sum"], help="sum reproduces the reference's gradient scale")
+    g.add_argument("--granularity", choices=["row", "tensor"], help="unit of permutation")
+    g.add_argument("--permute-biases", action=argparse.BooleanOptionalAction, default=None,
+                   help="permute biases too (default: as the paper does for the model)")
+    g.add_argument("--augment", help="none, mnist-paper, cifar-paper, cifar-resnet")
+    g.add_argument("--bn-recalibrate", type=int, metavar="BATCHES",
+                   help="recompute BatchNorm statistics on this many batches after each sync used for evaluation")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
+    g.add_argument("--train-subset", type=int, help="train on only this many images (reduced budgets)")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--out", help="parent folder of run folders (default runs)")
+    g.add_argument("--name", help="run folder name (default: derived from the config)")
+    g.add_argument("--eval-every", type=int, metavar="EPOCHS")
+    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", metavar="RUN_DIR", type=Path, help="continue an interrupted run folder")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+
+FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
+               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "granularity", "permute_biases",
+               "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
+               "name", "eval_every", "checkpoint_every")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laperm",
+        description="Train neural networks by reconnecting their weights (Lookahead Permutation).",
+        epilog="Run `laperm COMMAND --help` for each command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("train", help="train a model (default: LaPerm on the bundled MNIST)",
+                       description="Train a model with LaPerm or a baseline and write a run folder.",
+                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_flags(p)
+    p = sub.add_parser("verify", help="check that a run's weights are permutations of its initial weights",
+                       description="Check final.pt and best.pt of a run folder against its init.pt, row by row.",
+                       epilog="example:\n  laperm verify runs/lenet300-laperm-seed0-1a2b3c4d",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    sub.add_parser("presets", help="list the paper's setups", description="List the --preset names.")
+    sub.add_parser("models", help="list the models", description="List the --model names.")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config_file, resolve_config
+    from .train import train
+
+    flags = {f: getattr(args, f) for f in FLAG_FIELDS}
+    if args.no_progress:
+        flags["progress"] = False
+    if args.resume is not None:
+        run_dir = args.resume
+        flags.update(out=str(run_dir.parent), name=run_dir.name)
+    file_layer = load_config_file(args.config) if args.config else None
+    cfg = resolve_config(file_layer, flags)
+    t0 = time.perf_counter()
+    summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
+    print_summary(summary, time.perf_counter() - t0)
+    return 0
+
+
+def print_summary(s: dict[str, Any], wall: float) -> None:
+    print()
+    line = f"test accuracy {s['final_test_acc']:.2%} (final synced model)"
+    if s.get("selected_test_acc") is not None:
+        line += f", {s['selected_test_acc']:.2%} (selected on validation, epoch {s['selected_epoch']})"
+    print(f"{s['model']} on {s['dataset']} with {s['optimizer']}: {line}")
+    print(f"best test accuracy over the run {s['best_test_acc']:.2%} (the paper's protocol; not a selection rule)")
+    m, sec = divmod(int(round(wall)), 60)
+    print(f"time {m}m {sec:02d}s ({s['train_time_s']:.0f}s training) on {s['device']}; run folder {s['run_dir']}")
+    if s.get("verified"):
+        print(s["verified"])
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .rundir import verify_run
+
+    report = verify_run(args.run_dir)
+    print(report.message())
+    return 0 if report.ok else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PRESET_NOTES, PRESETS
+
+    for name, values in PRESETS.items():
+        print(f"{name:14s} {PRESET_NOTES[name]}")
+        print(f"{'':14s} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import MODELS
+
+    for name, spec in MODELS.items():
+        print(f"{name:10s} {spec.dataset:8s} {spec.description}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "verify": cmd_verify, "presets": cmd_presets, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]  # `laperm` alone runs the main job
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("laperm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - turned into one clear line below
+        if os.environ.get("LAPERM_DEBUG"):
+            raise
+        code, message = _explain(e)
+        print(f"laperm: error: {message}", file=sys.stderr)
+        return code
+
+
+def _explain(e: Exception) -> tuple[int, str]:
+    """Map an exception to (exit code, one-line message)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import UnknownModelError
+    from .optim import LaPermError
+    from .rundir import RunDirError
+    from .train import NumericalError, TrainingInterrupted
+
+    if isinstance(e, TrainingInterrupted):
+        return 3, str(e)
+    if isinstance(e, (ConfigError, DataError, RunDirError, CheckpointError, UnknownModelError, LaPermError,
+                      NumericalError)):
+        return 2, str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        return 2, f"file system error{where}: {e.strerror or e}; check free space and permissions of --out"
+    return 1, f"unexpected {type(e).__name__}: {e} (set LAPERM_DEBUG=1 for a traceback and please report it)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Typed training configuration, the paper's presets, and config files.
+
+A run is fully described by one :class:`TrainConfig`.  It can come from
+defaults, a named preset (SPEC §5), a YAML/TOML file, or command-line flags,
+in that order of increasing priority.  Every field is validated here, so bad
+input fails with one sentence naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "PRESETS",
+    "InitSpec",
+    "parse_init",
+    "lr_factor",
+    "k_for_epoch",
+    "load_config_file",
+    "resolve_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+OPTIMIZERS = ("laperm", "adam", "sgd")
+INNER = ("adam", "adamw", "sgd")
+LOSS_SCALES = ("mean", "sum")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (see ``laperm train --help``)."""
+
+    model: str = "lenet300"
+    dataset: str | None = None  # None: the model's own dataset
+    optimizer: str = "laperm"  # laperm | adam | sgd
+    inner: str = "adam"  # inner optimizer of laperm
+    k: int = 100
+    k_schedule: dict[int, int] | None = None  # {epoch: k from that epoch on}
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_schedule: str = "exp:0.9"  # constant | exp:G | step:E:G | milestones:E=F,E=F,...
+    momentum: float = 0.9  # sgd only
+    adam_eps: float = 1e-7  # Keras' default, which the paper's runs used
+    loss_scale: str = "mean"  # sum: the reference's gradient scale (batch x mean)
+    l2: float | None = None  # None: the model's paper value
+    init: str = "he-uniform"  # he-uniform | pruned:P | shared:V[:KEEP[,KEEP...]]
+    permute_biases: bool | None = None  # None: the model's paper setting
+    granularity: str = "row"
+    augment: str | None = None
+    val_size: int = 5000
+    train_subset: int | None = None
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    out: str = "runs"
+    name: str | None = None
+    bn_recalibrate: int = 0  # batches used to recompute BatchNorm stats after a sync (0: off)
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    threads: int | None = None
+    progress: bool = True
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short hash of everything that changes the result (not paths or display)."""
+        ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset"}
+        payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        base = self.preset or self.model
+        return f"{base}-{self.optimizer}-seed{self.seed}-{self.digest()}"
+
+    def validate(self) -> "TrainConfig":
+        _positive_int(self, "epochs", "batch_size", "eval_every", "checkpoint_every", "keep_checkpoints")
+        _positive_int(self, "k")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.inner not in INNER:
+            raise ConfigError(f"inner must be one of {', '.join(INNER)}, got {self.inner!r}")
+        if self.loss_scale not in LOSS_SCALES:
+            raise ConfigError(f"loss_scale must be 'mean' or 'sum', got {self.loss_scale!r}")
+        if self.granularity not in ("row", "tensor"):
+            raise ConfigError(f"granularity must be 'row' or 'tensor', got {self.granularity!r}")
+        for name in ("lr", "adam_eps"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.l2 is not None and (not _is_number(self.l2) or not 0 <= self.l2 < 1):
+            raise ConfigError(f"l2 must be a number in [0, 1) or left unset, got {self.l2!r}")
+        for name in ("val_size", "bn_recalibrate"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ConfigError(f"{name} must be a whole number >= 0, got {v!r}")
+        if self.train_subset is not None and (not _is_int(self.train_subset) or self.train_subset < 1):
+            raise ConfigError(f"train_subset must be a positive whole number, got {self.train_subset!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise ConfigError(f"threads must be a positive whole number, got {self.threads!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if self.k_schedule is not None:
+            if not isinstance(self.k_schedule, dict) or not all(
+                _is_int(e) and e >= 0 and _is_int(k) and k >= 1 for e, k in self.k_schedule.items()
+            ):
+                raise ConfigError("k_schedule must map epochs (>= 0) to k values (>= 1), e.g. {0: 20, 10: 250}")
+        for name in ("model", "out", "device", "lr_schedule", "init"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        lr_factor(self.lr_schedule, 0)  # raises ConfigError when malformed
+        parse_init(self.init)
+        return self
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+
+
+# -- schedules -------------------------------------------------------------------
+
+
+def lr_factor(schedule: str, epoch: int) -> float:
+    """Multiplier of the base learning rate in ``epoch`` (0-based) under ``schedule``.
+
+    * ``constant``
+    * ``exp:G``            -- G**epoch (the paper's MNIST runs: exp:0.95)
+    * ``step:E:G``         -- G**(epoch // E) (the paper's CIFAR convnets: step:10:0.6)
+    * ``milestones:E=F,..`` -- factor F from epoch E on (ResNet: 80=0.1,120=0.01,160=0.001,180=0.0005)
+    """
+    try:
+        kind, _, arg = schedule.partition(":")
+        if kind == "constant" and not arg:
+            return 1.0
+        if kind == "exp":
+            g = float(arg)
+            if g <= 0:
+                raise ValueError
+            return g**epoch
+        if kind == "step":
+            every, g = arg.split(":")
+            every_i, g_f = int(every), float(g)
+            if every_i < 1 or g_f <= 0:
+                raise ValueError
+            return g_f ** (epoch // every_i)
+        if kind == "milestones":
+            factor = 1.0
+            for item in arg.split(","):
+                e, f = item.split("=")
+                if float(f) <= 0 or int(e) < 0:
+                    raise ValueError
+                if epoch >= int(e):
+                    factor = float(f)
+            return factor
+    except ValueError:
+        pass
+    raise ConfigError(
+        f"lr_schedule {schedule!r} not understood; use constant, exp:0.95, step:10:0.6 "
+        "or milestones:80=0.1,120=0.01"
+    )
+
+
+def k_for_epoch(cfg: TrainConfig, epoch: int) -> int:
+    """The sync period in ``epoch`` (0-based): ``cfg.k`` unless ``k_schedule`` says otherwise."""
+    k = cfg.k
+    for start, value in sorted((cfg.k_schedule or {}).items()):
+        if epoch >= start:
+            k = value
+    return k
+
+
+# -- initialisations --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    kind: str  # he-uniform | pruned | shared
+    pruned: float = 0.0
+    value: float = 0.0
+    keep: tuple[float, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "pruned":
+            return f"he-uniform, {self.pruned:.0%} randomly pruned"
+        if self.kind == "shared":
+            keep = ", ".join(f"{k:.4g}" for k in self.keep)
+            return f"single shared value {self.value:g}, keep ratio {keep}"
+        return "he-uniform (dense)"
+
+
+def parse_init(text: str) -> InitSpec:
+    """``he-uniform``, ``pruned:0.4`` or ``shared:0.08:0.6`` / ``shared:0.03:1/15,1/7,1/3``."""
+    hint = "use he-uniform, pruned:P (0 <= P < 1) or shared:V:KEEP[,KEEP...] (e.g. shared:0.08:0.6)"
+    if not isinstance(text, str):
+        raise ConfigError(f"init must be a string; {hint}")
+    parts = text.split(":")
+    try:
+        if parts == ["he-uniform"]:
+            return InitSpec("he-uniform")
+        if parts[0] == "pruned" and len(parts) == 2:
+            p = float(parts[1])
+            if not 0 <= p < 1:
+                raise ValueError
+            return InitSpec("pruned", pruned=p)
+        if parts[0] == "shared" and len(parts) in (2, 3):
+            v = float(parts[1])
+            keep = tuple(_fraction(x) for x in parts[2].split(",")) if len(parts) == 3 else (1.0,)
+            if v == 0 or not math.isfinite(v) or not all(0 < k <= 1 for k in keep):
+                raise ValueError
+            return InitSpec("shared", value=v, keep=keep)
+    except (ValueError, ZeroDivisionError):
+        pass
+    raise ConfigError(f"init {text!r} not understood; {hint}")
+
+
+def _fraction(text: str) -> float:
+    num, _, den = text.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+# -- presets (SPEC §5) ---------------------------------------------------------------
+
+_MNIST_PAPER = dict(lr=1e-3, lr_schedule="exp:0.95", adam_eps=1e-7, loss_scale="sum")
+_CIFAR_CONV = dict(dataset="cifar10", batch_size=50, epochs=125, lr_schedule="step:10:0.6", k=1000,
+                   augment="cifar-paper", adam_eps=1e-7, loss_scale="sum")
+_RESNET = dict(model="resnet50", dataset="cifar10", batch_size=50, epochs=200, k=400,
+               lr_schedule="milestones:80=0.1,120=0.01,160=0.001,180=0.0005",
+               augment="cifar-resnet", adam_eps=1e-7, loss_scale="sum")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "conv7": dict(model="conv7", batch_size=50, epochs=45, k=1200, augment="mnist-paper", **_MNIST_PAPER),
+    "conv2": dict(model="conv2", **_CIFAR_CONV),
+    "conv4": dict(model="conv4", **_CIFAR_CONV),
+    "conv13": dict(model="conv13", **_CIFAR_CONV),
+    "resnet50": dict(_RESNET),
+    "resnet50-p30": dict(_RESNET, k=800, init="pruned:0.3"),
+    "resnet50-p50": dict(_RESNET, k=800, init="pruned:0.5"),
+    "resnet50-p70": dict(_RESNET, k=800, init="pruned:0.7"),
+    "f1": dict(model="f1", batch_size=128, epochs=10, k=250, init="shared:0.08:0.6", **_MNIST_PAPER),
+    "f2": dict(model="f2", batch_size=128, epochs=25, k=250, init="shared:0.03:1/15,1/7,1/3", **_MNIST_PAPER),
+}
+PRESET_NOTES = {
+    "conv7": "MNIST Conv7, README 99.72%",
+    "conv2": "CIFAR-10 Conv2, README 78.21%",
+    "conv4": "CIFAR-10 Conv4, README 89.17%",
+    "conv13": "CIFAR-10 Conv13 (VGG-style), README 92.21%",
+    "resnet50": "CIFAR-10 ResNet 6n+2 (n=8), dense, README 92.53%",
+    "resnet50-p30": "ResNet50, 30% pruned, README 92.32%",
+    "resnet50-p50": "ResNet50, 50% pruned, README 92.02%",
+    "resnet50-p70": "ResNet50, 70% pruned, README 90.97%",
+    "f1": "MNIST F1, single shared value 0.08, 40% pruned, README 85.46%",
+    "f2": "MNIST F2, single shared value 0.03, ~92.6% pruned, README 78.14% (not reproducible, SPEC §5)",
+}
+
+
+# -- files and merging ----------------------------------------------------------------------
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file of config fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML or TOML file")
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {_first_line(e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of field: value")
+    data = data.get("train", data) if isinstance(data.get("train"), dict) else data
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def resolve_config(*layers: dict[str, Any] | None) -> TrainConfig:
+    """Merge layers of overrides (later wins) onto the defaults, expanding ``preset``."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        unknown = set(layer) - FIELD_NAMES
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s): {', '.join(sorted(map(str, unknown)))}; "
+                f"valid fields: {', '.join(sorted(FIELD_NAMES))}"
+            )
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    preset = merged.get("preset")
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+        # Later layers override the preset, but only for fields they actually set.
+    values.update(merged)
+    if isinstance(values.get("k_schedule"), dict):
+        try:
+            values["k_schedule"] = {int(e): int(k) for e, k in values["k_schedule"].items()}
+        except (TypeError, ValueError):
+            raise ConfigError("k_schedule must map epochs to k values, e.g. {0: 20, 10: 250}") from None
+    _coerce_floats(values)
+    return TrainConfig(**values).validate()
+
+
+def _coerce_floats(values: dict[str, Any]) -> None:
+    # YAML reads 1e-3 as a string; accept integers where floats are expected.
+    for name in ("lr", "adam_eps", "momentum", "l2"):
+        v = values.get(name)
+        if isinstance(v, str):
+            try:
+                values[name] = float(v)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {v!r}") from None
+        elif _is_int(v):
+            values[name] = float(v)
