@@ -7,6 +7,7 @@ never a traceback (set ``LAPERM_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -89,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     sub.add_parser("presets", help="list the paper's setups", description="List the --preset names.")
     sub.add_parser("models", help="list the models", description="List the --model names.")
+    for module in EXTENSIONS:
+        # Each extension adds its own subcommands: register(sub) -> {name: handler}.
+        COMMANDS.update(importlib.import_module(module).register(sub))
     return parser
+
+
+# Modules that contribute subcommands (kept apart so the core CLI stays small).
+EXTENSIONS = ("laperm.experiments.cli", "laperm.export")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -162,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `laperm presets | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("laperm: interrupted", file=sys.stderr)
         return 130

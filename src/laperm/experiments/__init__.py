@@ -1,0 +1,1 @@
+"""Named paper experiments (see ``laperm run --help``)."""

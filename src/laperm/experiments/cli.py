@@ -1,0 +1,11 @@
+"""Subcommands for experiments: ``laperm run`` and ``laperm report``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add this module's subcommands to ``sub``; return {command: handler}."""
+    return {}
