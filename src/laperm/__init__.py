@@ -1,3 +1,10 @@
-"""laperm: train neural networks by reconnecting their weights (Lookahead Permutation)."""
+"""laperm: train neural networks by reconnecting their weights (Lookahead Permutation).
+
+>>> from laperm import LaPerm, laperm_param_groups
+>>> opt = LaPerm(torch.optim.Adam(laperm_param_groups(model), lr=1e-3), k=20)
+"""
+
+from .optim import LaPerm, LaPermError, laperm_param_groups
 
 __version__ = "0.1.0"
+__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "__version__"]

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reconnect
+from .initial_values import SortedRows
 from .reconnect import RowLayout
 
 __all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "NORM_LAYERS"]
@@ -65,6 +66,9 @@ class LaPerm(torch.optim.Optimizer):
         granularity: default unit of permutation, ``"row"`` or ``"tensor"``.
         check_finite: raise at a sync if a permuted weight is NaN or inf
             (ranks are undefined then) instead of scattering garbage.
+        storage: how the sorted θ0 is kept: ``"auto"`` (run-length encoded
+            where that is at most half the bytes, as for sparse and
+            shared-value inits; dense otherwise), ``"dense"`` or ``"rle"``.
 
     Example::
 
@@ -83,6 +87,7 @@ class LaPerm(torch.optim.Optimizer):
         k: int = 20,
         granularity: str = "row",
         check_finite: bool = True,
+        storage: str = "auto",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -110,6 +115,9 @@ class LaPerm(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.defaults = dict(base_optimizer.defaults, k=k, granularity=granularity, **_GROUP_DEFAULTS)
         self.check_finite = check_finite
+        if storage not in ("auto", "dense", "rle"):
+            raise ValueError(f"storage must be auto, dense or rle, got {storage!r}")
+        self.storage = storage
         # Per permuted parameter: its sorted initial rows, layout and shape.
         self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._synced = True
@@ -134,7 +142,7 @@ class LaPerm(torch.optim.Optimizer):
             if self._permuted(group, p):
                 layout = self._layout(group, p)
                 self.state[p] = {
-                    "sorted": reconnect.sorted_rows(p, layout),
+                    "sorted": SortedRows.from_sorted(reconnect.sorted_rows(p, layout), self.storage),
                     "layout": layout,
                     "shape": tuple(p.shape),
                     "name": _param_name(group, i),
@@ -212,7 +220,7 @@ class LaPerm(torch.optim.Optimizer):
                     f"parameter {name} holds NaN or inf at a synchronisation, so its "
                     "ranks are undefined; lower the learning rate or check the loss"
                 )
-            reconnect.sync_tensor_(p, st["sorted"], st["layout"])
+            reconnect.sync_tensor_(p, st["sorted"].dense(), st["layout"])
 
     @property
     def is_synced(self) -> bool:
@@ -249,15 +257,19 @@ class LaPerm(torch.optim.Optimizer):
         return [(st["name"], p) for p, st in self.state.items()]
 
     def initial_sorted(self, p: Tensor) -> Tensor:
-        """The sorted initial rows kept for permuted parameter ``p``."""
-        return self.state[p]["sorted"]
+        """The sorted initial rows kept for permuted parameter ``p``, as a ``(rows, n)`` matrix."""
+        return self.state[p]["sorted"].dense()
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0)."""
+        return sum(st["sorted"].nbytes() for st in self.state.values())
 
     def verify(self) -> None:
         """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row."""
         if not self._synced:
             raise LaPermError("weights are between syncs; call sync() before verify()")
         for p, st in self.state.items():
-            if not reconnect.rows_match(reconnect.to_rows(p, st["layout"]), st["sorted"]):
+            if not reconnect.rows_match(reconnect.to_rows(p, st["layout"]), st["sorted"].dense()):
                 raise LaPermError(
                     f"parameter {st['name']} is not a row-wise permutation of its initial values"
                 )
@@ -271,7 +283,7 @@ class LaPerm(torch.optim.Optimizer):
         index = {p: i for i, p in enumerate(self._all_params())}
         return {
             "base": self.base_optimizer.state_dict(),
-            "sorted": {index[p]: st["sorted"] for p, st in self.state.items()},
+            "sorted": {index[p]: st["sorted"].state() for p, st in self.state.items()},
             "synced": self._synced,
         }
 
@@ -290,14 +302,18 @@ class LaPerm(torch.optim.Optimizer):
                 "the saved LaPerm state permutes different parameters than this "
                 "optimizer; build the model and param groups as in the saved run"
             )
-        for i, sorted_vals in saved.items():
+        for i, stored in saved.items():
             st = self.state[params[i]]
-            if tuple(sorted_vals.shape) != tuple(st["sorted"].shape):
+            try:
+                sorted_rows = SortedRows.from_state(stored)
+            except (KeyError, TypeError, ValueError) as e:
+                raise LaPermError(f"saved initial values of {st['name']} are damaged ({e})") from None
+            if sorted_rows.shape != st["sorted"].shape:
                 raise LaPermError(
                     f"saved initial values of {st['name']} have shape "
-                    f"{tuple(sorted_vals.shape)}, expected {tuple(st['sorted'].shape)}"
+                    f"{sorted_rows.shape}, expected {st['sorted'].shape}"
                 )
-            st["sorted"] = sorted_vals.to(st["sorted"].device, st["sorted"].dtype).contiguous()
+            st["sorted"] = sorted_rows.to(st["sorted"].device, st["sorted"].dtype)
         self._synced = bool(state_dict.get("synced", False))
 
     def _all_params(self) -> list[Tensor]:

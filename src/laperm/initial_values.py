@@ -1,0 +1,119 @@
+"""The sorted initial rows LaPerm keeps for each permuted tensor: dense or run-length encoded.
+
+A dense init has (almost) all-distinct values, so the sorted copy is stored
+as is: one value per weight.  Sparse and single-shared-value inits repeat
+values (zeros, or the shared value ``v``): sorted, each row is a few long
+runs, and storing ``(value, count)`` per run plus a row pointer costs a
+small fraction of a copy.  A shared-value row ``{0, v}`` is two runs whatever
+its length.  :meth:`SortedRows.dense` rebuilds the full sorted matrix (a
+temporary used by one sync) with a single ``repeat_interleave``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .reconnect import _bits
+
+__all__ = ["SortedRows"]
+
+# Use run-length encoding only when it is at most this fraction of the dense bytes.
+RLE_MAX_FRACTION = 0.5
+
+
+@dataclass
+class SortedRows:
+    """Sorted rows of one tensor's initial values, ``shape == (rows, row_length)``."""
+
+    shape: tuple[int, int]
+    dense_values: Tensor | None = None  # (rows, n), when stored densely
+    run_values: Tensor | None = None  # (runs,) value of each run, rows concatenated
+    run_counts: Tensor | None = None  # (runs,) int32 length of each run
+    run_rows: Tensor | None = None  # (runs,) int32 row of each run (for checks and stats)
+
+    @classmethod
+    def from_sorted(cls, sorted_rows: Tensor, encoding: str = "auto") -> "SortedRows":
+        """Store ``sorted_rows`` (each row ascending) in the cheaper of the two forms.
+
+        ``encoding`` is ``"auto"``, ``"dense"`` or ``"rle"``.  Runs group *bit-identical*
+        neighbours, so -0.0 and 0.0 stay distinct and the rebuilt rows are bit-exact.
+        """
+        if encoding not in ("auto", "dense", "rle"):
+            raise ValueError(f"encoding must be auto, dense or rle, got {encoding!r}")
+        shape = (int(sorted_rows.shape[0]), int(sorted_rows.shape[1]))
+        if encoding == "dense" or sorted_rows.numel() == 0:
+            return cls(shape, dense_values=sorted_rows.contiguous())
+        bits = _bits(sorted_rows)
+        # A run starts at column 0 and wherever the bit pattern changes.
+        starts = torch.ones_like(bits, dtype=torch.bool)
+        starts[:, 1:] = bits[:, 1:] != bits[:, :-1]
+        n_runs = int(starts.sum())
+        rle_bytes = n_runs * (sorted_rows.element_size() + 4 + 4)
+        dense_bytes = sorted_rows.numel() * sorted_rows.element_size()
+        if encoding == "auto" and rle_bytes > RLE_MAX_FRACTION * dense_bytes:
+            return cls(shape, dense_values=sorted_rows.contiguous())
+        flat_starts = starts.reshape(-1).nonzero().squeeze(1)
+        ends = torch.cat([flat_starts[1:], flat_starts.new_tensor([sorted_rows.numel()])])
+        # Runs never cross rows: every row starts a run at column 0.
+        return cls(
+            shape,
+            run_values=sorted_rows.reshape(-1)[flat_starts].clone(),
+            run_counts=(ends - flat_starts).to(torch.int32),
+            run_rows=(flat_starts // shape[1]).to(torch.int32),
+        )
+
+    @property
+    def encoding(self) -> str:
+        return "dense" if self.dense_values is not None else "rle"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.dense_values if self.dense_values is not None else self.run_values).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return (self.dense_values if self.dense_values is not None else self.run_values).device
+
+    def dense(self) -> Tensor:
+        """The full ``(rows, n)`` sorted matrix (a temporary for RLE storage)."""
+        if self.dense_values is not None:
+            return self.dense_values
+        flat = torch.repeat_interleave(self.run_values, self.run_counts.long())
+        return flat.reshape(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes this object keeps alive."""
+        tensors = [self.dense_values, self.run_values, self.run_counts, self.run_rows]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SortedRows":
+        def move(t: Tensor | None, cast: bool) -> Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if cast else None)
+
+        return SortedRows(self.shape, move(self.dense_values, True), move(self.run_values, True),
+                          move(self.run_counts, False), move(self.run_rows, False))
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and ints, for ``state_dict``."""
+        if self.dense_values is not None:
+            return {"shape": self.shape, "dense": self.dense_values}
+        return {"shape": self.shape, "values": self.run_values, "counts": self.run_counts, "rows": self.run_rows}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | Tensor) -> "SortedRows":
+        if isinstance(state, Tensor):  # a bare sorted matrix
+            return cls((int(state.shape[0]), int(state.shape[1])), dense_values=state)
+        shape = tuple(int(s) for s in state["shape"])
+        if "dense" in state:
+            return cls(shape, dense_values=state["dense"])
+        counts = state["counts"]
+        if int(counts.sum()) != shape[0] * shape[1]:
+            raise ValueError(f"run-length counts add up to {int(counts.sum())}, expected {shape[0] * shape[1]}")
+        return cls(shape, run_values=state["values"], run_counts=counts, run_rows=state["rows"])
+
