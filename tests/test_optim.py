@@ -325,3 +325,21 @@ def test_cuda_matches_cpu():
     for p, p0 in zip(model.parameters(), theta0):
         if p.dim() >= 2:
             assert reconnect.is_row_permutation(p.cpu(), p0)
+
+
+def test_sync_hooks_see_scheduled_syncs_only():
+    model = make_model(0)
+    opt = LaPerm(torch.optim.Adam(model.parameters(), lr=1e-2), k=3)
+    calls = []
+    handle = opt.register_sync_hook(lambda o, params: calls.append((o.param_groups[0]["laperm_step"], len(params))))
+    for x, y in batches(0, 7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        with opt.synced_weights():  # temporary syncs for evaluation are not reported
+            pass
+    opt.sync()
+    assert calls == [(3, 3), (6, 3), (7, 3)]
+    handle.remove()
+    opt.sync()
+    assert len(calls) == 3

@@ -121,6 +121,7 @@ class LaPerm(torch.optim.Optimizer):
         # Per permuted parameter: its sorted initial rows, layout and shape.
         self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._synced = True
+        self._sync_hooks: list[Callable[[LaPerm, list[Tensor]], None]] = []
         for group in self.param_groups:
             self._init_group(group)
 
@@ -184,20 +185,41 @@ class LaPerm(torch.optim.Optimizer):
             due.append(group["laperm_step"] % group["k"] == 0)
         if all(due):
             self.sync()
-        else:
+        elif any(due):
+            synced = []
             for group, is_due in zip(self.param_groups, due):
                 if is_due:
-                    self._sync_group(group)
+                    synced += self._sync_group(group)
+            self._run_hooks(synced)
         return loss
 
     @torch.no_grad()
     def sync(self) -> None:
         """Synchronise every permuted parameter now (e.g. at the end of training)."""
-        for group in self.param_groups:
-            self._sync_group(group)
-        self._synced = True
+        self._run_hooks(self._sync_all())
 
-    def _sync_group(self, group: dict[str, Any]) -> None:
+    def _sync_all(self) -> list[Tensor]:
+        synced = [p for group in self.param_groups for p in self._sync_group(group)]
+        self._synced = True
+        return synced
+
+    def register_sync_hook(self, hook: Callable[["LaPerm", list[Tensor]], None]) -> "_HookHandle":
+        """Call ``hook(optimizer, params)`` after every sync of ``params``.
+
+        Scheduled syncs and :meth:`sync` run hooks; the temporary sync of
+        :meth:`synced_weights` does not.  Useful for invariant checks,
+        reconnection statistics, or comparing replicas in distributed runs.
+        Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        self._sync_hooks.append(hook)
+        return _HookHandle(self._sync_hooks, hook)
+
+    def _run_hooks(self, params: list[Tensor]) -> None:
+        for hook in list(self._sync_hooks):
+            hook(self, params)
+
+    def _sync_group(self, group: dict[str, Any]) -> list[Tensor]:
+        synced = []
         for p in group["params"]:
             st = self.state.get(p)
             if st is None:
@@ -221,6 +243,8 @@ class LaPerm(torch.optim.Optimizer):
                     "ranks are undefined; lower the learning rate or check the loss"
                 )
             reconnect.sync_tensor_(p, st["sorted"].dense(), st["layout"])
+            synced.append(p)
+        return synced
 
     @property
     def is_synced(self) -> bool:
@@ -244,7 +268,7 @@ class LaPerm(torch.optim.Optimizer):
             return
         saved = [(p, p.detach().clone()) for p in self.state]
         try:
-            self.sync()
+            self._sync_all()
             yield
         finally:
             with torch.no_grad():
@@ -323,6 +347,15 @@ class LaPerm(torch.optim.Optimizer):
         ks = sorted({g["k"] for g in self.param_groups})
         n = sum(p.numel() for p in self.state)
         return f"LaPerm(k={ks if len(ks) > 1 else ks[0]}, permuted={n:,} weights, inner={type(self.base_optimizer).__name__})"
+
+
+class _HookHandle:
+    def __init__(self, hooks: list, hook: Callable) -> None:
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
 
 
 def _check_k(k: Any) -> None:
