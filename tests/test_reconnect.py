@@ -1,5 +1,8 @@
 """The sync kernel and row views: exact agreement with the reference rule."""
 
+import contextlib
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -156,3 +159,136 @@ def test_cuda_matches_cpu(dtype):
     cpu = reconnect.sync_tensor_(w.clone(), s)
     gpu = reconnect.sync_tensor_(w.cuda(), s.cuda())
     assert torch.equal(cpu, gpu.cpu())
+
+
+# -- the CPU fast path (int64 keys, blocks, threads) against torch's stable sort --
+
+F32 = np.finfo(np.float32)
+# Values that stress the key mapping: ties, both zeros, subnormals, extremes.
+SPECIAL = np.array(
+    [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, F32.smallest_subnormal, -F32.smallest_subnormal,
+     2 * F32.smallest_subnormal, -3 * F32.smallest_subnormal, F32.smallest_normal,
+     -F32.smallest_normal, F32.max, -F32.max, 1e-30, -1e-30, 3e38, -3e38],
+    dtype=np.float32,
+)
+
+
+def torch_stable_sync(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    idx = torch.argsort(rows, dim=1, stable=True)
+    return rows.clone().scatter_(1, idx, s)
+
+
+@contextlib.contextmanager
+def kernel_settings(threads, block=None, min_parallel=None):
+    """Force threads and tiny blocks so small inputs exercise the pool and block edges."""
+    saved = reconnect.BLOCK_ELEMS, reconnect._MIN_PARALLEL
+    reconnect.set_num_threads(threads)
+    if block is not None:
+        reconnect.BLOCK_ELEMS = block
+    if min_parallel is not None:
+        reconnect._MIN_PARALLEL = min_parallel
+    try:
+        yield
+    finally:
+        reconnect.set_num_threads(None)
+        reconnect.BLOCK_ELEMS, reconnect._MIN_PARALLEL = saved
+
+
+@st.composite
+def float32_rows(draw):
+    """Finite float32 row matrices, mostly tie-heavy; some of length 1 or > 65,536."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    shape = draw(st.sampled_from([
+        (draw(st.integers(1, 6)), draw(st.integers(1, 40))),
+        (draw(st.integers(1, 40)), 1),
+        (draw(st.integers(1, 3)), draw(st.integers(65_537, 70_000))),
+        (draw(st.integers(20, 60)), draw(st.integers(1000, 4608))),
+    ]))
+    normal = rng.standard_normal(draw(st.integers(1, 50))).astype(np.float32)
+    pool = np.concatenate([SPECIAL, normal])
+    x = rng.choice(pool, size=shape)
+    if draw(st.booleans()):  # also all the other magnitudes, through random bit patterns
+        bits = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32)
+        rand = bits.view(np.float32)
+        x = np.where(np.isfinite(rand) & (rng.random(shape) < 0.5), rand, x)
+    theta0 = rng.choice(pool, size=shape).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(theta0)
+
+
+@given(float32_rows(), st.sampled_from([1, 2, 3]), st.booleans())
+def test_fast_path_matches_torch_stable_sort(case, threads, tiny_blocks):
+    rows, theta0 = case
+    s = reconnect.sorted_rows(theta0)
+    expected_idx = torch.argsort(rows, dim=1, stable=True)
+    expected = torch_stable_sync(rows, s)
+    block, min_par = (64, 0) if tiny_blocks else (None, None)
+    with kernel_settings(threads, block, min_par):
+        assert torch.equal(reconnect.argsort_rows(rows), expected_idx)
+        out = rows.clone()
+        reconnect.sync_rows_(out, s)
+    # Bit for bit (torch.equal would take -0.0 == 0.0).
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+def test_fast_path_zeros_tie_in_index_order():
+    rows = torch.tensor([[0.0, -0.0, 0.0, -0.0, -1e-45, 1e-45]])
+    assert reconnect.argsort_rows(rows).tolist() == [[4, 0, 1, 2, 3, 5]]
+    s = torch.tensor([[-2.0, -0.0, 0.0, 1.0, 2.0, 3.0]])
+    out = reconnect.sync_rows_(rows.clone(), s)
+    assert out.view(torch.int32).tolist() == s[:, [1, 2, 3, 4, 0, 5]].view(torch.int32).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_contiguous_rows_and_float64(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.round(torch.randn(300, 90, generator=g) * 3).to(dtype)
+    rows = base.t()  # (90, 300), a non-contiguous view
+    s = reconnect.sorted_rows(torch.randn(90, 300, generator=g).to(dtype))
+    expected = torch_stable_sync(rows, s)
+    with kernel_settings(2, block=512, min_parallel=0):
+        assert torch.equal(reconnect.argsort_rows(rows), torch.argsort(rows, dim=1, stable=True))
+        reconnect.sync_rows_(rows, s)
+    assert torch.equal(rows, expected)
+    assert torch.equal(base.t(), expected)  # written through the view
+
+
+def test_sync_rows_keeps_autograd_error_on_leaf():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="in-place"):
+        reconnect.sync_rows_(p, reconnect.sorted_rows(p))
+
+
+def test_set_num_threads():
+    try:
+        reconnect.set_num_threads(3)
+        assert reconnect.get_num_threads() == 3
+        reconnect.set_num_threads(None)
+        assert reconnect.get_num_threads() == torch.get_num_threads()
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(ValueError, match="threads"):
+                reconnect.set_num_threads(bad)
+    finally:
+        reconnect.set_num_threads(None)
+
+
+def test_sync_from_inside_a_pool_worker_runs_serially():
+    """A sync started by a kernel thread must not wait on the (busy) pool: no deadlock."""
+    rows = torch.randn(50, 40)
+    s = reconnect.sorted_rows(torch.randn(50, 40))
+    expected = torch_stable_sync(rows, s)
+    with kernel_settings(2, block=64, min_parallel=0):
+        busy_pool = reconnect._get_pool(1)
+        busy_pool.submit(reconnect.sync_rows_, rows, s).result(timeout=30)
+    assert torch.equal(rows, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_is_seen_by_autograd_as_in_place(dtype):
+    """A graph that saved the weights must refuse to backprop through a sync."""
+    p = torch.nn.Parameter(torch.randn(8, 40, dtype=dtype))
+    s = reconnect.sorted_rows(torch.randn(8, 40, dtype=dtype))
+    loss = (p * p).sum()  # saves p for backward
+    reconnect.sync_tensor_(p, s)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

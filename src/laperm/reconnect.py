@@ -24,7 +24,6 @@ Nothing in this module knows about models, data or files.
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import threading
@@ -35,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = [
     "RowLayout",
@@ -132,21 +132,24 @@ def argsort_rows(rows: Tensor) -> Tensor:
     """Stable ascending argsort of every row (ties in index order), as int64.
 
     CPU float32 rows take the fast path (:func:`_sorted_keys`: one unstable
-    SIMD integer sort of ``(value, index)`` keys, which yields exactly the stable
-    order, -0.0 and 0.0 being equal); CPU float64 rows numpy's stable sort; all
-    else (CUDA, bfloat16, float16) torch's stable sort.  The input is assumed
-    finite: a NaN gets some deterministic rank, not necessarily torch's.
+    SIMD sort of unique integer keys per row, which gives exactly the stable
+    order of the values, -0.0 and 0.0 being equal); CPU float64 rows numpy's
+    stable sort; anything else (CUDA, bfloat16, float16) torch's stable sort.
+    The fast path assumes finite input: a NaN gets a deterministic rank, but
+    not necessarily torch's (:class:`laperm.optim.LaPerm` checks first).
     """
-    if _use_keys(rows):
-        out = np.empty(tuple(rows.shape), np.int64)
+    path = _cpu_path(rows)
+    if path == "keys":
         x = rows.detach().numpy()
+        out = np.empty(x.shape, np.int64)
 
         def block(a: int, b: int) -> None:
-            np.bitwise_and(_sorted_keys(x[a:b], out[a:b]), 0xFFFFFFFF, out=out[a:b])
+            k = _sorted_keys(x[a:b], out[a:b].reshape(-1), _arange(x.shape[1]))
+            np.bitwise_and(k, 0xFFFFFFFF, out=k)  # the column of each rank
 
         _for_row_blocks(x.shape, block)
         return torch.from_numpy(out)
-    if rows.device.type == "cpu" and rows.dtype == torch.float64:
+    if path == "stable":
         return torch.from_numpy(np.argsort(rows.detach().numpy(), axis=1, kind="stable"))
     return torch.argsort(rows, dim=1, stable=True)
 
@@ -154,188 +157,48 @@ def argsort_rows(rows: Tensor) -> Tensor:
 def sync_rows_(rows: Tensor, sorted_vals: Tensor) -> Tensor:
     """In place: give rank ``r`` of ``sorted_vals`` to the element of rank ``r`` in ``rows``.
 
-    Ranks are stable (ties in index order).  On CPU (float32 and float64) the
+    Ranks are stable (ties in index order).  On CPU (float32, float64) the
     rows are cut into blocks of about :data:`BLOCK_ELEMS` elements, each
-    argsorted and scattered while it is in cache, by up to
-    :func:`get_num_threads` threads.  Assumes finite ``rows`` (see
-    :func:`argsort_rows`); :class:`laperm.optim.LaPerm` checks this first.
+    argsorted and scattered while in cache, by :func:`get_num_threads`
+    threads.  Assumes finite ``rows``, like :func:`argsort_rows`.
     """
     if rows.shape != sorted_vals.shape:
         raise ValueError(
             f"row matrix shape {tuple(rows.shape)} does not match the stored sorted "
             f"values {tuple(sorted_vals.shape)}"
         )
-    fast = _use_keys(rows) or (rows.device.type == "cpu" and rows.dtype == torch.float64)
-    if not fast or rows.dim() != 2 or (rows.requires_grad and torch.is_grad_enabled()):
-        # Torch path; also raises autograd's usual error for an in-place write to a leaf.
+    path = _cpu_path(rows)
+    if path is None or (rows.requires_grad and torch.is_grad_enabled()):
+        # torch (also raises autograd's usual error for an in-place write to a leaf)
         idx = argsort_rows(rows)
         rows.scatter_(1, idx.to(rows.device), sorted_vals.to(rows.dtype))
         return rows
     target = rows.detach()
-    x = target.numpy()
-    vals = sorted_vals.detach().to(rows.dtype)
-    keys = x.dtype == np.float32 and _use_keys(rows)
+    work = target if target.is_contiguous() else target.contiguous()
+    x = work.numpy()
+    vals = np.ascontiguousarray(sorted_vals.detach().to(rows.dtype).numpy())
+    n = x.shape[1]
 
     def block(a: int, b: int) -> None:
-        if keys:
-            idx = _sorted_keys(x[a:b], _scratch(b - a, x.shape[1]))
-            np.bitwise_and(idx, 0xFFFFFFFF, out=idx)  # the column of each rank
+        if path == "keys":
+            # Low halves = flat positions in the (contiguous) block, so after
+            # the sort one flat assignment does the scatter.
+            e = (b - a) * n
+            k = _sorted_keys(x[a:b], _buffer("keys", e, np.int64), _arange(e).reshape(b - a, n))
+            np.bitwise_and(k, 0xFFFFFFFF, out=k)
         else:
-            idx = np.argsort(x[a:b], axis=1, kind="stable")
-        target[a:b].scatter_(1, torch.from_numpy(idx), vals[a:b])
+            k = np.argsort(x[a:b], axis=1, kind="stable")
+            k += n * np.arange(b - a)[:, None]  # columns -> flat positions in the block
+        x[a:b].reshape(-1)[k.reshape(-1)] = vals[a:b].reshape(-1)
 
+    # numpy, not torch.scatter_, scatters: torch would start its own OpenMP
+    # threads for blocks over 32K elements, inside ours.
     _for_row_blocks(x.shape, block)
+    if work is not target:
+        target.copy_(work)
+    else:  # numpy wrote behind autograd's back: let it see the in-place change
+        increment_version(target)
     return rows
-
-
-# -- CPU kernel internals -------------------------------------------------------
-#
-# Why keys: numpy's argsort of floats is a scalar introsort and its stable
-# argsort a timsort, while np.sort of int64 is SIMD-accelerated (x86-simd-sort /
-# highway).  A key ``(orderable(value) << 32) | column`` is unique within a row,
-# so an unstable sort of the keys gives exactly the stable argsort in its low
-# 32 bits, in about a third of the time of np.argsort.
-
-BLOCK_ELEMS = 1 << 16
-"""Elements per block: 512 KiB of int64 keys, about one core's L2 cache."""
-
-_MIN_PARALLEL = 1 << 15  # below this many elements threads cost more than they give
-
-_num_threads: int | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-_local = threading.local()  # per thread: scratch buffers, "inside a pool worker" flag
-
-
-def set_num_threads(n: int | None) -> None:
-    """Threads used by the CPU sync kernel; ``None`` (default) follows ``torch.get_num_threads()``."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
-    global _num_threads
-    _num_threads = n
-
-
-def get_num_threads() -> int:
-    """Threads the CPU sync kernel uses (see :func:`set_num_threads`)."""
-    return _num_threads if _num_threads is not None else torch.get_num_threads()
-
-
-def _use_keys(rows: Tensor) -> bool:
-    # Column indices must fit the low 32 bits (as a non-negative int32).
-    return (
-        rows.device.type == "cpu"
-        and rows.dtype == torch.float32
-        and rows.dim() == 2
-        and rows.shape[1] < 2**31
-    )
-
-
-def _sorted_keys(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Sort the int64 keys ``(orderable(x) << 32) | column`` of the float32 rows ``x`` into ``out``.
-
-    ``orderable`` maps the float's sign-magnitude bits to a two's-complement
-    int32 (``-magnitude`` for negatives) that orders like the values; both
-    -0.0 and 0.0 map to 0, so they tie and keep index order as the stable rule
-    wants.  Integer ops only: unaffected by flush-to-zero/denormals-are-zero
-    modes, so subnormals keep their order.  Returns ``out`` (shape of ``x``).
-    """
-    r, n = x.shape
-    bits = x.view(np.int32)
-    hi = out.view(np.int32).reshape(r, n, 2)  # little-endian: [..., 1] is the high half
-    if sys.byteorder == "big":
-        hi = hi[..., ::-1]
-    sign = _scratch32(r * n, 0).reshape(r, n)
-    mag = _scratch32(r * n, 1).reshape(r, n)
-    np.right_shift(bits, 31, out=sign)  # -1 for negatives, 0 otherwise
-    np.bitwise_and(bits, 0x7FFFFFFF, out=mag)
-    np.bitwise_xor(mag, sign, out=mag)
-    np.subtract(mag, sign, out=hi[..., 1])  # (mag ^ -1) - (-1) == -mag
-    hi[..., 0] = _columns(n)
-    out.sort(axis=1)
-    return out
-
-
-def _columns(n: int) -> np.ndarray:
-    cols = getattr(_local, "cols", None)
-    if cols is None or len(cols) < n:
-        cols = _local.cols = np.arange(max(n, 4096), dtype=np.int32)
-    return cols[:n]
-
-
-def _scratch(r: int, n: int) -> np.ndarray:
-    """This thread's reusable int64 ``(r, n)`` key buffer (no allocation per block)."""
-    buf = getattr(_local, "keys", None)
-    if buf is None or buf.size < r * n:
-        buf = _local.keys = np.empty(max(r * n, BLOCK_ELEMS), np.int64)
-    return buf[: r * n].reshape(r, n)
-
-
-def _scratch32(size: int, which: int) -> np.ndarray:
-    name = f"tmp{which}"
-    buf = getattr(_local, name, None)
-    if buf is None or buf.size < size:
-        buf = np.empty(max(size, BLOCK_ELEMS), np.int32)
-        setattr(_local, name, buf)
-    return buf[:size]
-
-
-def _for_row_blocks(shape: tuple[int, int], fn: Callable[[int, int], None]) -> None:
-    """Call ``fn(a, b)`` for row blocks ``[a, b)`` covering ``shape[0]`` rows, in parallel.
-
-    Blocks go to the threads dynamically (a shared counter), so a thread slowed
-    by other load does less of the work.  The calling thread works too; the
-    pool only holds the extra ``get_num_threads() - 1`` threads.
-    """
-    r, n = shape
-    step = max(1, BLOCK_ELEMS // max(n, 1))
-    starts = range(0, r, step)
-    threads = min(get_num_threads(), len(starts))
-    if threads <= 1 or r * n < _MIN_PARALLEL or getattr(_local, "in_pool", False):
-        for a in starts:
-            fn(a, min(a + step, r))
-        return
-    next_block = itertools.count().__next__  # atomic under the GIL
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                i = next_block()
-            if i >= len(starts):
-                return
-            fn(starts[i], min(starts[i] + step, r))
-
-    futures = [_get_pool(threads - 1).submit(_in_pool, work) for _ in range(threads - 1)]
-    try:
-        work()
-    finally:
-        for f in futures:
-            f.result()  # wait for all (they write into our buffers) and re-raise
-
-
-def _in_pool(fn: Callable[[], None]) -> None:
-    _local.in_pool = True  # a nested sync from a worker runs serially (no deadlock)
-    fn()
-
-
-def _get_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="laperm-sync")
-        return _pool
-
-
-def _forget_pool() -> None:
-    # A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads.
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def sync_tensor_(t: Tensor, sorted_vals: Tensor, layout: RowLayout = RowLayout()) -> Tensor:
@@ -410,3 +273,171 @@ def moved_fraction(before: Tensor, after: Tensor) -> float:
     if before.numel() == 0:
         return 0.0
     return float((before != after).float().mean())
+
+
+# -- CPU kernel internals -------------------------------------------------------
+#
+# Why keys: numpy's argsort of floats is a scalar introsort and its stable
+# argsort a timsort, while np.sort of int64 is SIMD-accelerated (x86-simd-sort /
+# highway).  A key ``(orderable(value) << 32) | column`` is unique within a row,
+# so an unstable sort of the keys gives exactly the stable argsort in its low
+# 32 bits, in about a third of the time of np.argsort.
+
+BLOCK_ELEMS = 1 << 16
+"""Elements per block: 512 KiB of int64 keys, about one core's L2 cache."""
+
+_MIN_PARALLEL = 1 << 15  # below this many elements threads cost more than they give
+_CACHE_MAX = 1 << 20  # largest scratch buffer kept per thread (elements)
+
+_num_threads: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_local = threading.local()  # per thread scratch buffers
+
+
+def set_num_threads(n: int | None) -> None:
+    """Set the threads of the CPU sync kernel; ``None`` (default): ``torch.get_num_threads()``."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"number of threads must be a positive integer or None, got {n!r}")
+    global _num_threads
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads the CPU sync kernel uses (see :func:`set_num_threads`)."""
+    return _num_threads if _num_threads is not None else torch.get_num_threads()
+
+
+def _cpu_path(rows: Tensor) -> str | None:
+    """``"keys"`` (float32), ``"stable"`` (float64) or None (use torch) for a row matrix."""
+    if not rows.is_cpu or rows.dim() != 2:
+        return None
+    if rows.dtype == torch.float32 and rows.shape[1] < 2**31:  # columns fit in 31 bits
+        return "keys"
+    return "stable" if rows.dtype == torch.float64 else None
+
+
+def _sorted_keys(x: np.ndarray, out: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Sorted int64 keys ``(orderable(x) << 32) | low`` of the float32 rows ``x``.
+
+    ``low`` (int32, broadcast to ``x.shape``) must be distinct within each row
+    and increase along it (the column, or the flat position); ``out`` is a flat
+    int64 buffer of at least ``x.size`` elements.  ``orderable`` turns the
+    float's sign-magnitude bits into a two's-complement int32 (``-magnitude``
+    for negatives) that orders like the values; -0.0 and 0.0 both map to 0, so
+    they tie and keep index order, as the stable rule on values wants.  Only
+    integer ops: flush-to-zero/denormals-are-zero modes cannot merge subnormals.
+    Returns the sorted keys as an ``x.shape`` view of ``out``.
+    """
+    r, n = x.shape
+    keys = out[: r * n].reshape(r, n)
+    halves = keys.view(np.int32).reshape(r, n, 2)
+    lo_i, hi_i = (0, 1) if sys.byteorder == "little" else (1, 0)
+    bits = x.view(np.int32)
+    sign = _buffer("sign", r * n, np.int32).reshape(r, n)
+    mag = _buffer("mag", r * n, np.int32).reshape(r, n)
+    np.right_shift(bits, 31, out=sign)  # -1 for negatives, 0 otherwise
+    np.bitwise_and(bits, 0x7FFFFFFF, out=mag)
+    np.bitwise_xor(mag, sign, out=mag)
+    np.subtract(mag, sign, out=halves[..., hi_i])  # (mag ^ -1) + 1 == -mag
+    halves[..., lo_i] = low
+    keys.sort(axis=1)  # unstable is fine: keys are distinct within a row
+    return keys
+
+
+def _buffer(name: str, size: int, dtype: type) -> np.ndarray:
+    """This thread's reusable 1-D scratch array ``name`` (no allocation per block).
+
+    Only block-sized buffers are kept: a huge single row (``granularity="tensor"``)
+    gets a temporary one rather than pinning its size in memory for good.
+    """
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(max(size, BLOCK_ELEMS), dtype)
+        if size <= _CACHE_MAX:
+            setattr(_local, name, buf)
+    return buf[:size]
+
+
+def _arange(size: int) -> np.ndarray:
+    """``np.arange(size, dtype=int32)``, from a cache shared by all threads (read-only)."""
+    global _AR
+    if size > _CACHE_MAX:
+        return np.arange(size, dtype=np.int32)
+    if _AR.size < size:
+        _AR = np.arange(_CACHE_MAX, dtype=np.int32)  # rebinding is atomic
+    return _AR[:size]
+
+
+_AR = np.arange(BLOCK_ELEMS, dtype=np.int32)
+
+
+def _for_row_blocks(shape: tuple[int, int], fn: Callable[[int, int], None]) -> None:
+    """Call ``fn(a, b)`` for row blocks ``[a, b)`` covering ``shape[0]`` rows, in parallel.
+
+    Threads take blocks from a shared iterator, so one slowed by other load
+    does less of the work.  The calling thread works too and waits only for
+    blocks in progress, not for pool threads that have not started yet (on a
+    busy machine they may start late, find nothing left and return); so a
+    sync run from inside a pool thread cannot deadlock either.
+    """
+    r, n = shape
+    step = max(1, BLOCK_ELEMS // max(n, 1))
+    starts = range(0, r, step)
+    threads = min(get_num_threads(), len(starts))
+    if threads <= 1 or r * n < _MIN_PARALLEL:
+        for a in starts:
+            fn(a, min(a + step, r))
+        return
+    blocks = iter(starts)
+    lock = threading.Lock()
+    left = [len(starts)]  # blocks not finished yet
+    finished = threading.Event()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                a = next(blocks, None)
+            if a is None:
+                return
+            try:
+                fn(a, min(a + step, r))
+            except BaseException as e:  # re-raised by the calling thread
+                errors.append(e)
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        finished.set()
+
+    pool = _get_pool(threads - 1)
+    for _ in range(threads - 1):
+        pool.submit(work)
+    work()
+    finished.wait()
+    if errors:
+        raise errors[0]
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    """The module's thread pool, (re)built when more workers are needed."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="laperm-sync")
+            _pool_size = workers
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)

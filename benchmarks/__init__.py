@@ -1,0 +1,1 @@
+"""Benchmarks for laperm (run e.g. ``python -m benchmarks.sync``)."""
