@@ -24,6 +24,7 @@ examples:
   laperm train --preset conv2 --data-dir ~/data/cifar10           # CIFAR-10 (tarball, folder or zip)
   laperm train --config my-run.yaml --seed 3    # a config file; flags override it
   laperm train --resume runs/lenet300-laperm-seed0-1a2b3c4d      # continue an interrupted run
+  laperm train --resume runs/lenet300-laperm-seed0-1a2b3c4d --lr 1e-4   # ... after a NaN, more gently
 """
 
 
@@ -60,16 +61,20 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="parent folder of run folders (default runs)")
     g.add_argument("--name", help="run folder name (default: derived from the config)")
     g.add_argument("--eval-every", type=int, metavar="EPOCHS")
-    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS")
+    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS", help="checkpoint every N epochs (default 1)")
+    g.add_argument("--checkpoint-steps", type=int, metavar="STEPS",
+                   help="also checkpoint every N steps, so a crash in a long epoch loses little")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--resume", metavar="RUN_DIR", type=Path, help="continue an interrupted run folder")
+    g.add_argument("--resume", metavar="RUN_DIR", type=Path,
+                   help="continue an interrupted run folder from its last good checkpoint (bit-identical on CPU); "
+                        "only --lr, --epochs and where/how to run may change")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
 
 
 FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
                "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "granularity", "permute_biases",
                "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
-               "name", "eval_every", "checkpoint_every")
+               "name", "eval_every", "checkpoint_every", "checkpoint_steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,17 +106,28 @@ EXTENSIONS = ("laperm.experiments.cli", "laperm.export")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config_file, resolve_config
+    from .config import ConfigError, TrainConfig, load_config_file, override_config, resolve_config
+    from .rundir import MARKER, RunDirError, read_run_config
     from .train import train
 
     flags = {f: getattr(args, f) for f in FLAG_FIELDS}
     if args.no_progress:
         flags["progress"] = False
-    if args.resume is not None:
-        run_dir = args.resume
-        flags.update(out=str(run_dir.parent), name=run_dir.name)
     file_layer = load_config_file(args.config) if args.config else None
-    cfg = resolve_config(file_layer, flags)
+    if args.resume is not None:
+        if args.overwrite:
+            raise RunDirError("choose either --resume or --overwrite, not both")
+        run_dir = args.resume if args.resume.name not in ("", ".", "..") else args.resume.resolve()
+        flags.update(out=str(run_dir.parent), name=run_dir.name)
+        saved = read_run_config(run_dir)
+        try:
+            TrainConfig(**saved).validate()
+        except ConfigError as e:
+            raise RunDirError(f"{run_dir / MARKER} is damaged ({e}); restore it or start a new run") from None
+        # The saved config, with only what was given now on top (train() refuses result-changing edits).
+        cfg = override_config(saved, file_layer, flags)
+    else:
+        cfg = resolve_config(file_layer, flags)
     t0 = time.perf_counter()
     summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     print_summary(summary, time.perf_counter() - t0)
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LAPERM_DEBUG"):
             raise
         code, message = _explain(e)
+        message = " ".join(str(message).splitlines())  # always one line, whatever the exception said
         print(f"laperm: error: {message}", file=sys.stderr)
         return code
 

@@ -29,6 +29,8 @@ __all__ = [
     "k_for_epoch",
     "load_config_file",
     "resolve_config",
+    "override_config",
+    "RESUME_CHANGEABLE",
 ]
 
 
@@ -51,7 +53,7 @@ class TrainConfig:
     inner: str = "adam"  # inner optimizer of laperm
     k: int = 100
     k_schedule: dict[int, int] | None = None  # {epoch: k from that epoch on}
-    epochs: int = 12
+    epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
     lr_schedule: str = "exp:0.9"  # constant | exp:G | step:E:G | milestones:E=F,E=F,...
@@ -73,6 +75,7 @@ class TrainConfig:
     bn_recalibrate: int = 0  # batches used to recompute BatchNorm stats after a sync (0: off)
     eval_every: int = 1  # epochs
     checkpoint_every: int = 1  # epochs
+    checkpoint_steps: int | None = None  # also checkpoint every N steps, for long epochs (None: per epoch only)
     keep_checkpoints: int = 2
     threads: int | None = None
     progress: bool = True
@@ -83,7 +86,8 @@ class TrainConfig:
 
     def digest(self) -> str:
         """Short hash of everything that changes the result (not paths or display)."""
-        ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset"}
+        # checkpoint_steps only decides how often state is saved, never what is computed.
+        ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -96,6 +100,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _positive_int(self, "epochs", "batch_size", "eval_every", "checkpoint_every", "keep_checkpoints")
         _positive_int(self, "k")
+        if self.checkpoint_steps is not None:
+            _positive_int(self, "checkpoint_steps")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.inner not in INNER:
@@ -106,7 +112,7 @@ class TrainConfig:
             raise ConfigError(f"granularity must be 'row' or 'tensor', got {self.granularity!r}")
         for name in ("lr", "adam_eps"):
             v = getattr(self, name)
-            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+            if not _is_number(v) or not _finite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
@@ -118,10 +124,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a whole number >= 0, got {v!r}")
         if self.train_subset is not None and (not _is_int(self.train_subset) or self.train_subset < 1):
             raise ConfigError(f"train_subset must be a positive whole number, got {self.train_subset!r}")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise ConfigError(f"threads must be a positive whole number, got {self.threads!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if self.threads is not None and (not _is_int(self.threads) or not 1 <= self.threads <= MAX_THREADS):
+            raise ConfigError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {self.threads!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}")
         if self.k_schedule is not None:
             if not isinstance(self.k_schedule, dict) or not all(
                 _is_int(e) and e >= 0 and _is_int(k) and k >= 1 for e, k in self.k_schedule.items()
@@ -130,13 +136,42 @@ class TrainConfig:
         for name in ("model", "out", "device", "lr_schedule", "init"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("dataset", "augment", "preset", "data_dir", "name"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ConfigError(f"{name} must be a non-empty string or left unset, got {v!r}")
+        for name in ("out", "data_dir", "name"):
+            if "\0" in (getattr(self, name) or ""):
+                raise ConfigError(f"{name} must not contain a NUL character")
+        if self.name is not None and ("/" in self.name or "\\" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"name must be a plain folder name, got {self.name!r}; set the parent folder with --out")
+        if self.permute_biases is not None and not isinstance(self.permute_biases, bool):
+            raise ConfigError(f"permute_biases must be true, false or unset, got {self.permute_biases!r}")
+        if not isinstance(self.progress, bool):
+            raise ConfigError(f"progress must be true or false, got {self.progress!r}")
         lr_factor(self.lr_schedule, 0)  # raises ConfigError when malformed
+        if _log_max_factor(self.lr_schedule, self.epochs) + math.log(self.lr) > math.log(1e30):
+            raise ConfigError(
+                f"lr {self.lr:g} with lr_schedule {self.lr_schedule!r} grows past 1e30 within {self.epochs} "
+                "epochs; use a decaying schedule (a factor below 1)"
+            )
         parse_init(self.init)
         return self
 
 
+MAX_THREADS = 1024
+MAX_COUNT = 10**12  # epochs, steps, batch sizes: anything larger is a typo, not a plan
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _is_number(v: Any) -> bool:
@@ -148,6 +183,8 @@ def _positive_int(cfg: TrainConfig, *names: str) -> None:
         v = getattr(cfg, name)
         if not _is_int(v) or v < 1:
             raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+        if v > MAX_COUNT:
+            raise ConfigError(f"{name} = {v} is absurdly large (the limit is {MAX_COUNT:.0e})")
 
 
 # -- schedules -------------------------------------------------------------------
@@ -166,31 +203,52 @@ def lr_factor(schedule: str, epoch: int) -> float:
         if kind == "constant" and not arg:
             return 1.0
         if kind == "exp":
-            g = float(arg)
-            if g <= 0:
-                raise ValueError
+            g = _positive_finite(arg)
             return g**epoch
         if kind == "step":
             every, g = arg.split(":")
-            every_i, g_f = int(every), float(g)
-            if every_i < 1 or g_f <= 0:
+            every_i, g_f = int(every), _positive_finite(g)
+            if every_i < 1:
                 raise ValueError
             return g_f ** (epoch // every_i)
         if kind == "milestones":
             factor = 1.0
             for item in arg.split(","):
                 e, f = item.split("=")
-                if float(f) <= 0 or int(e) < 0:
+                if int(e) < 0:
                     raise ValueError
                 if epoch >= int(e):
-                    factor = float(f)
+                    factor = _positive_finite(f)
+                else:
+                    _positive_finite(f)
             return factor
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     raise ConfigError(
         f"lr_schedule {schedule!r} not understood; use constant, exp:0.95, step:10:0.6 "
         "or milestones:80=0.1,120=0.01"
     )
+
+
+def _positive_finite(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError
+    return v
+
+
+def _log_max_factor(schedule: str, epochs: int) -> float:
+    """log of the largest factor ``schedule`` reaches in ``epochs`` epochs (without overflowing)."""
+    kind, _, arg = schedule.partition(":")
+    last = max(epochs - 1, 0)
+    if kind == "exp":
+        return max(0.0, last * math.log(float(arg)))
+    if kind == "step":
+        every, g = arg.split(":")
+        return max(0.0, (last // int(every)) * math.log(float(g)))
+    if kind == "milestones":
+        return max([0.0] + [math.log(float(f)) for e, f in (i.split("=") for i in arg.split(",")) if int(e) <= last])
+    return 0.0
 
 
 def k_for_epoch(cfg: TrainConfig, epoch: int) -> int:
@@ -294,6 +352,8 @@ FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file of config fields."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML or TOML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML or TOML file")
     try:
@@ -304,14 +364,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         else:
             raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml")
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {_first_line(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of field: value")
     data = data.get("train", data) if isinstance(data.get("train"), dict) else data
     return data
+
+
+def _show(key: Any) -> str:
+    """A field name as typed, or quoted when it holds odd characters (so messages stay one line)."""
+    return key if isinstance(key, str) and key.isidentifier() else repr(key)
 
 
 def _first_line(e: Exception) -> str:
@@ -327,25 +394,61 @@ def resolve_config(*layers: dict[str, Any] | None) -> TrainConfig:
         unknown = set(layer) - FIELD_NAMES
         if unknown:
             raise ConfigError(
-                f"unknown config field(s): {', '.join(sorted(map(str, unknown)))}; "
+                f"unknown config field(s): {', '.join(sorted(map(_show, unknown)))}; "
                 f"valid fields: {', '.join(sorted(FIELD_NAMES))}"
             )
         merged.update({k: v for k, v in layer.items() if v is not None})
     preset = merged.get("preset")
     values: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
         # Later layers override the preset, but only for fields they actually set.
     values.update(merged)
-    if isinstance(values.get("k_schedule"), dict):
-        try:
-            values["k_schedule"] = {int(e): int(k) for e, k in values["k_schedule"].items()}
-        except (TypeError, ValueError):
-            raise ConfigError("k_schedule must map epochs to k values, e.g. {0: 20, 10: 250}") from None
+    _coerce_k_schedule(values)
     _coerce_floats(values)
     return TrainConfig(**values).validate()
+
+
+# Fields that may differ from the saved config when a run is resumed: where things
+# are, how they are shown and saved, and the two a user needs to rescue or extend a
+# run (a lower lr after a divergence, more epochs). The rest would silently make the
+# resumed run a different experiment, so it is refused.
+RESUME_CHANGEABLE = frozenset({"lr", "epochs", "eval_every", "checkpoint_every", "checkpoint_steps",
+                               "keep_checkpoints", "progress", "device", "data_dir", "threads", "out", "name"})
+
+
+def override_config(base: dict[str, Any], *layers: dict[str, Any] | None) -> TrainConfig:
+    """``base`` (a saved run's config) with the fields that later layers set; no preset expansion."""
+    values = dict(base)
+    for layer in layers:
+        if not layer:
+            continue
+        unknown = set(layer) - FIELD_NAMES
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(map(_show, unknown)))}")
+        values.update({k: v for k, v in layer.items() if v is not None})
+    _coerce_k_schedule(values)
+    _coerce_floats(values)
+    return TrainConfig(**values).validate()
+
+
+def _coerce_k_schedule(values: dict[str, Any]) -> None:
+    # TOML keys are always strings, so accept "10" as well as 10, but never 2.5 or true.
+    ks = values.get("k_schedule")
+    if not isinstance(ks, dict):
+        return
+    def whole(v: Any) -> int:
+        if _is_int(v):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+        raise ValueError
+    try:
+        values["k_schedule"] = {whole(e): whole(k) for e, k in ks.items()}
+    except ValueError:
+        raise ConfigError("k_schedule must map epochs to k values, e.g. {0: 20, 10: 250}") from None
 
 
 def _coerce_floats(values: dict[str, Any]) -> None:
@@ -358,4 +461,4 @@ def _coerce_floats(values: dict[str, Any]) -> None:
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {v!r}") from None
         elif _is_int(v):
-            values[name] = float(v)
+            values[name] = float(v) if _finite(v) else math.inf  # validate() then names the field

@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, init as winit, models, rundir
-from .config import ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
+from . import checkpoint, init as winit, models, reconnect, rundir
+from .config import RESUME_CHANGEABLE, ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
 from .data import BatchLoader, Dataset, load_dataset, make_augment, train_val_split
 from .data.loader import derive_seed
-from .optim import LaPerm, laperm_param_groups
+from .optim import LaPerm, LaPermError, laperm_param_groups
 
-__all__ = ["train", "TrainingInterrupted", "NumericalError", "resolve_device", "evaluate"]
+__all__ = ["train", "TrainingInterrupted", "NumericalError", "InvariantError", "resolve_device", "evaluate"]
 
 CKPT_FORMAT = "laperm-train/1"
 
@@ -44,15 +44,23 @@ class NumericalError(RuntimeError):
     """The loss or the weights became NaN/inf."""
 
 
+class InvariantError(LaPermError):
+    """A permuted row is no longer a permutation of its θ0 row (a bug or memory corruption)."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise ConfigError(f"device {name!r} not understood; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -180,10 +188,17 @@ class RunState:
     seen: int = 0
     epoch_time: float = 0.0
     elapsed: float = 0.0
+    changes: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps.
+
+    The first signal only sets the flag (the step in flight finishes and a
+    checkpoint is saved); it also restores the previous handlers, so a second
+    Ctrl-C or SIGTERM stops the process at once (files stay consistent: every
+    write is atomic).
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -199,10 +214,87 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+        self._restore()
 
-    def __exit__(self, *exc: Any) -> None:
+    def _restore(self) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+# -- invariants and numerical faults --------------------------------------------------
+
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _row_fingerprint(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of its values' bit patterns read as integers (int64).
+
+    Integer addition does not depend on the order of the elements, so a
+    permuted row keeps its fingerprint exactly, while changing any value
+    (even by one ulp, or 0.0 to -0.0) changes it unless another change
+    cancels it exactly.  One O(n) pass, cheaper than the sync it checks.
+    """
+    bits = rows.contiguous().view(_INT_VIEW[rows.element_size()])
+    if bits.device.type == "cpu":
+        # numpy accumulates the narrow integers in int64 without a widened copy (several times faster)
+        return torch.from_numpy(np.add.reduce(bits.numpy(), axis=1, dtype=np.int64))
+    return bits.sum(1, dtype=torch.int64)
+
+
+class SyncChecker:
+    """The cheap invariant, checked right after every sync: each permuted row holds its θ0 values.
+
+    Registered as a LaPerm sync hook, so it sees every scheduled sync and the
+    final one.  (The full check, sorting every row against init.pt, runs at
+    the end of training.)  ``step`` is set by the engine, for the message.
+    """
+
+    def __init__(self, opt: LaPerm) -> None:
+        self.step = 0
+        self.expected = {p: _row_fingerprint(opt.initial_sorted(p)) for p in opt.state}
+        opt.register_sync_hook(self)
+
+    def __call__(self, opt: LaPerm, params: list[torch.Tensor]) -> None:
+        for p in params:
+            st = opt.state[p]
+            got = _row_fingerprint(reconnect.to_rows(p.detach(), st["layout"]))
+            if not torch.equal(got, self.expected[p]):
+                row = int((got != self.expected[p]).nonzero()[0, 0])
+                raise InvariantError(
+                    f"after the sync at step {self.step}, row {row} of {st['name']} is no longer a permutation "
+                    "of its initial values (LaPerm's invariant is broken); the run is stopped and its "
+                    "checkpoints are left as they were"
+                )
+
+
+def _first_nonfinite(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> str | None:
+    """Name of the first model or optimizer-state tensor holding NaN/inf, else None (one pass, O(n))."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name}"
+    inner = getattr(opt, "base_optimizer", opt)
+    for st in (inner.state.values() if inner is not None else ()):
+        for key, t in st.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"optimizer state {key!r}"
+    return None
+
+
+def _numerical_error(what: str, step: int, run_dir: Path, last: Path | None, lr: float) -> NumericalError:
+    kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint had been saved yet"
+    return NumericalError(
+        f"{what} at step {step}; nothing from that point on was saved and {kept}. "
+        f"Continue with a lower learning rate: laperm train --resume {run_dir} --lr {lr / 10:g}"
+    )
+
+
+# -- the run ---------------------------------------------------------------------------
+
+CKPT_KEYS = ("format", "config", "model", "optimizer", "scheduler", "loader", "rng", "run")
 
 
 def train(
@@ -213,44 +305,97 @@ def train(
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing the run folder; returns the summary dict."""
+    """Train as ``cfg`` says, writing the run folder; returns the summary dict.
+
+    With ``resume``, the run folder ``cfg.out / cfg.run_name()`` continues from
+    its newest good checkpoint; ``cfg`` must equal the saved config except for
+    :data:`~laperm.config.RESUME_CHANGEABLE` fields (a lower ``lr``, more
+    ``epochs``, where and how to run).  Everything that can be checked without
+    writing (config, device, model, data) is checked before the run folder is
+    created, so bad input leaves no half-made folder behind.
+    """
     cfg.validate()
-    run_dir = rundir.prepare_run_dir(Path(cfg.out) / cfg.run_name(), resume=resume, overwrite=overwrite)
-    saved = None
+    run_dir = Path(cfg.out) / cfg.run_name()
+    rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
-        saved_cfg = yaml.safe_load((run_dir / rundir.MARKER).read_text())
-        cfg = TrainConfig(**{**saved_cfg, "progress": cfg.progress, "device": cfg.device,
-                             "data_dir": cfg.data_dir or saved_cfg.get("data_dir"),
-                             "threads": cfg.threads, "out": cfg.out, "name": run_dir.name}).validate()
-        found = checkpoint.latest_good(run_dir / "checkpoints", warn=log)
+        cfg = _resume_config(cfg, rundir.read_run_config(run_dir), run_dir)
+    device = resolve_device(cfg.device)
+    spec = models.get_spec(cfg.model)
+    ds = load_data(cfg, spec)
+    if cfg.val_size >= len(ds.train_y):
+        raise ConfigError(f"val_size {cfg.val_size} leaves no training data ({len(ds.train_y)} images); lower --val-size")
+    try:
+        augment = make_augment(cfg.augment)
+    except ValueError as e:
+        raise ConfigError(f"augment: {e}") from None
+    run_dir = rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    with rundir.locked(run_dir):
+        try:
+            return _run(cfg, run_dir, resume, device, spec, ds, augment, log, on_epoch)
+        except OSError as e:
+            # Every write is atomic, so what is on disk is the last complete version of each file.
+            where = f" {e.filename}" if e.filename else ""
+            raise rundir.RunDirError(
+                f"cannot write{where} ({e.strerror or e}); the files already in {run_dir} are intact. "
+                f"Free some space or fix the permissions, then continue with: laperm train --resume {run_dir}"
+            ) from None
+
+
+def _resume_config(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> TrainConfig:
+    """``cfg``, after checking it changes only what a resumed run may change."""
+    try:
+        old = TrainConfig(**saved).validate().to_dict()
+    except (TypeError, ConfigError) as e:
+        raise rundir.RunDirError(f"{run_dir / rundir.MARKER} is damaged ({e}); restore it or start a new run") from None
+    new = cfg.to_dict()
+    changed = [f for f in new if new[f] != old[f] and f not in RESUME_CHANGEABLE]
+    if changed:
+        what = ", ".join(f"{f} ({old[f]!r} -> {new[f]!r})" for f in changed)
+        raise ConfigError(f"cannot change {what} when resuming {run_dir}; only "
+                          f"{', '.join(sorted(RESUME_CHANGEABLE))} may change. Start a new run instead")
+    return cfg
+
+
+def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | None:
+    """Name of the first permuted tensor whose θ0 in ``init_state`` differs from ``opt``'s, else None."""
+    for p, st in opt.state.items():
+        t = init_state.get(st["name"])
+        if t is None or not torch.equal(reconnect.sorted_rows(t.to(p.device), st["layout"]), opt.initial_sorted(p)):
+            return st["name"]
+    return None
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, spec: models.ModelSpec,
+         ds: Dataset, augment: Any, log: Callable[[str], None],
+         on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None) -> dict[str, Any]:
+    ckpt_dir = run_dir / "checkpoints"
+    saved, last_saved = None, None
+    if resume:
+        ckpts = checkpoint.list_checkpoints(ckpt_dir)
+        found = checkpoint.latest_good(ckpt_dir, warn=log)
+        # Damaged checkpoints newer than the one used are renamed, so they are never tried again.
+        for path in ckpts[: ckpts.index(found[0]) if found else len(ckpts)]:
+            log(f"set {path.name} aside as {checkpoint.set_aside(path).name}")
         if found is None:
             log(f"no usable checkpoint in {run_dir}; starting it from the beginning")
         else:
-            log(f"resuming {run_dir} from {found[0].name}")
-            saved = found[1]
-            if saved.get("format") != CKPT_FORMAT:
-                raise checkpoint.CheckpointError(f"{found[0]} is not a laperm training checkpoint")
+            last_saved, saved = found
+            if not isinstance(saved, dict) or saved.get("format") != CKPT_FORMAT or not set(CKPT_KEYS) <= saved.keys():
+                raise checkpoint.CheckpointError(f"{last_saved} is not a laperm training checkpoint")
+        if cfg.to_dict() != rundir.read_run_config(run_dir):
+            rundir.write_config(run_dir, cfg.to_dict())  # it now describes the rest of the run
     else:
         rundir.write_config(run_dir, cfg.to_dict())
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    spec = models.get_spec(cfg.model)
-    ds = load_data(cfg, spec)
 
     # Data: validation split from the training set, optional subset, loaders.
     n_train = len(ds.train_y)
-    if cfg.val_size >= n_train:
-        raise ConfigError(f"val_size {cfg.val_size} leaves no training data ({n_train} images); lower --val-size")
     train_idx, val_idx = train_val_split(n_train, cfg.val_size, derive_seed(cfg.seed, 3))
     if cfg.train_subset:
         train_idx = train_idx[: cfg.train_subset]
     common = dict(mean=ds.mean, std=ds.std, device=device)
-    try:
-        augment = make_augment(cfg.augment)
-    except ValueError as e:
-        raise ConfigError(f"augment: {e}") from None
     train_loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 4),
                                augment=augment, indices=train_idx, **common)
     calib_loader = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 5),
@@ -270,39 +415,76 @@ def train(
     # Baselines on a pruned/shared init keep the pruned weights at zero (a fixed mask).
     fixed = [(p, masks[n]) for n, p in model.named_parameters() if n in masks] if laperm is None else []
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg.lr_schedule, e))
-    if not resume or saved is None:
-        init_record = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                       "permuted": rundir.layout_records(laperm) if laperm else [],
-                       "optimizer": cfg.optimizer, "seed": cfg.seed, "model": cfg.model, "init": cfg.init}
+    init_record = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                   "permuted": rundir.layout_records(laperm) if laperm else [],
+                   "optimizer": cfg.optimizer, "seed": cfg.seed, "model": cfg.model, "init": cfg.init}
+    if saved is None:
         checkpoint.save(init_record, run_dir / "init.pt")
 
     state = RunState()
     prev_synced: dict[str, torch.Tensor] | None = None  # for the "reconnected" metric
+    best_state: dict[str, torch.Tensor] | None = None  # a copy of best.pt's weights, kept in checkpoints
+    # Accumulators of the epoch in progress, flushed to `state` every 25 steps (not at
+    # checkpoints: the float sums must group identically in a resumed run).
+    loss_acc = torch.zeros((), dtype=torch.float64, device=device)
+    correct_acc = torch.zeros((), dtype=torch.int64, device=device)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        train_loader.load_state_dict(saved["loader"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
-        state = RunState(**saved["run"])
-        prev_synced = saved.get("prev_synced")
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            train_loader.load_state_dict(saved["loader"])
+            if saved.get("calib_loader"):
+                calib_loader.load_state_dict(saved["calib_loader"])
+            torch.set_rng_state(saved["rng"]["torch"])
+            if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+            state = RunState(**saved["run"])
+            prev_synced = saved.get("prev_synced")
+            best_state = saved.get("best_model")
+            loss_acc.fill_(saved.get("acc", (0.0, 0))[0])
+            correct_acc.fill_(saved.get("acc", (0.0, 0))[1])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(
+                f"{last_saved} does not fit this run ({type(e).__name__}: {str(e).strip().splitlines()[0]}); "
+                "was config.yaml edited, or the checkpoint written by another version?"
+            ) from None
+        if cfg.epochs < state.epoch:
+            raise ConfigError(f"the run has already done {state.epoch} epochs; --epochs must be at least that")
+        _reconcile_init(run_dir, init_record, laperm, log)
+        _reconcile_best(run_dir, state, best_state, log)
+        _apply_changes(cfg, saved["config"], state, opt, sched, log)
+        pos = train_loader.state_dict()["batch"]
+        log(f"resuming {run_dir} from {last_saved.name}: step {state.step}, epoch {state.epoch + 1} "
+            f"at batch {pos}/{len(train_loader)}" if pos else
+            f"resuming {run_dir} from {last_saved.name}: step {state.step}, {state.epoch} epochs done")
     metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", state.records)
+    checker = SyncChecker(laperm) if laperm else None
 
     def save_checkpoint() -> None:
+        nonlocal last_saved
+        # A NaN must never reach a checkpoint: check first (one O(n) pass).
+        bad = _first_nonfinite(model, opt)
+        if bad is None and not math.isfinite(state.loss_sum + float(loss_acc)):
+            bad = "the training loss"
+        if bad is not None:
+            raise _numerical_error(f"{bad} became NaN or inf", state.step, run_dir, last_saved, cfg.lr)
         state.records = metrics.records
         payload = {
             "format": CKPT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "loader": train_loader.state_dict(),
+            "loader": train_loader.state_dict(), "calib_loader": calib_loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             "run": vars(state).copy(),
+            "acc": (float(loss_acc), int(correct_acc)),
             "prev_synced": prev_synced,
+            "best_model": best_state,
         }
-        checkpoint.save(payload, checkpoint.checkpoint_path(run_dir / "checkpoints", state.step))
-        checkpoint.prune_checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+        path = checkpoint.checkpoint_path(ckpt_dir, state.step)
+        checkpoint.save(payload, path)
+        last_saved = path
+        checkpoint.prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
 
     steps_per_epoch = len(train_loader)
     log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({len(train_idx):,} train / {len(val_idx):,} val / "
@@ -316,13 +498,11 @@ def train(
                 for g in laperm.param_groups:
                     g["k"] = k_for_epoch(cfg, epoch)
             train_loader.set_epoch(epoch)
+            pos = train_loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
             start = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=train_loader.state_dict()["batch"] if saved else 0,
+            bar = tqdm(total=steps_per_epoch, initial=pos,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                        disable=None if cfg.progress else True, dynamic_ncols=True)
-            saved = None
-            loss_acc = torch.zeros((), dtype=torch.float64, device=device)
-            correct_acc = torch.zeros((), dtype=torch.int64, device=device)
             for xb, yb in train_loader:
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
@@ -330,15 +510,27 @@ def train(
                     loss = loss + l2 * sum(p.pow(2).sum() for p in l2_params)
                 opt.zero_grad(set_to_none=True)
                 (loss * len(yb) if cfg.loss_scale == "sum" else loss).backward()
-                opt.step()
+                if checker is not None:
+                    checker.step = state.step + 1
+                try:
+                    opt.step()
+                except LaPermError:  # LaPerm refuses to sync NaN weights: report it as the numerical fault it is
+                    bad = _first_nonfinite(model)
+                    if bad is None:
+                        raise
+                    raise _numerical_error(f"{bad} became NaN or inf", state.step + 1, run_dir, last_saved,
+                                           cfg.lr) from None
                 for p, m in fixed:
                     p.data.mul_(m)
                 state.step += 1
+                pos += 1
+                if checkpoint.fault_point(f"step:{state.step}"):  # test hook; True: inject a NaN
+                    next(model.parameters()).data.view(-1)[0] = float("nan")
                 loss_acc += loss.detach().double() * len(yb)
                 correct_acc += (logits.detach().argmax(1) == yb).sum()
                 state.seen += len(yb)
                 bar.update(1)
-                if bar.n % 25 == 0 or bar.n == steps_per_epoch:
+                if pos % 25 == 0 or pos == steps_per_epoch:
                     # One host sync every 25 steps for the display, not one per step.
                     state.loss_sum += float(loss_acc)
                     state.correct += int(correct_acc)
@@ -346,30 +538,27 @@ def train(
                     correct_acc.zero_()
                     cur_loss = state.loss_sum / max(state.seen, 1)
                     if not math.isfinite(cur_loss):
-                        raise NumericalError(
-                            f"the training loss became {cur_loss} at step {state.step}; "
-                            f"the last good checkpoint is in {run_dir / 'checkpoints'} — resume with "
-                            "`laperm train --resume` after lowering the learning rate in config.yaml"
-                        )
+                        raise _numerical_error(f"the training loss became {cur_loss}", state.step, run_dir,
+                                               last_saved, cfg.lr)
                     post = {"loss": f"{cur_loss:.4f}", "acc": f"{state.correct / max(state.seen, 1):.2%}"}
                     if laperm:
                         post["sync in"] = laperm.steps_to_next_sync()
                     el = state.epoch_time + time.perf_counter() - start
                     post["img/s"] = f"{state.seen / max(el, 1e-9):,.0f}"
                     bar.set_postfix(post, refresh=False)
-                if stop.signal is not None:
-                    state.loss_sum += float(loss_acc)
-                    state.correct += int(correct_acc)
+                if stop.signal is not None or (
+                        cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and pos < steps_per_epoch):
+                    # (a step checkpoint on an epoch's last batch is left to the epoch-end one)
                     state.epoch_time += time.perf_counter() - start
-                    bar.close()
+                    start = time.perf_counter()
                     save_checkpoint()
+                if stop.signal is not None:
+                    bar.close()
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(stop.signal).name} at step {state.step}; "
                         f"checkpoint saved. Continue with: laperm train --resume {run_dir}"
                     )
             bar.close()
-            state.loss_sum += float(loss_acc)
-            state.correct += int(correct_acc)
             state.epoch_time += time.perf_counter() - start
             state.elapsed += state.epoch_time
             sched.step()
@@ -395,22 +584,33 @@ def train(
                             record["reconnected"] = moved / sum(t.numel() for t in current.values())
                         prev_synced = current
                     if val_loader is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
+                        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                        digest = checkpoint.save({"model": best_state, "epoch": state.epoch, "synced": True},
+                                                 run_dir / "best.pt")
                         state.best = {"epoch": state.epoch, "val_acc": record["val_acc"],
-                                      "test_acc": record["test_acc"]}
-                        checkpoint.save({"model": model.state_dict(), "epoch": state.epoch, "synced": True},
-                                        run_dir / "best.pt")
+                                      "test_acc": record["test_acc"], "sha256": digest}
                     if on_epoch is not None:
                         on_epoch(record, model, opt)
                 log(_epoch_line(record, cfg.epochs))
             metrics.append(record)
+            checkpoint.fault_point(f"epoch-end:{state.epoch}")
             state.loss_sum, state.correct, state.seen, state.epoch_time = 0.0, 0, 0, 0.0
-            if state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs:
+            if (state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs
+                    or (cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0)):
                 save_checkpoint()
 
     # The end: a permanent sync, BN statistics for the synced weights, final numbers.
     if laperm:
-        laperm.sync()
+        try:
+            laperm.sync()  # runs the SyncChecker hook too
+        except InvariantError:
+            raise
+        except LaPermError:  # it refuses NaN weights
+            raise _numerical_error("the weights became NaN or inf", state.step, run_dir, last_saved, cfg.lr) from None
         recalibrate_bn(model, calib_loader, cfg.bn_recalibrate)
+    bad = _first_nonfinite(model)
+    if bad is not None:
+        raise _numerical_error(f"{bad} became NaN or inf", state.step, run_dir, last_saved, cfg.lr)
     final = {"model": model.state_dict(), "epoch": state.epoch, "synced": True}
     checkpoint.save(final, run_dir / "final.pt")
     final_val = evaluate(model, val_loader)[1] if val_loader is not None else None
@@ -425,10 +625,12 @@ def train(
         "train_time_s": round(state.elapsed, 1), "device": str(device), "torch": torch.__version__,
         "verified": None,
     }
+    if state.changes:
+        summary["changed_on_resume"] = state.changes
     if laperm:
         report = rundir.verify_run(run_dir)
         if not report.ok:
-            raise rundir.RunDirError(report.message())
+            raise InvariantError(report.message())
         summary["verified"] = report.message()
     checkpoint.atomic_write_text(run_dir / "summary.json", _json(summary))
     try:
@@ -436,6 +638,57 @@ def train(
     except Exception as e:  # a plot must never cost the run
         log(f"warning: could not draw curves.png ({e})")
     return summary
+
+
+def _reconcile_init(run_dir: Path, init_record: dict[str, Any], laperm: LaPerm | None, log: Callable[[str], None]) -> None:
+    """On resume: init.pt must exist and agree with the checkpoint's θ0; rebuild it from the seed if lost."""
+    try:
+        stored = checkpoint.load(run_dir / "init.pt")
+        state = stored["state"] if isinstance(stored, dict) and isinstance(stored.get("state"), dict) else None
+        if state is None:
+            raise checkpoint.CheckpointError(f"{run_dir / 'init.pt'} is not an init record")
+    except checkpoint.CheckpointError as e:
+        if laperm is not None and _theta0_mismatch(init_record["state"], laperm) is not None:
+            raise rundir.RunDirError(f"{e}, and the config's seed does not rebuild the checkpoint's initial "
+                                     "weights; the run cannot be verified. Start a new run") from None
+        log(f"warning: {e}; rebuilt init.pt from the seed (it matches the checkpoint's initial weights)")
+        checkpoint.save(init_record, run_dir / "init.pt")
+        return
+    if laperm is not None and (bad := _theta0_mismatch(state, laperm)) is not None:
+        raise rundir.RunDirError(f"init.pt and the newest checkpoint disagree about the initial values of {bad}; "
+                                 "the run folder mixes files of different runs. Start a new run")
+
+
+def _reconcile_best(run_dir: Path, state: RunState, best_state: dict[str, torch.Tensor] | None,
+                    log: Callable[[str], None]) -> None:
+    """On resume: make best.pt the model the checkpoint selected (a crash may have left a later or broken one)."""
+    path = run_dir / "best.pt"
+    if state.best.get("sha256") is not None and best_state is not None:
+        if checkpoint.file_sha256(path) != state.best["sha256"]:
+            log(f"restoring best.pt (epoch {state.best['epoch']}) from the checkpoint")
+            checkpoint.save({"model": best_state, "epoch": state.best["epoch"], "synced": True}, path)
+    elif not state.best and path.exists():
+        # Written after the checkpoint, by the part of the run that is about to be redone.
+        log("removing best.pt: it was selected after the checkpoint being resumed and will be chosen again")
+        path.unlink()
+        Path(f"{path}.sha256").unlink(missing_ok=True)
+
+
+def _apply_changes(cfg: TrainConfig, old: dict[str, Any], state: RunState, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LambdaLR, log: Callable[[str], None]) -> None:
+    """Apply a new lr / epochs given on resume, and record them (they end up in summary.json)."""
+    if old.get("lr") != cfg.lr:
+        # LambdaLR keeps the base lr in its state; replace it and the current lr of each group.
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"] = cfg.lr
+            g["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, state.epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        state.changes.append({"step": state.step, "lr": [old.get("lr"), cfg.lr]})
+        log(f"learning rate changed from {old.get('lr'):g} to {cfg.lr:g} from step {state.step} on")
+    if old.get("epochs") != cfg.epochs:
+        state.changes.append({"step": state.step, "epochs": [old.get("epochs"), cfg.epochs]})
+        log(f"epochs changed from {old.get('epochs')} to {cfg.epochs}")
 
 
 def _describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:
