@@ -197,11 +197,15 @@ def fault_point(point: str) -> bool:
     ``term``/``int`` (send SIGTERM/SIGINT to this process), ``pause`` (wait for a
     signal), ``enospc``/``erofs`` (raise that OSError), ``nan`` (return True: the
     caller injects a NaN). The point is appended to ``$LAPERM_TEST_FAULT_LOG``
-    before the action, so a test can tell where a run died.
+    before the action, so a test can tell where a run died. ``$LAPERM_TEST_FAULT_RANK``
+    limits the faults to one rank of a distributed run.
     """
     global _fault_spec
     spec = os.environ.get(FAULT_ENV)
     if not spec:
+        return False
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("LAPERM_TEST_FAULT_RANK", rank) != rank:  # distributed tests: fault one rank only
         return False
     if spec != _fault_spec:  # a new spec (e.g. a new test in the same process) starts a new count
         _fault_spec = spec

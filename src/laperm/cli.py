@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -65,6 +66,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-steps", type=int, metavar="STEPS",
                    help="also checkpoint every N steps, so a crash in a long epoch loses little")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel processes on this machine (DDP via torchrun; gloo on CPU, NCCL on GPU); "
+                        "the global batch stays --batch-size")
+    g.add_argument("--no-check-replicas", dest="check_replicas", action="store_false", default=None,
+                   help="distributed: skip comparing the ranks' weights after each sync")
     g.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run folder from its last good checkpoint (bit-identical on CPU); "
                         "only --lr, --epochs and where/how to run may change")
@@ -74,7 +80,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
                "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "granularity", "permute_biases",
                "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
-               "name", "eval_every", "checkpoint_every", "checkpoint_steps")
+               "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,10 +134,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = override_config(saved, file_layer, flags)
     else:
         cfg = resolve_config(file_layer, flags)
+    from .distributed import launched_by_torchrun
+
+    if cfg.nproc > 1 and not launched_by_torchrun():
+        return launch_local(cfg.nproc, cfg.threads, args.argv)
     t0 = time.perf_counter()
     summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
-    print_summary(summary, time.perf_counter() - t0)
+    if _rank() == 0:
+        print_summary(summary, time.perf_counter() - t0)
     return 0
+
+
+def launch_local(nproc: int, threads: int | None, argv: list[str]) -> int:
+    """Run this same command in ``nproc`` processes with torchrun's launcher (one machine)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # Share the cores out instead of letting every process use all of them.
+    per_proc = threads or max(1, (os.cpu_count() or 1) // nproc)
+    os.environ.setdefault("OMP_NUM_THREADS", str(per_proc))
+    # The workers' arguments travel in the environment: torchrun's own parser would
+    # otherwise take flags such as --nproc for abbreviations of its options.
+    os.environ[WORKER_ARGV] = json.dumps(argv)
+    launcher = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                           "-m", "laperm.cli", WORKER_COMMAND])
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r} (exit {f.exitcode})" for r, f in sorted(e.failures.items()))
+        print(f"laperm: error: distributed training failed: {failures}; see the messages above", file=sys.stderr)
+        return 2
+    return 0
+
+
+WORKER_COMMAND, WORKER_ARGV = "distributed-worker", "LAPERM_WORKER_ARGV"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def print_summary(s: dict[str, Any], wall: float) -> None:
@@ -180,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]  # `laperm` alone runs the main job
+    elif argv == [WORKER_COMMAND] and WORKER_ARGV in os.environ:
+        argv = json.loads(os.environ[WORKER_ARGV])  # a process started by launch_local
     args = parser.parse_args(argv)
+    args.argv = list(argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -197,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code, message = _explain(e)
         message = " ".join(str(message).splitlines())  # always one line, whatever the exception said
-        print(f"laperm: error: {message}", file=sys.stderr)
+        rank = f" [rank {_rank()}]" if _rank() else ""
+        print(f"laperm: error:{rank} {message}", file=sys.stderr)
         return code
 
 
@@ -206,6 +250,7 @@ def _explain(e: Exception) -> tuple[int, str]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .distributed import DivergenceError
     from .models import UnknownModelError
     from .optim import LaPermError
     from .rundir import RunDirError
@@ -214,8 +259,11 @@ def _explain(e: Exception) -> tuple[int, str]:
     if isinstance(e, TrainingInterrupted):
         return 3, str(e)
     if isinstance(e, (ConfigError, DataError, RunDirError, CheckpointError, UnknownModelError, LaPermError,
-                      NumericalError)):
+                      NumericalError, DivergenceError)):
         return 2, str(e)
+    if type(e).__module__.startswith("torch.distributed") or type(e).__name__.startswith("Dist"):
+        return 2, (f"distributed communication failed ({type(e).__name__}): another process probably died "
+                   "or timed out; see its messages above")
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         return 2, f"file system error{where}: {e.strerror or e}; check free space and permissions of --out"

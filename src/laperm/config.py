@@ -79,6 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     threads: int | None = None
     progress: bool = True
+    nproc: int = 1  # data-parallel processes (DDP); the global batch stays batch_size
+    check_replicas: bool = True  # distributed: compare a checksum of the weights across ranks after each sync
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +91,10 @@ class TrainConfig:
         # checkpoint_steps only decides how often state is saved, never what is computed.
         ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        # Fields added later are left out at their defaults, so existing run names stay put.
+        for key, default in (("nproc", 1), ("check_replicas", True)):
+            if payload.get(key) == default:
+                payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:
@@ -102,6 +108,12 @@ class TrainConfig:
         _positive_int(self, "k")
         if self.checkpoint_steps is not None:
             _positive_int(self, "checkpoint_steps")
+        _positive_int(self, "nproc")
+        if self.batch_size % self.nproc:
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc} "
+                              "(the global batch is split evenly across processes)")
+        if not isinstance(self.check_replicas, bool):
+            raise ConfigError(f"check_replicas must be true or false, got {self.check_replicas!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.inner not in INNER:
@@ -415,7 +427,7 @@ def resolve_config(*layers: dict[str, Any] | None) -> TrainConfig:
 # are, how they are shown and saved, and the two a user needs to rescue or extend a
 # run (a lower lr after a divergence, more epochs). The rest would silently make the
 # resumed run a different experiment, so it is refused.
-RESUME_CHANGEABLE = frozenset({"lr", "epochs", "eval_every", "checkpoint_every", "checkpoint_steps",
+RESUME_CHANGEABLE = frozenset({"check_replicas", "lr", "epochs", "eval_every", "checkpoint_every", "checkpoint_steps",
                                "keep_checkpoints", "progress", "device", "data_dir", "threads", "out", "name"})
 
 

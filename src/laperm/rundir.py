@@ -147,14 +147,16 @@ class MetricsLog:
     (one line per epoch), so rewriting it costs nothing.
     """
 
-    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path | None, records: list[dict[str, Any]] | None = None) -> None:
+        self.path = path  # None: keep records in memory only (ranks other than 0)
         self.records: list[dict[str, Any]] = list(records or [])
-        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        if path is not None:
+            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict[str, Any]) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in [*self.records, record])
-        checkpoint.atomic_write_text(self.path, text)
+        if self.path is not None:
+            text = "".join(json.dumps(r) + "\n" for r in [*self.records, record])
+            checkpoint.atomic_write_text(self.path, text)
         self.records.append(record)  # only once it is on disk
 
 

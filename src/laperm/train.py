@@ -11,6 +11,7 @@ such, for comparison with the paper's protocol).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, init as winit, models, reconnect, rundir
+from . import checkpoint, distributed, init as winit, models, reconnect, rundir
 from .config import RESUME_CHANGEABLE, ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
 from .data import BatchLoader, Dataset, load_dataset, make_augment, train_val_split
 from .data.loader import derive_seed
@@ -115,8 +116,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``loader``."""
+def evaluate(model: nn.Module, loader: BatchLoader, d: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``loader``.
+
+    In a distributed run each rank evaluates its shard of every batch and the
+    sums are added up across ranks.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -128,7 +133,8 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
         correct += (logits.argmax(1) == yb).sum().cpu()
         n += len(yb)
     model.train(was_training)
-    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+    total_loss, total_correct, total_n = d.all_sum(float(loss_sum), float(correct), float(n))
+    return total_loss / max(total_n, 1), int(total_correct) / max(total_n, 1)
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -315,11 +321,25 @@ def train(
     created, so bad input leaves no half-made folder behind.
     """
     cfg.validate()
+    device = resolve_device(cfg.device)
+    d, device = distributed.setup(device)
+    if d.enabled and cfg.nproc != d.world:
+        cfg = dataclasses.replace(cfg, nproc=d.world).validate()  # e.g. launched by torchrun directly
+    try:
+        return _train(cfg, d, device, resume, overwrite, log, on_epoch)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, resume: bool, overwrite: bool,
+           log: Callable[[str], None], on_epoch: Any) -> dict[str, Any]:
+    if not d.is_main:
+        log = _quiet  # rank 0 speaks for the job
     run_dir = Path(cfg.out) / cfg.run_name()
-    rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if d.is_main:  # (other ranks might see the folder rank 0 has just made)
+        rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
         cfg = _resume_config(cfg, rundir.read_run_config(run_dir), run_dir)
-    device = resolve_device(cfg.device)
     spec = models.get_spec(cfg.model)
     ds = load_data(cfg, spec)
     if cfg.val_size >= len(ds.train_y):
@@ -328,10 +348,12 @@ def train(
         augment = make_augment(cfg.augment)
     except ValueError as e:
         raise ConfigError(f"augment: {e}") from None
-    run_dir = rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    with rundir.locked(run_dir):
+    if d.is_main:
+        run_dir = rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    d.barrier()  # the folder exists (and damaged files are set aside) before other ranks look
+    with rundir.locked(run_dir) if d.is_main else contextlib.nullcontext():
         try:
-            return _run(cfg, run_dir, resume, device, spec, ds, augment, log, on_epoch)
+            return _run(cfg, run_dir, resume, device, spec, ds, augment, log, on_epoch, d)
         except OSError as e:
             # Every write is atomic, so what is on disk is the last complete version of each file.
             where = f" {e.filename}" if e.filename else ""
@@ -367,10 +389,17 @@ def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, spec: models.ModelSpec,
          ds: Dataset, augment: Any, log: Callable[[str], None],
-         on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None) -> dict[str, Any]:
+         on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None,
+         d: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
+    main = d.is_main  # only rank 0 writes files
     saved, last_saved = None, None
-    if resume:
+    if resume and not main:
+        d.barrier()  # rank 0 first sets damaged checkpoints aside
+        found = checkpoint.latest_good(ckpt_dir, warn=log)
+        if found is not None:
+            last_saved, saved = found
+    elif resume:
         ckpts = checkpoint.list_checkpoints(ckpt_dir)
         found = checkpoint.latest_good(ckpt_dir, warn=log)
         # Damaged checkpoints newer than the one used are renamed, so they are never tried again.
@@ -384,7 +413,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                 raise checkpoint.CheckpointError(f"{last_saved} is not a laperm training checkpoint")
         if cfg.to_dict() != rundir.read_run_config(run_dir):
             rundir.write_config(run_dir, cfg.to_dict())  # it now describes the rest of the run
-    else:
+        d.barrier()
+    elif main:
         rundir.write_config(run_dir, cfg.to_dict())
 
     if cfg.threads:
@@ -396,14 +426,15 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     if cfg.train_subset:
         train_idx = train_idx[: cfg.train_subset]
     common = dict(mean=ds.mean, std=ds.std, device=device)
+    shard = (d.rank, d.world)
     train_loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 4),
-                               augment=augment, indices=train_idx, **common)
+                               augment=augment, indices=train_idx, shard=shard, **common)
     calib_loader = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 5),
                                indices=train_idx, **common)
     eval_bs = 1000
-    val_loader = (BatchLoader(ds.train_x, ds.train_y, eval_bs, shuffle=False, indices=val_idx, **common)
+    val_loader = (BatchLoader(ds.train_x, ds.train_y, eval_bs, shuffle=False, indices=val_idx, shard=shard, **common)
                   if len(val_idx) else None)
-    test_loader = BatchLoader(ds.test_x, ds.test_y, eval_bs, shuffle=False, **common)
+    test_loader = BatchLoader(ds.test_x, ds.test_y, eval_bs, shuffle=False, shard=shard, **common)
 
     # Model, θ0, optimizer.
     torch.manual_seed(derive_seed(cfg.seed, 6))  # dropout and anything else on the global RNG
@@ -418,8 +449,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     init_record = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                    "permuted": rundir.layout_records(laperm) if laperm else [],
                    "optimizer": cfg.optimizer, "seed": cfg.seed, "model": cfg.model, "init": cfg.init}
-    if saved is None:
+    if saved is None and main:
         checkpoint.save(init_record, run_dir / "init.pt")
+    # Data parallel: DDP averages gradients; the weights and the sync stay local and identical.
+    forward = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+               if d.enabled else model)
 
     state = RunState()
     prev_synced: dict[str, torch.Tensor] | None = None  # for the "reconnected" metric
@@ -436,9 +470,14 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             train_loader.load_state_dict(saved["loader"])
             if saved.get("calib_loader"):
                 calib_loader.load_state_dict(saved["calib_loader"])
-            torch.set_rng_state(saved["rng"]["torch"])
-            if device.type == "cuda" and saved["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
+            rng = saved["rng"]
+            if d.enabled and "ranks" in rng:  # each rank continues its own random stream
+                if len(rng["ranks"]) != d.world:
+                    raise ValueError(f"the checkpoint was written by {len(rng['ranks'])} processes, not {d.world}")
+                rng = rng["ranks"][d.rank]
+            torch.set_rng_state(rng["torch"])
+            if device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], device)
             state = RunState(**saved["run"])
             prev_synced = saved.get("prev_synced")
             best_state = saved.get("best_model")
@@ -451,15 +490,19 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             ) from None
         if cfg.epochs < state.epoch:
             raise ConfigError(f"the run has already done {state.epoch} epochs; --epochs must be at least that")
-        _reconcile_init(run_dir, init_record, laperm, log)
-        _reconcile_best(run_dir, state, best_state, log)
+        if main:
+            _reconcile_init(run_dir, init_record, laperm, log)
+            _reconcile_best(run_dir, state, best_state, log)
         _apply_changes(cfg, saved["config"], state, opt, sched, log)
         pos = train_loader.state_dict()["batch"]
         log(f"resuming {run_dir} from {last_saved.name}: step {state.step}, epoch {state.epoch + 1} "
             f"at batch {pos}/{len(train_loader)}" if pos else
             f"resuming {run_dir} from {last_saved.name}: step {state.step}, {state.epoch} epochs done")
-    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl", state.records)
+    metrics = rundir.MetricsLog(run_dir / "metrics.jsonl" if main else None, state.records)
     checker = SyncChecker(laperm) if laperm else None
+    replicas = distributed.ReplicaCheck(d) if laperm and d.enabled and cfg.check_replicas else None
+    if replicas is not None:
+        laperm.register_sync_hook(replicas)
 
     def save_checkpoint() -> None:
         nonlocal last_saved
@@ -470,12 +513,17 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
         if bad is not None:
             raise _numerical_error(f"{bad} became NaN or inf", state.step, run_dir, last_saved, cfg.lr)
         state.records = metrics.records
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        if d.enabled:
+            rng = {"ranks": d.gather_objects(rng)}  # a collective: every rank gets here at the same step
+        if not main:
+            return
         payload = {
             "format": CKPT_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "loader": train_loader.state_dict(), "calib_loader": calib_loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "rng": rng,
             "run": vars(state).copy(),
             "acc": (float(loss_acc), int(correct_acc)),
             "prev_synced": prev_synced,
@@ -502,14 +550,23 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             start = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=pos,
                        desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                       disable=None if cfg.progress else True, dynamic_ncols=True)
+                       disable=None if cfg.progress and main else True, dynamic_ncols=True)
             for xb, yb in train_loader:
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
+                batch = train_loader.global_batch_size(pos)  # all ranks' rows of this step
+                logits = forward(xb)
+                if d.enabled:
+                    # This rank's share of the global mean: DDP's gradient average then equals
+                    # the single-process gradient of the whole batch.
+                    ce_sum = F.cross_entropy(logits, yb, reduction="sum")
+                    loss = ce_sum / len(yb)
+                    objective = ce_sum * (d.world / batch)
+                else:
+                    loss = objective = F.cross_entropy(logits, yb)
                 if l2_params:
-                    loss = loss + l2 * sum(p.pow(2).sum() for p in l2_params)
+                    penalty = l2 * sum(p.pow(2).sum() for p in l2_params)
+                    loss, objective = loss + penalty, objective + penalty
                 opt.zero_grad(set_to_none=True)
-                (loss * len(yb) if cfg.loss_scale == "sum" else loss).backward()
+                (objective * batch if cfg.loss_scale == "sum" else objective).backward()
                 if checker is not None:
                     checker.step = state.step + 1
                 try:
@@ -528,12 +585,14 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                     next(model.parameters()).data.view(-1)[0] = float("nan")
                 loss_acc += loss.detach().double() * len(yb)
                 correct_acc += (logits.detach().argmax(1) == yb).sum()
-                state.seen += len(yb)
+                state.seen += batch
                 bar.update(1)
-                if pos % 25 == 0 or pos == steps_per_epoch:
+                flush = pos % 25 == 0 or pos == steps_per_epoch
+                if flush:
                     # One host sync every 25 steps for the display, not one per step.
-                    state.loss_sum += float(loss_acc)
-                    state.correct += int(correct_acc)
+                    loss_total, correct_total = d.all_sum(float(loss_acc), float(correct_acc))
+                    state.loss_sum += loss_total
+                    state.correct += int(correct_total)
                     loss_acc.zero_()
                     correct_acc.zero_()
                     cur_loss = state.loss_sum / max(state.seen, 1)
@@ -546,16 +605,19 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                     el = state.epoch_time + time.perf_counter() - start
                     post["img/s"] = f"{state.seen / max(el, 1e-9):,.0f}"
                     bar.set_postfix(post, refresh=False)
-                if stop.signal is not None or (
+                # Ranks agree to stop only at flush points, so that they stop at the same step.
+                stopping = (flush and d.any(stop.signal is not None)) if d.enabled else stop.signal is not None
+                if stopping or (
                         cfg.checkpoint_steps and state.step % cfg.checkpoint_steps == 0 and pos < steps_per_epoch):
                     # (a step checkpoint on an epoch's last batch is left to the epoch-end one)
                     state.epoch_time += time.perf_counter() - start
                     start = time.perf_counter()
                     save_checkpoint()
-                if stop.signal is not None:
+                if stopping:
                     bar.close()
+                    by = signal.Signals(stop.signal).name if stop.signal is not None else "a signal to another rank"
                     raise TrainingInterrupted(
-                        f"stopped by {signal.Signals(stop.signal).name} at step {state.step}; "
+                        f"stopped by {by} at step {state.step}; "
                         f"checkpoint saved. Continue with: laperm train --resume {run_dir}"
                     )
             bar.close()
@@ -573,10 +635,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             if laperm:
                 record["k"] = laperm.param_groups[0]["k"]
             if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+                d.broadcast_buffers(model)  # BatchNorm statistics of rank 0 for everyone
                 with synced_state(opt, model, calib_loader, cfg.bn_recalibrate):
                     if val_loader is not None:
-                        record["val_loss"], record["val_acc"] = evaluate(model, val_loader)
-                    record["test_loss"], record["test_acc"] = evaluate(model, test_loader)
+                        record["val_loss"], record["val_acc"] = evaluate(model, val_loader, d)
+                    record["test_loss"], record["test_acc"] = evaluate(model, test_loader, d)
                     if laperm:
                         current = {n: p.detach().clone() for n, p in laperm.permuted_parameters()}
                         if prev_synced is not None:
@@ -584,12 +647,14 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                             record["reconnected"] = moved / sum(t.numel() for t in current.values())
                         prev_synced = current
                     if val_loader is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
-                        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                        digest = checkpoint.save({"model": best_state, "epoch": state.epoch, "synced": True},
-                                                 run_dir / "best.pt")
+                        digest = None
+                        if main:
+                            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                            digest = checkpoint.save({"model": best_state, "epoch": state.epoch, "synced": True},
+                                                     run_dir / "best.pt")
                         state.best = {"epoch": state.epoch, "val_acc": record["val_acc"],
                                       "test_acc": record["test_acc"], "sha256": digest}
-                    if on_epoch is not None:
+                    if on_epoch is not None and main:
                         on_epoch(record, model, opt)
                 log(_epoch_line(record, cfg.epochs))
             metrics.append(record)
@@ -607,14 +672,16 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             raise
         except LaPermError:  # it refuses NaN weights
             raise _numerical_error("the weights became NaN or inf", state.step, run_dir, last_saved, cfg.lr) from None
+        d.broadcast_buffers(model)
         recalibrate_bn(model, calib_loader, cfg.bn_recalibrate)
     bad = _first_nonfinite(model)
     if bad is not None:
         raise _numerical_error(f"{bad} became NaN or inf", state.step, run_dir, last_saved, cfg.lr)
     final = {"model": model.state_dict(), "epoch": state.epoch, "synced": True}
-    checkpoint.save(final, run_dir / "final.pt")
-    final_val = evaluate(model, val_loader)[1] if val_loader is not None else None
-    final_test = evaluate(model, test_loader)[1]
+    if main:
+        checkpoint.save(final, run_dir / "final.pt")
+    final_val = evaluate(model, val_loader, d)[1] if val_loader is not None else None
+    final_test = evaluate(model, test_loader, d)[1]
     summary = {
         "run": cfg.run_name(), "run_dir": str(run_dir), "model": cfg.model, "dataset": ds.name,
         "optimizer": cfg.optimizer, "init": cfg.init, "seed": cfg.seed, "epochs": cfg.epochs,
@@ -627,6 +694,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     }
     if state.changes:
         summary["changed_on_resume"] = state.changes
+    if d.enabled:
+        summary["nproc"] = d.world
+        summary["replica_checks"] = replicas.checks if replicas is not None else 0
+    if not main:
+        return summary
     if laperm:
         report = rundir.verify_run(run_dir)
         if not report.ok:
@@ -689,6 +761,10 @@ def _apply_changes(cfg: TrainConfig, old: dict[str, Any], state: RunState, opt: 
     if old.get("epochs") != cfg.epochs:
         state.changes.append({"step": state.step, "epochs": [old.get("epochs"), cfg.epochs]})
         log(f"epochs changed from {old.get('epochs')} to {cfg.epochs}")
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:

@@ -45,12 +45,18 @@ class BatchLoader:
 
     ``indices`` restricts the loader to a subset (e.g. a validation split)
     without copying the images.
+
+    ``shard=(rank, world)`` is for data-parallel training: every rank walks the
+    same global batches (same order, same length) and keeps rows
+    ``rank::world`` of each, so ``world`` ranks together see exactly the
+    batches one process would.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
                  drop_last: bool = False, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                  augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu", indices: torch.Tensor | None = None) -> None:
+                 device: str | torch.device = "cpu", indices: torch.Tensor | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise TypeError(f"x must be uint8 N×C×H×W, got {x.dtype} with shape {tuple(x.shape)}")
         if len(x) != len(y):
@@ -69,6 +75,10 @@ class BatchLoader:
         self._std_t = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
         self.augment = augment
         self.device = torch.device(device)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        self.shard = (int(rank), int(world))
         self.epoch = 0  # epoch the next iteration will run
         self._batch = 0  # batches of the current (or last interrupted) iteration already yielded
         self._resume: int | None = None  # start batch set by load_state_dict
@@ -100,11 +110,17 @@ class BatchLoader:
         epoch, start = self.epoch, self._resume or 0
         self._resume, self._batch = None, start
         rows = self.order(epoch)
+        rank, world = self.shard
         for i in range(start, len(self)):
-            xb, yb = self.make_batch(rows[i * self.batch_size : (i + 1) * self.batch_size], epoch, i)
+            batch_rows = rows[i * self.batch_size : (i + 1) * self.batch_size]
+            xb, yb = self.make_batch(batch_rows[rank::world] if world > 1 else batch_rows, epoch, i)
             self._batch = i + 1  # count it before yielding: a checkpoint in the loop body has consumed it
             yield xb, yb
         self.epoch, self._batch = epoch + 1, 0
+
+    def global_batch_size(self, index: int) -> int:
+        """Rows in batch ``index`` across all shards (the last batch may be short)."""
+        return min(self.batch_size, self.n - index * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run ``epoch`` from its start.
