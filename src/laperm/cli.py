@@ -62,6 +62,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="parent folder of run folders (default runs)")
     g.add_argument("--name", help="run folder name (default: derived from the config)")
     g.add_argument("--eval-every", type=int, metavar="EPOCHS")
+    g.add_argument("--eval-steps", type=int, metavar="STEPS",
+                   help="also evaluate (at a synced state) every STEPS steps, as the reference does with k")
     g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS", help="checkpoint every N epochs (default 1)")
     g.add_argument("--checkpoint-steps", type=int, metavar="STEPS",
                    help="also checkpoint every N steps, so a crash in a long epoch loses little")
@@ -80,7 +82,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
                "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "granularity", "permute_biases",
                "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
-               "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas")
+               "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas", "eval_steps")
 
 
 def build_parser() -> argparse.ArgumentParser:

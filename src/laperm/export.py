@@ -1,11 +1,611 @@
-"""Compact checkpoints of LaPerm-trained networks: ``laperm export``."""
+"""Compact checkpoints of LaPerm-trained networks: ``laperm export``.
+
+After a sync, every permuted row is a permutation of its θ0 row (SPEC §2), so
+a trained network is fully described by θ0 plus, for every row, *which* of
+its initial values sits at each position.  θ0 itself costs nothing to store:
+it is rebuilt bit-exactly from the run's recipe (model, init, seed) by
+:func:`laperm.train.build_model`; ``--with-theta0`` stores it instead.
+
+Per row we store one code per position, the index of its value among the
+row's *distinct* initial values (sorted ascending, -0.0 before 0.0, compared
+by bit pattern), bit-packed with ``ceil(log2(d))`` bits where ``d`` is the
+largest number of distinct values in a row of that tensor:
+
+* dense rows (all values distinct): the rank of each value in sorted θ0, i.e.
+  the row's permutation, in ``ceil(log2(n))`` bits instead of 32;
+* shared-value rows (only 0 and v): a 1-bit mask of the positions holding v;
+* pruned rows: ``ceil(log2(nonzeros + 1))`` bits, the zeros being one value.
+
+Tensors LaPerm does not permute (free biases, BatchNorm parameters and
+buffers) are stored as they are.
+
+File layout::
+
+    b"LAPERMC" + version byte
+    header length (8 bytes, little-endian) + header (UTF-8 JSON)
+    data blobs (their offsets and sizes are in the header)
+    sha256 of everything above (32 bytes)
+
+The format holds no pickles, so loading a file from elsewhere runs no code.
+Loading checks the checksum, that θ0 rebuilt from the recipe is the one the
+file was made from, and that every decoded row holds exactly its θ0 values.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import hashlib
+import io
+import json
+import math
+import struct
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint, reconnect
+from .reconnect import RowLayout
+
+if TYPE_CHECKING:
+    from .rundir import VerifyReport
+
+__all__ = [
+    "CompactFormatError",
+    "encode_compact",
+    "decode_compact",
+    "save_compact",
+    "load_compact",
+    "export_run",
+    "verify_compact",
+    "is_compact_file",
+    "state_dict_nbytes",
+]
+
+MAGIC = b"LAPERMC"
+VERSION = 1
+SUFFIX = ".laperm"
+_DIGEST = 32
+_PACK_CHUNK = 1 << 16  # codes packed per numpy pass (bounds the temporaries; a multiple of 8)
+
+
+class CompactFormatError(checkpoint.CheckpointError):
+    """A compact checkpoint is damaged, not one, or does not fit the θ0 it is decoded against."""
+
+
+# -- value classes of a row ---------------------------------------------------------
+#
+# Everything below works on integer *keys*: a float's bit pattern turned into an
+# integer that sorts like the value (an involution, so keys map back to the exact
+# bits).  Different bit patterns give different keys, so -0.0 and 0.0 (or two NaN
+# payloads) are distinct values, and decoding is bit-exact by construction.
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keys(rows: Tensor) -> Tensor:
+    """Order-preserving int64 keys of float rows (``-0.0`` gets -1, ``0.0`` gets 0)."""
+    width = rows.element_size()
+    b = rows.detach().contiguous().view(_INT_OF_WIDTH[width]).long()
+    if not rows.is_floating_point():
+        return b
+    # Negative floats are sign-magnitude: flip their magnitude bits so that a
+    # larger magnitude gives a smaller integer (b ^ 0x7FF..F == -1 - magnitude).
+    sign = b < 0
+    return torch.where(sign, b ^ ((1 << (8 * width - 1)) - 1), b)
+
+
+def _unkeys(keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`_keys`: tensors of ``dtype`` with exactly those bit patterns."""
+    width = torch.empty((), dtype=dtype).element_size()
+    b = keys
+    if dtype.is_floating_point:
+        b = torch.where(b < 0, b ^ ((1 << (8 * width - 1)) - 1), b)
+    return b.to(_INT_OF_WIDTH[width]).view(dtype)
+
+
+def _classes(theta_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sorted_keys, cls)`` of θ0 rows: their keys ascending, and the class of each sorted position.
+
+    The class of a value is its index among the row's distinct values.
+    """
+    s = torch.sort(_keys(theta_rows), dim=1).values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    return s, new.long().cumsum(1) - 1
+
+
+def _histogram(codes: Tensor) -> Tensor:
+    """Per row, how often each code occurs (codes must be < the row length)."""
+    return torch.zeros(codes.shape, dtype=torch.int64).scatter_add_(1, codes, torch.ones_like(codes))
+
+
+def encode_rows(final_rows: Tensor, theta_rows: Tensor) -> tuple[Tensor, int]:
+    """Codes of ``final_rows`` against ``theta_rows`` and their bit width.
+
+    Raises ``ValueError`` naming the first row that is not a permutation of its θ0 row.
+    """
+    s, cls = _classes(theta_rows)
+    keys = _keys(final_rows)
+    pos = torch.searchsorted(s, keys).clamp_(max=max(s.shape[1] - 1, 0))
+    present = s.gather(1, pos) == keys
+    codes = cls.gather(1, pos)
+    same_counts = (present.all(1) & (_histogram(codes) == _histogram(cls)).all(1))
+    if not bool(same_counts.all()):
+        row = int((~same_counts).nonzero()[0, 0])
+        raise ValueError(f"row {row} is not a permutation of its initial values")
+    distinct = int(cls[:, -1].max()) + 1 if cls.numel() else 1
+    return codes, math.ceil(math.log2(distinct)) if distinct > 1 else 0
+
+
+def decode_rows(codes: Tensor, theta_rows: Tensor) -> Tensor:
+    """Rows holding, at each position, the θ0 value of class ``codes`` (bit-exact).
+
+    Raises ``ValueError`` if a code is out of range or a decoded row does not
+    hold exactly its θ0 values (a damaged file or the wrong θ0).
+    """
+    s, cls = _classes(theta_rows)
+    if codes.shape != s.shape:
+        raise ValueError(f"{tuple(codes.shape)} codes for {tuple(s.shape)} weights")
+    if codes.numel():
+        distinct = cls[:, -1:] + 1
+        if bool((codes >= distinct).any()):
+            raise ValueError("codes out of range for the θ0 values")
+        if not torch.equal(_histogram(codes), _histogram(cls)):
+            raise ValueError("decoded rows are not permutations of their θ0 rows")
+    # class -> key table (every position of a class writes the same key)
+    table = torch.zeros_like(s).scatter_(1, cls, s)
+    return _unkeys(table.gather(1, codes), theta_rows.dtype)
+
+
+# -- bit packing ----------------------------------------------------------------------
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Non-negative integers ``< 2**bits`` packed ``bits`` apiece, least significant bit first."""
+    if bits == 0:
+        return b""
+    codes = codes.reshape(-1).astype(np.uint64, copy=False)
+    shifts = np.arange(bits, dtype=np.uint64)
+    out = []
+    for a in range(0, codes.size, _PACK_CHUNK):  # a multiple of 8 codes: chunks end on a byte boundary
+        bitmat = ((codes[a:a + _PACK_CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        out.append(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` int64 codes."""
+    if bits == 0:
+        return np.zeros(count, np.int64)
+    if len(data) != packed_size(bits, count):
+        raise ValueError(f"{len(data)} bytes of codes, expected {packed_size(bits, count)}")
+    raw = np.frombuffer(data, np.uint8)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    out = np.empty(count, np.int64)
+    step = _PACK_CHUNK * bits // 8  # bytes per chunk of codes
+    for i, a in enumerate(range(0, count, _PACK_CHUNK)):
+        n = min(_PACK_CHUNK, count - a)
+        bitmat = np.unpackbits(raw[i * step:], count=n * bits, bitorder="little").reshape(n, bits)
+        out[a:a + n] = bitmat @ weights
+    return out
+
+
+def packed_size(bits: int, count: int) -> int:
+    return (bits * count + 7) // 8
+
+
+# -- tensors as bytes ---------------------------------------------------------------------
+
+
+def _raw(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _from_raw(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
+    numel = math.prod(shape)
+    if len(data) != numel * torch.empty((), dtype=dtype).element_size():
+        raise ValueError(f"{len(data)} bytes for a {dtype} tensor of shape {tuple(shape)}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Equal shape, dtype and bit patterns (so -0.0 != 0.0, and a NaN equals itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return a.numel() == 0 or torch.equal(reconnect._bits(a.reshape(-1)), reconnect._bits(b.reshape(-1)))
+
+
+def theta0_digest(theta0: Mapping[str, Tensor], names: list[str]) -> str:
+    """sha256 of the named θ0 tensors (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name in names:
+        t = theta0[name]
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_raw(t))
+    return h.hexdigest()
+
+
+def state_dict_nbytes(state_dict: Mapping[str, Tensor]) -> int:
+    """Size of ``torch.save(state_dict)``: the file a compact checkpoint is compared with."""
+    buf = io.BytesIO()
+    torch.save(OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()), buf)
+    return buf.tell()
+
+
+# -- the container ------------------------------------------------------------------------
+
+
+def encode_compact(
+    state_dict: Mapping[str, Tensor],
+    theta0: Mapping[str, Tensor],
+    layouts: Mapping[str, RowLayout],
+    *,
+    recipe: dict[str, Any] | None = None,
+    with_theta0: bool = False,
+    config: dict[str, Any] | None = None,
+) -> bytes:
+    """A compact checkpoint of ``state_dict`` (synced weights) as bytes.
+
+    Args:
+        state_dict: the trained model's ``state_dict``.
+        theta0: the initial weights (at least every tensor named in ``layouts``).
+        layouts: ``{name: RowLayout}`` of every tensor LaPerm permuted.
+        recipe: ``{"model", "init", "seed"}`` that rebuilds ``theta0`` through
+            :func:`laperm.train.build_model`; stored so that loading needs nothing else.
+        with_theta0: store the permuted θ0 tensors themselves.
+        config: the run's full config, kept for reference only.
+
+    Raises ``ValueError`` if a permuted tensor is not a row-wise permutation of θ0.
+    """
+    permuted = [name for name in state_dict if name in layouts]
+    missing = sorted(set(layouts) - set(permuted))
+    if missing:
+        raise ValueError(f"permuted tensor(s) {', '.join(missing)} are not in the state_dict")
+    blobs: list[bytes] = []
+    offset = 0
+
+    def add(blob: bytes) -> dict[str, int]:
+        nonlocal offset
+        blobs.append(blob)
+        offset += len(blob)
+        return {"offset": offset - len(blob), "nbytes": len(blob)}
+
+    entries = []
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."),
+                                 "shape": list(t.shape)}
+        if name in layouts:
+            layout, t0 = layouts[name], theta0[name].detach().cpu()
+            if t0.shape != t.shape or t0.dtype != t.dtype:
+                raise ValueError(f"{name}: θ0 is {t0.dtype} {tuple(t0.shape)} but the weights are "
+                                 f"{t.dtype} {tuple(t.shape)}")
+            try:
+                codes, bits = encode_rows(reconnect.to_rows(t, layout), reconnect.to_rows(t0, layout))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e} (export synced weights: final.pt or best.pt)") from None
+            entry.update(kind="codes", bits=bits, rows=int(codes.shape[0]), cols=int(codes.shape[1]),
+                         layout={"granularity": layout.granularity, "transposed": layout.transposed,
+                                 "groups": layout.groups},
+                         **add(pack_bits(codes.numpy(), bits)))
+        else:
+            entry.update(kind="plain", **add(_raw(t)))
+        entries.append(entry)
+    stored_theta0 = []
+    if with_theta0:
+        for name in permuted:
+            t0 = theta0[name].detach().cpu()
+            stored_theta0.append({"name": name, "dtype": str(t0.dtype).removeprefix("torch."),
+                                  "shape": list(t0.shape), **add(_raw(t0))})
+    header = {
+        "format": "laperm-compact",
+        "version": VERSION,
+        "recipe": recipe,
+        "theta0_sha256": theta0_digest(theta0, permuted),
+        "torch": torch.__version__,
+        "tensors": entries,
+        "theta0": stored_theta0,
+        "config": config,
+    }
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    body = MAGIC + bytes([VERSION]) + struct.pack("<Q", len(head)) + head + b"".join(blobs)
+    return body + hashlib.sha256(body).digest()
+
+
+@dataclass
+class Decoded:
+    """A decoded compact checkpoint: the weights, θ0 and what was permuted."""
+
+    state_dict: "OrderedDict[str, Tensor]"
+    theta0: dict[str, Tensor]
+    layouts: dict[str, RowLayout]
+    header: dict[str, Any]
+
+
+def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
+    """Check magic and checksum; return (header, blob area)."""
+    fixed = len(MAGIC) + 1 + 8
+    if len(data) < fixed + _DIGEST or not data.startswith(MAGIC):
+        raise CompactFormatError(f"{where} is not a laperm compact checkpoint (made by `laperm export`)")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CompactFormatError(f"{where} is damaged (checksum mismatch: truncated or modified); "
+                                 "export it again from its run folder")
+    if data[len(MAGIC)] != VERSION:
+        raise CompactFormatError(f"{where} is compact format version {data[len(MAGIC)]}; "
+                                 f"this laperm reads version {VERSION}, upgrade laperm")
+    (head_len,) = struct.unpack("<Q", body[len(MAGIC) + 1:fixed])
+    try:
+        header = json.loads(bytes(body[fixed:fixed + head_len]).decode())
+        if not isinstance(header, dict) or header.get("format") != "laperm-compact":
+            raise ValueError("not a laperm-compact header")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CompactFormatError(f"{where} has an unreadable header ({e})") from None
+    return header, memoryview(body)[fixed + head_len:]
+
+
+def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, where: str = "data") -> Decoded:
+    """Decode bytes made by :func:`encode_compact`; ``theta0`` overrides the stored θ0 or recipe."""
+    header, blobs = _parse(data, where)
+    try:
+        entries = header["tensors"]
+        permuted = [e["name"] for e in entries if e["kind"] == "codes"]
+
+        def blob(e: dict[str, Any]) -> bytes:
+            a, n = int(e["offset"]), int(e["nbytes"])
+            if a < 0 or n < 0 or a + n > len(blobs):
+                raise ValueError(f"{e['name']} lies outside the file")
+            return bytes(blobs[a:a + n])
+
+        if theta0 is None:
+            if header.get("theta0"):
+                theta0 = {e["name"]: _from_raw(blob(e), _dtype(e["dtype"]), e["shape"]) for e in header["theta0"]}
+            elif header.get("recipe"):
+                theta0 = rebuild_theta0(header["recipe"])
+            else:
+                raise CompactFormatError(f"{where} stores neither θ0 nor a recipe for it; pass theta0=")
+        absent = [n for n in permuted if n not in theta0]
+        if absent:
+            raise CompactFormatError(f"θ0 lacks {', '.join(absent)}, permuted in {where}")
+        if theta0_digest(theta0, permuted) != header["theta0_sha256"]:
+            raise CompactFormatError(
+                f"the initial weights θ0 for {where} differ from those it was exported with "
+                f"(exported with torch {header.get('torch')}, this is {torch.__version__}: the seeded "
+                "init may have changed); export again with --with-theta0")
+        state: OrderedDict[str, Tensor] = OrderedDict()
+        layouts = {}
+        for e in entries:
+            dtype, shape = _dtype(e["dtype"]), [int(s) for s in e["shape"]]
+            if e["kind"] == "plain":
+                state[e["name"]] = _from_raw(blob(e), dtype, shape)
+                continue
+            if e["kind"] != "codes":
+                raise ValueError(f"unknown kind {e['kind']!r}")
+            layout = RowLayout(**e["layout"])
+            t0 = theta0[e["name"]].detach().cpu()
+            if list(t0.shape) != shape or t0.dtype != dtype:
+                raise ValueError(f"{e['name']} has θ0 of shape {tuple(t0.shape)}, expected {tuple(shape)}")
+            rows, cols, bits = int(e["rows"]), int(e["cols"]), int(e["bits"])
+            theta_rows = reconnect.to_rows(t0, layout)
+            if tuple(theta_rows.shape) != (rows, cols) or not 0 <= bits <= 32:
+                raise ValueError(f"{e['name']} has a bad row description")
+            codes = torch.from_numpy(unpack_bits(blob(e), bits, rows * cols)).reshape(rows, cols)
+            try:
+                final_rows = decode_rows(codes, theta_rows)
+            except ValueError as err:
+                raise ValueError(f"{e['name']}: {err}") from None
+            state[e["name"]] = reconnect.from_rows_(t0.clone(), final_rows, layout)
+            layouts[e["name"]] = layout
+    except CompactFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CompactFormatError(f"{where} is damaged or inconsistent ({type(e).__name__}: {e})") from None
+    return Decoded(state, {n: theta0[n] for n in permuted}, layouts, header)
+
+
+def rebuild_theta0(recipe: Mapping[str, Any]) -> dict[str, Tensor]:
+    """θ0 (a CPU ``state_dict``) rebuilt from ``{"model", "init", "seed"}`` as ``laperm train`` builds it."""
+    from .config import ConfigError, TrainConfig
+    from .models import UnknownModelError
+    from .train import build_model
+
+    try:
+        cfg = TrainConfig(model=recipe["model"], init=recipe["init"], seed=recipe["seed"]).validate()
+        model, _ = build_model(cfg, torch.device("cpu"))
+    except (KeyError, TypeError, ConfigError, UnknownModelError) as e:
+        raise CompactFormatError(f"the θ0 recipe {dict(recipe)!r} cannot be rebuilt ({e})") from None
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def save_compact(path: str | Path, state_dict: Mapping[str, Tensor], theta0: Mapping[str, Tensor],
+                 layouts: Mapping[str, RowLayout], **options: Any) -> int:
+    """Write :func:`encode_compact`'s bytes atomically to ``path``; returns the file size."""
+    data = encode_compact(state_dict, theta0, layouts, **options)
+    checkpoint.atomic_write_bytes(path, data)
+    return len(data)
+
+
+def _read(path: str | Path) -> bytes:
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise CompactFormatError(f"{path} is a folder, not a compact checkpoint") from None
+    except OSError as e:
+        raise CompactFormatError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def load_compact(path: str | Path, theta0: Mapping[str, Tensor] | None = None) -> "OrderedDict[str, Tensor]":
+    """The model ``state_dict`` stored in compact checkpoint ``path``, bit-exactly.
+
+    θ0 comes from the file (``--with-theta0``), else from its recipe; pass
+    ``theta0`` for models outside laperm's registry.
+    """
+    return decode_compact(_read(path), theta0, where=str(path)).state_dict
+
+
+def is_compact_file(path: str | Path) -> bool:
+    """True when ``path`` is a file starting like a compact checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def verify_compact(path: str | Path) -> "VerifyReport":
+    """``laperm verify`` on a compact file: decode it and check every permuted tensor against θ0."""
+    from .rundir import VerifyReport
+
+    path = Path(path)
+    dec = decode_compact(_read(path), where=str(path))  # raises on any damage
+    failures, weights = [], 0
+    for name, layout in dec.layouts.items():
+        if not reconnect.is_row_permutation(dec.state_dict[name], dec.theta0[name], layout):
+            failures.append(f"{path.name}: {name} is not a row-wise permutation of its initial values")
+        weights += dec.state_dict[name].numel()
+    return VerifyReport(not failures, [path.name], len(dec.layouts), weights, failures)
+
+
+# -- run folders and the command ---------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    nbytes: int
+    state_dict_nbytes: int
+    bits: dict[str, tuple[int, int]]  # permuted tensor -> (bits per weight, weights)
+
+    @property
+    def ratio(self) -> float:
+        """Compact size over the size of the float32 ``state_dict`` file."""
+        return self.nbytes / self.state_dict_nbytes
+
+    @property
+    def permuted_weights(self) -> int:
+        return sum(n for _, n in self.bits.values())
+
+    @property
+    def mean_bits(self) -> float:
+        """Bits per permuted weight, averaged over weights."""
+        return sum(b * n for b, n in self.bits.values()) / max(self.permuted_weights, 1)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str = "final",
+               with_theta0: bool = False) -> ExportResult:
+    """Write the compact checkpoint of ``RUN_DIR/{which}.pt`` (default ``RUN_DIR/{which}.laperm``).
+
+    The written bytes are decoded and compared bit for bit with the weights
+    before the file is written, so an export that succeeds reloads exactly.
+    """
+    from .rundir import RunDirError, read_run_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a folder; pass a laperm run folder")
+    cfg = read_run_config(run_dir)
+    init = checkpoint.load(run_dir / "init.pt")
+    if not (isinstance(init, dict) and isinstance(init.get("state"), dict)):
+        raise RunDirError(f"{run_dir / 'init.pt'} is not a laperm init record")
+    if not init.get("permuted"):
+        raise RunDirError(f"{run_dir} was trained without LaPerm ({init.get('optimizer')}): there are no "
+                          f"permutations to store; use {which}.pt as it is")
+    if not (run_dir / f"{which}.pt").is_file():
+        raise RunDirError(f"{run_dir} has no {which}.pt; finish or --resume the run first")
+    saved = checkpoint.load(run_dir / f"{which}.pt")
+    state = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise RunDirError(f"{run_dir / which}.pt holds no model weights")
+    theta0 = init["state"]
+    layouts = {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
+    recipe = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
+    if not with_theta0:
+        names = [n for n in state if n in layouts]
+        rebuilt = rebuild_theta0(recipe)
+        if any(n not in rebuilt for n in names) or theta0_digest(rebuilt, names) != theta0_digest(theta0, names):
+            raise RunDirError(f"the run's recipe (model {recipe['model']}, init {recipe['init']}, seed "
+                              f"{recipe['seed']}) no longer rebuilds its init.pt bit for bit; "
+                              "export with --with-theta0")
+    try:
+        data = encode_compact(state, theta0, layouts, recipe=recipe, with_theta0=with_theta0, config=cfg)
+    except ValueError as e:
+        raise RunDirError(f"cannot export {run_dir / which}.pt: {e}") from None
+    back = decode_compact(data, theta0).state_dict
+    bad = [k for k in state if not _same_bits(back[k], state[k].cpu())]
+    if bad or list(back) != list(state):
+        raise RunDirError(f"internal error: the compact form of {', '.join(bad) or 'the keys'} does not reload "
+                          "bit-exactly; please report it")
+    out = Path(out) if out is not None else run_dir / f"{which}{SUFFIX}"
+    checkpoint.atomic_write_bytes(out, data)
+    header, _ = _parse(data, str(out))
+    bits = {e["name"]: (e["bits"], e["rows"] * e["cols"]) for e in header["tensors"] if e["kind"] == "codes"}
+    return ExportResult(out, len(data), state_dict_nbytes(state), bits)
+
+
+def check_against_run(path: str | Path, run_dir: str | Path, which: str = "final") -> list[str]:
+    """Names of tensors whose reloaded value differs (in bits) from ``RUN_DIR/{which}.pt``."""
+    saved = checkpoint.load(Path(run_dir) / f"{which}.pt")["model"]
+    loaded = load_compact(path)
+    if list(loaded) != list(saved):
+        return ["(the set or order of tensors)"]
+    return [k for k in saved if not _same_bits(loaded[k], saved[k].cpu())]
+
+
+EXAMPLES = """\
+examples:
+  laperm export runs/f2-laperm-seed0-1a2b3c4d               # writes .../final.laperm
+  laperm export runs/conv7-laperm-seed0-1a2b3c4d -o conv7.laperm --check
+  laperm verify conv7.laperm                                # a compact file verifies like a run folder
+
+Python: laperm.export.load_compact("conv7.laperm") returns the model's state_dict, bit-exact.
+"""
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    res = export_run(args.run_dir, args.output, which=args.which, with_theta0=args.with_theta0)
+    widths = sorted({b for b, _ in res.bits.values()})
+    span = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+    print(f"wrote {res.path}: {res.nbytes:,} bytes = {res.ratio:.4f} x the float32 state_dict "
+          f"({res.state_dict_nbytes:,} bytes); {res.permuted_weights:,} permuted weights at {span} bits "
+          f"(mean {res.mean_bits:.2f}), θ0 {'stored' if args.with_theta0 else 'rebuilt from the seed'}")
+    if args.check:
+        bad = check_against_run(res.path, args.run_dir, args.which)
+        if bad:
+            print(f"check FAILED: {', '.join(bad)} differ from {args.which}.pt", file=sys.stderr)
+            return 1
+        print(f"checked: {res.path} reloads bit-exactly to {args.which}.pt")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add this module's subcommands to ``sub``; return {command: handler}."""
-    return {}
+    p = sub.add_parser(
+        "export", help="write a compact checkpoint: the θ0 recipe plus per-row permutations",
+        description="Store a LaPerm-trained network as its initial-weight recipe (model, init, seed)\n"
+                    "plus, per permuted row, bit-packed indices of its initial values (1 bit per weight\n"
+                    "for shared-value rows). Reloads bit-exactly with laperm.export.load_compact.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a finished LaPerm run folder")
+    p.add_argument("-o", "--output", type=Path, help=f"output file (default RUN_DIR/final{SUFFIX}, or best{SUFFIX})")
+    p.add_argument("--which", choices=["final", "best"], default="final", help="which weights (default final)")
+    p.add_argument("--with-theta0", action="store_true",
+                   help="store the initial weights too (bigger; for when the seed cannot rebuild them)")
+    p.add_argument("--check", action="store_true", help="reload the written file and compare it bit for bit "
+                                                         "with the run's weights")
+    return {"export": cmd_export}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,10 +80,19 @@ class SortedRows:
         return (self.dense_values if self.dense_values is not None else self.run_values).device
 
     def dense(self) -> Tensor:
-        """The full ``(rows, n)`` sorted matrix (a temporary for RLE storage)."""
+        """The full ``(rows, n)`` sorted matrix (a temporary for RLE storage, built at each sync).
+
+        On CPU numpy's ``repeat`` is several times quicker than
+        ``torch.repeat_interleave``; on CUDA ``output_size`` spares
+        repeat_interleave a host sync to size its output.
+        """
         if self.dense_values is not None:
             return self.dense_values
-        flat = torch.repeat_interleave(self.run_values, self.run_counts.long())
+        values, counts = self.run_values, self.run_counts
+        if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64, torch.float16):
+            flat = torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
+        else:  # CUDA, or a dtype numpy lacks (bfloat16)
+            flat = torch.repeat_interleave(values, counts.long(), output_size=self.shape[0] * self.shape[1])
         return flat.reshape(self.shape)
 
     def nbytes(self) -> int:

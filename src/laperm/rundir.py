@@ -153,6 +153,11 @@ class MetricsLog:
         if path is not None:
             checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
+    @staticmethod
+    def write(path: Path, records: list[dict[str, Any]]) -> None:
+        """Atomically write ``records`` as a JSON-lines file."""
+        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
     def append(self, record: dict[str, Any]) -> None:
         if self.path is not None:
             text = "".join(json.dumps(r) + "\n" for r in [*self.records, record])
@@ -213,8 +218,13 @@ def verify_weights(init: dict[str, Any], weights: dict[str, torch.Tensor]) -> tu
 
 
 def verify_run(run_dir: str | Path) -> VerifyReport:
-    """Check final.pt (and best.pt) of a finished run against its init.pt."""
+    """Check final.pt (and best.pt) of a finished run against its init.pt (or a `laperm export` file)."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        from .export import is_compact_file, verify_compact
+
+        if is_compact_file(run_dir):  # a compact checkpoint written by `laperm export`
+            return verify_compact(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a folder; pass a laperm run folder")
     if not (run_dir / "init.pt").is_file():

@@ -195,6 +195,7 @@ class RunState:
     epoch_time: float = 0.0
     elapsed: float = 0.0
     changes: list[dict[str, Any]] = field(default_factory=list)  # settings changed on resume
+    step_evals: list[dict[str, Any]] = field(default_factory=list)  # evaluations every eval_steps steps
 
 
 class _StopFlag:
@@ -534,6 +535,26 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
         last_saved = path
         checkpoint.prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
 
+    @contextlib.contextmanager
+    def evaluated(record: dict[str, Any]) -> Iterator[None]:
+        """Evaluate the synced weights into ``record`` and keep the best on validation; the body
+        runs in the same synced state."""
+        nonlocal best_state
+        d.broadcast_buffers(model)  # BatchNorm statistics of rank 0 for everyone
+        with synced_state(opt, model, calib_loader, cfg.bn_recalibrate):
+            if val_loader is not None:
+                record["val_loss"], record["val_acc"] = evaluate(model, val_loader, d)
+            record["test_loss"], record["test_acc"] = evaluate(model, test_loader, d)
+            if val_loader is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
+                digest = None
+                if main:
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    digest = checkpoint.save({"model": best_state, "epoch": record["epoch"], "step": state.step,
+                                              "synced": True}, run_dir / "best.pt")
+                state.best = {"epoch": record["epoch"], "step": state.step, "val_acc": record["val_acc"],
+                              "test_acc": record["test_acc"], "sha256": digest}
+            yield
+
     steps_per_epoch = len(train_loader)
     log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({len(train_idx):,} train / {len(val_idx):,} val / "
         f"{len(ds.test_y):,} test), {_describe_optimizer(cfg, opt)}, {parse_init(cfg.init).describe()}, "
@@ -581,6 +602,14 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                     p.data.mul_(m)
                 state.step += 1
                 pos += 1
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and pos < steps_per_epoch:
+                    # The reference evaluates every `vali_freq` steps (= k: right after each sync).
+                    step_record: dict[str, Any] = {"step": state.step, "epoch": round(epoch + pos / steps_per_epoch, 4)}
+                    with evaluated(step_record):
+                        pass
+                    state.step_evals.append(step_record)
+                    if main:
+                        rundir.MetricsLog.write(run_dir / "evals.jsonl", state.step_evals)
                 if checkpoint.fault_point(f"step:{state.step}"):  # test hook; True: inject a NaN
                     next(model.parameters()).data.view(-1)[0] = float("nan")
                 loss_acc += loss.detach().double() * len(yb)
@@ -635,25 +664,13 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             if laperm:
                 record["k"] = laperm.param_groups[0]["k"]
             if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
-                d.broadcast_buffers(model)  # BatchNorm statistics of rank 0 for everyone
-                with synced_state(opt, model, calib_loader, cfg.bn_recalibrate):
-                    if val_loader is not None:
-                        record["val_loss"], record["val_acc"] = evaluate(model, val_loader, d)
-                    record["test_loss"], record["test_acc"] = evaluate(model, test_loader, d)
+                with evaluated(record):
                     if laperm:
                         current = {n: p.detach().clone() for n, p in laperm.permuted_parameters()}
                         if prev_synced is not None:
                             moved = sum(int((current[n] != prev_synced[n]).sum()) for n in current)
                             record["reconnected"] = moved / sum(t.numel() for t in current.values())
                         prev_synced = current
-                    if val_loader is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
-                        digest = None
-                        if main:
-                            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                            digest = checkpoint.save({"model": best_state, "epoch": state.epoch, "synced": True},
-                                                     run_dir / "best.pt")
-                        state.best = {"epoch": state.epoch, "val_acc": record["val_acc"],
-                                      "test_acc": record["test_acc"], "sha256": digest}
                     if on_epoch is not None and main:
                         on_epoch(record, model, opt)
                 log(_epoch_line(record, cfg.epochs))
@@ -688,7 +705,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
         "steps": state.step, "final_test_acc": final_test, "final_val_acc": final_val,
         "selected_epoch": state.best.get("epoch"), "selected_val_acc": state.best.get("val_acc"),
         "selected_test_acc": state.best.get("test_acc"),
-        "best_test_acc": max((r["test_acc"] for r in metrics.records if "test_acc" in r), default=final_test),
+        "best_test_acc": max((r["test_acc"] for r in [*metrics.records, *state.step_evals] if "test_acc" in r),
+                             default=final_test),
+        "evaluations": sum("test_acc" in r for r in [*metrics.records, *state.step_evals]),
         "train_time_s": round(state.elapsed, 1), "device": str(device), "torch": torch.__version__,
         "verified": None,
     }

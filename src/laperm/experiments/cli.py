@@ -5,7 +5,70 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+RUN_EXAMPLES = """\
+examples:
+  laperm run --list                           # the experiments and what they run
+  laperm run agnostic                         # F1 and F2, paper budget, seeds 0 1 2
+  laperm run k --budget quick --out /tmp/r    # smoke test of the k sweep
+  laperm run dense --only conv7 --threads 1   # only the runs whose tags mention conv7
+  laperm report                               # docs/results.md + docs/figures from results/
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add this module's subcommands to ``sub``; return {command: handler}."""
-    return {}
+    p = sub.add_parser("run", help="run a named paper experiment (resumable)",
+                       description="Train the runs of a named experiment that are not finished yet.",
+                       epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the experiments")
+    p.add_argument("--budget", choices=["quick", "paper"], default="paper",
+                   help="paper (default): the budget in the experiment's description; quick: a smoke test")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the experiment's)")
+    p.add_argument("--out", default="results", help="results folder (default results)")
+    p.add_argument("--only", help="only runs whose tags contain this text, e.g. model=conv7")
+    p.add_argument("--threads", type=int, help="torch CPU threads per run")
+    p.add_argument("--data-dir", help="dataset location (e.g. the CIFAR-10 zip)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    p.add_argument("--evaluate-unfinished", action="store_true",
+                   help="train nothing; evaluate the newest checkpoint of each unfinished run (partial.json)")
+    p = sub.add_parser("report", help="write docs/results.md and figures from stored results",
+                       description="Rebuild the results report and its figures from results/ (no training).")
+    p.add_argument("--results", default="results", help="results folder (default results)")
+    p.add_argument("--docs", default="docs", help="where results.md and figures/ go (default docs)")
+    return {"run": cmd_run, "report": cmd_report}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import suite  # noqa: F401 - registers the experiments
+    from .base import EXPERIMENTS, run_experiment
+
+    if args.list or not args.experiment:
+        for exp in EXPERIMENTS.values():
+            print(f"{exp.name:12s} v{exp.version}  {exp.description}")
+        return 0 if args.list else 2
+    if args.experiment not in EXPERIMENTS:
+        from ..config import ConfigError
+
+        raise ConfigError(f"unknown experiment {args.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    entries = run_experiment(args.experiment, budget=args.budget, seeds=args.seeds, out=args.out, only=args.only,
+                             threads=args.threads, data_dir=args.data_dir,
+                             dry_run=args.dry_run or args.evaluate_unfinished)
+    if args.evaluate_unfinished:
+        from pathlib import Path
+
+        from .partial import evaluate_unfinished
+
+        for e in entries:
+            out = evaluate_unfinished(Path(args.out) / args.experiment / e["folder"], args.threads)
+            if out is not None:
+                print(f"{e['folder']}: epoch {out['epoch']} checkpoint, test accuracy {out['test_acc']:.2%}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.results, args.docs)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,230 @@
+"""Analysis hooks that ride along a training run and write small files into its folder.
+
+* ``rebuild``: at every evaluated epoch (synced state), the test accuracy of
+  the net rebuilt from its θ0 values at the trained ranks, of the same ranks
+  with a fresh init's values, and of θ0 randomly permuted within rows
+  (``rebuild.jsonl``).  Nets with BatchNorm also get the rebuilt accuracy after
+  recomputing BN statistics, since a rebuild changes every activation scale.
+* ``inner``: at every evaluated epoch, the test accuracy of the *inner*
+  (unsynced) weights and the per-class recall of the synced net, written into
+  the epoch's metrics record (``inner_test_acc``, ``class_recall``).
+* ``dynamics``: per scheduled sync, the fraction of weights moved per layer
+  (``dynamics.json``), plus snapshots of small layers (``snapshots.npz``) for
+  F1's template animation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import train as train_mod
+from ..analysis.dynamics import SyncRecorder
+from ..analysis.rebuild import permutable_layouts, random_permutation_state, rebuild_state
+from ..checkpoint import atomic_write_text, load
+from ..config import TrainConfig
+from ..models import get_spec
+
+__all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe", "LatentRule"]
+
+
+class Probe:
+    """No-op hook: the interface ``run_experiment`` uses."""
+
+    def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        yield
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        return None
+
+
+def make(name: str | None, cfg: TrainConfig, run_dir: Path) -> Probe:
+    if name is None:
+        return Probe()
+    if name == "rebuild":
+        return RebuildProbe(cfg, run_dir)
+    if name == "dynamics":
+        return DynamicsProbe(run_dir)
+    if name == "inner":
+        return InnerProbe(cfg)
+    if name == "latent":
+        return LatentRule()
+    raise ValueError(f"unknown analysis hook {name!r}")
+
+
+class RebuildProbe(Probe):
+    """Rebuild accuracies per epoch, appended to ``rebuild.jsonl``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, probe_size: int | None = None) -> None:
+        self.cfg, self.run_dir, self.probe_size = cfg, run_dir, probe_size
+        self._ready = False
+
+    def _setup(self, model: torch.nn.Module) -> None:
+        from ..data import BatchLoader
+        from ..data.loader import derive_seed
+
+        cfg = self.cfg
+        device = next(model.parameters()).device
+        spec = get_spec(cfg.model)
+        permute_biases = spec.permute_biases if cfg.permute_biases is None else cfg.permute_biases
+        self.layouts = permutable_layouts(model, permute_biases)
+        self.init = load(self.run_dir / "init.pt")["state"]
+        fresh_cfg = TrainConfig(**{**cfg.to_dict(), "seed": cfg.seed + 1000})
+        fresh, _ = train_mod.build_model(fresh_cfg, torch.device("cpu"))
+        self.fresh = fresh.state_dict()
+        ds = train_mod.load_data(cfg, spec)
+        idx = None if self.probe_size is None else torch.arange(min(self.probe_size, len(ds.test_y)))
+        common = dict(mean=ds.mean, std=ds.std, device=device)
+        self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, indices=idx, **common)
+        self.calib = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 7), **common)
+        self.has_bn = bool(train_mod._bn_modules(model))
+        self._ready = True
+
+    def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        if not self._ready:
+            self._setup(model)
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        g = torch.Generator().manual_seed(record["epoch"])
+        variants = {
+            "rebuilt": rebuild_state(trained, self.init, self.layouts),
+            "rebuilt_fresh": rebuild_state(trained, self.fresh, self.layouts),
+            "random_perm": random_permutation_state(trained, self.init, self.layouts, g),
+        }
+        out = {"epoch": record["epoch"], "trained": train_mod.evaluate(model, self.test)[1]}
+        try:
+            for name, state in variants.items():
+                model.load_state_dict(state)
+                out[name] = train_mod.evaluate(model, self.test)[1]
+                if self.has_bn and name == "rebuilt":
+                    train_mod.recalibrate_bn(model, self.calib, 20)
+                    out["rebuilt_bn"] = train_mod.evaluate(model, self.test)[1]
+        finally:
+            model.load_state_dict(trained)  # the training trajectory must not change
+        with open(self.run_dir / "rebuild.jsonl", "a") as f:
+            f.write(json.dumps(out) + "\n")
+
+
+class DynamicsProbe(Probe):
+    """Per-sync moved fractions; snapshots of layers with at most 10 units (F1's templates)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.recorder: SyncRecorder | None = None
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        # The engine builds its optimizer inside train(); wrap the builder to see each sync.
+        original = train_mod.build_optimizer
+
+        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+            opt = original(cfg, model)
+            if hasattr(opt, "permuted_parameters"):
+                small = tuple(n for n, p in opt.permuted_parameters() if p.dim() == 2 and p.shape[0] <= 10)
+                self.recorder = SyncRecorder(snapshot=small).attach(opt)
+            return opt
+
+        train_mod.build_optimizer = build
+        try:
+            yield
+        finally:
+            train_mod.build_optimizer = original
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        rec = self.recorder
+        if rec is None:
+            return
+        atomic_write_text(self.run_dir / "dynamics.json", json.dumps({"syncs": rec.records}) + "\n")
+        if rec.snapshots:
+            steps = np.array([s for s, _ in rec.snapshots])
+            arrays = {name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
+                      for name in rec.snapshots[0][1]}
+            np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)
+
+
+class InnerProbe(Probe):
+    """Adds the inner (unsynced) test accuracy and the synced per-class recall to each metrics record."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.inner_acc: float | None = None
+        self.test = None
+
+    def _loader(self, model: torch.nn.Module) -> Any:
+        if self.test is None:
+            from ..data import BatchLoader
+
+            ds = train_mod.load_data(self.cfg, get_spec(self.cfg.model))
+            self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std,
+                                    device=next(model.parameters()).device)
+        return self.test
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        original = train_mod.build_optimizer
+        probe = self
+
+        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+            opt = original(cfg, model)
+            if hasattr(opt, "synced_weights"):
+                synced = opt.synced_weights
+
+                @contextlib.contextmanager
+                def measured() -> Iterator[None]:
+                    # Evaluate the inner weights just before the temporary sync for evaluation.
+                    probe.inner_acc = train_mod.evaluate(model, probe._loader(model))[1]
+                    with synced():
+                        yield
+
+                opt.synced_weights = measured
+            return opt
+
+        train_mod.build_optimizer = build
+        try:
+            yield
+        finally:
+            train_mod.build_optimizer = original
+
+    @torch.no_grad()
+    def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        record["inner_test_acc"] = self.inner_acc
+        was = model.training
+        model.eval()
+        hits = torch.zeros(10, dtype=torch.long)
+        counts = torch.zeros(10, dtype=torch.long)
+        for xb, yb in self._loader(model):
+            pred = model(xb).argmax(1).cpu()
+            y = yb.cpu()
+            counts += torch.bincount(y, minlength=10)[:10]
+            hits += torch.bincount(y[pred == y], minlength=10)[:10]
+        model.train(was)
+        record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts)]
+
+
+class LatentRule(Probe):
+    """Not a probe but a training variant: LaPerm with the latent sync rule (see :mod:`.latent`)."""
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        from .latent import attach_latent
+
+        original = train_mod.build_optimizer
+
+        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+            opt = original(cfg, model)
+            return attach_latent(opt) if hasattr(opt, "permuted_parameters") else opt
+
+        train_mod.build_optimizer = build
+        try:
+            yield
+        finally:
+            train_mod.build_optimizer = original

@@ -1,0 +1,141 @@
+"""Experiments: resumable runs on synthetic data end to end, and ``laperm report`` on stored metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from laperm.cli import main
+from laperm.experiments import base, report
+from laperm.experiments.base import Experiment, Run
+
+
+def _write_run(folder: Path, name: str, tags: dict, summary: dict | None, records: list[dict], **extra) -> dict:
+    d = folder / name
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    for fname, text in extra.items():
+        (d / fname.replace("_", ".")).write_text(text)
+    return {"folder": name, "tags": tags, "budget": "paper", "hook": None,
+            "command": f"laperm train --preset {tags['model']} --seed {tags['seed']} --out results/x"}
+
+
+def _summary(sel, final, best):
+    return {"selected_test_acc": sel, "final_test_acc": final, "best_test_acc": best, "epochs": 10,
+            "train_time_s": 60.0, "torch": "2.x"}
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Path:
+    """A tiny results folder: agnostic F1 (two seeds), one unfinished dense run, rebuild and dynamics."""
+    res = tmp_path / "results"
+    runs = {}
+    recs = [{"epoch": 1, "test_acc": 0.5, "val_acc": 0.5}, {"epoch": 2, "test_acc": 0.8, "val_acc": 0.7}]
+    for seed, (sel, final, best) in enumerate([(0.82, 0.81, 0.84), (0.84, 0.83, 0.86)]):
+        e = _write_run(res / "agnostic", f"f1-{seed}", {"model": "f1", "method": "LaPerm", "seed": seed,
+                                                           "init": "shared"}, _summary(sel, final, best), recs)
+        runs[e["folder"]] = e
+    (res / "agnostic" / "experiment.json").write_text(json.dumps({"runs": runs}))
+    e = _write_run(res / "dense", "conv7-l", {"model": "conv7", "method": "laperm", "seed": 0, "budget": "reduced"},
+                   None, recs + [{"epoch": 3, "train_loss": 1.0}])
+    (res / "dense" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
+    rb = [{"epoch": 1, "trained": 0.9, "rebuilt": 0.45, "rebuilt_fresh": 0.3, "random_perm": 0.1}]
+    e = _write_run(res / "rebuild", "lenet", {"model": "lenet300", "seed": 0}, _summary(0.9, 0.9, 0.9), recs,
+                   rebuild_jsonl=json.dumps(rb[0]) + "\n")
+    (res / "rebuild" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
+    dyn = {"syncs": [{"step": 2, "moved": {"fc.weight": 0.5}, "moved_total": 0.5},
+                     {"step": 4, "moved": {"fc.weight": 0.0}, "moved_total": 0.0}]}
+    e = _write_run(res / "dynamics", "f1", {"model": "f1", "seed": 0}, _summary(0.8, 0.8, 0.8), recs,
+                   dynamics_json=json.dumps(dyn))
+    np.savez(res / "dynamics" / "f1" / "snapshots.npz", steps=np.array([0, 2, 4]),
+             **{"fc.weight": np.zeros((3, 10, 784), np.float16)})
+    (res / "dynamics" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
+    (res / "notes").mkdir()
+    (res / "notes" / "agnostic.md").write_text("Hand-written reading.")
+    return res
+
+
+def test_report_from_stored_metrics(stored: Path, tmp_path: Path):
+    docs = tmp_path / "docs"
+    assert main(["report", "--results", str(stored), "--docs", str(docs)]) == 0
+    text = (docs / "results.md").read_text()
+    # F1: mean ± sample std of the two seeds, each selection rule in its own column
+    assert "| F1 {0, 0.08}, p=40% | MNIST | 85.46% (authors' code here: 83.75%) | 83.00 ± 1.41% | 82.00 ± 1.41% " \
+           "| 85.00 ± 1.41% | – | 10; paper budget | 2 |" in text
+    assert "Hand-written reading." in text
+    assert "2 (unfinished: last evaluated epoch)" in text  # the unfinished conv7 run is labelled, with its last evaluated epoch
+    assert "| lenet300 | 1 | 90.00% | 45.00% | – | 50.0% | 30.00% | 10.00% |" in text  # kept = 45/90
+    assert "| Conv4 | CIFAR-10 | 89.17% | not run here" in text
+    for fig in ("agnostic.png", "rebuild_lenet300.png", "dynamics.png", "f1_templates.png", "f1_templates.gif"):
+        assert (docs / "figures" / fig).is_file(), fig
+
+
+def test_fmt_acc_and_mean_std():
+    assert report.fmt_acc([]) == "–"
+    assert report.fmt_acc([0.5]) == "50.00%"
+    assert report.fmt_acc([0.5, 0.7, None]) == "60.00 ± 14.14%"
+
+
+def test_quick_experiment_end_to_end_and_resumable(tmp_path: Path, monkeypatch):
+    """A two-run experiment on synthetic data: trains, writes analysis files, skips finished runs."""
+    common = dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=4,
+                  init="shared:0.08:0.6", lr=0.01)
+    runs = [Run(dict(common, seed=0), {"model": "f1", "method": "LaPerm", "seed": 0}, hook="dynamics"),
+            Run(dict(common, optimizer="adam", init="he-uniform", seed=0),
+                {"model": "f1", "method": "Adam", "seed": 0}, hook="rebuild")]
+    monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment("tiny", 1, "test", lambda b, s: runs))
+    log: list[str] = []
+    entries = base.run_experiment("tiny", out=tmp_path, threads=1, log=log.append)
+    folder = tmp_path / "tiny"
+    first, second = (folder / e["folder"] for e in entries)
+    assert (first / "summary.json").is_file() and (second / "summary.json").is_file()
+    dyn = json.loads((first / "dynamics.json").read_text())["syncs"]
+    assert dyn and all(0 <= s["moved_total"] <= 1 for s in dyn)
+    assert np.load(first / "snapshots.npz")["fc.weight"].shape[1:] == (10, 784)
+    rebuilt = [json.loads(x) for x in (second / "rebuild.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rebuilt] == [1, 2]
+    assert set(rebuilt[0]) >= {"trained", "rebuilt", "rebuilt_fresh", "random_perm"}
+    manifest = json.loads((folder / "experiment.json").read_text())
+    assert set(manifest["runs"]) == {e["folder"] for e in entries}
+    assert manifest["runs"][first.name]["command"].startswith("laperm train --model f1 --dataset synthetic")
+    log.clear()
+    base.run_experiment("tiny", out=tmp_path, threads=1, log=log.append)
+    assert sum("(done)" in line for line in log) == 2  # nothing retrained
+
+
+def test_run_list_and_unknown_experiment(capsys):
+    assert main(["run", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("agnostic", "k", "sparse", "dense", "rebuild", "profiles", "dynamics", "f2-research"):
+        assert name in out
+    assert main(["run", "nope"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_command_for_round_trips_flags():
+    run = Run({"preset": "f2", "k": 20, "permute_biases": False, "k_schedule": {0: 1}})
+    assert base.command_for(run, Path("results/k")) == \
+        "laperm train --preset f2 --k 20 --no-permute-biases --out results/k"
+
+
+def test_evaluate_unfinished_reads_the_newest_checkpoint(tmp_path: Path):
+    from laperm.config import resolve_config
+    from laperm.experiments.partial import evaluate_unfinished
+    from laperm.train import train
+
+    cfg = resolve_config(dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=4,
+                              init="shared:0.08:0.6", lr=0.01, out=str(tmp_path), name="r", progress=False,
+                              threads=1))
+    summary = train(cfg, log=lambda *_: None)
+    run_dir = tmp_path / "r"
+    assert evaluate_unfinished(run_dir) is None  # finished: nothing to do
+    (run_dir / "summary.json").unlink()  # pretend it stopped after its last checkpoint
+    out = evaluate_unfinished(run_dir)
+    assert out["epoch"] == 2 and out["synced"]
+    assert out["test_acc"] == pytest.approx(summary["final_test_acc"])  # same synced weights, same number
+    assert json.loads((run_dir / "partial.json").read_text())["test_acc"] == out["test_acc"]
