@@ -188,7 +188,8 @@ SECTION_FUNCS: dict[str, tuple[str, Callable[[bool], tuple[list, str]]]] = {
 
 DISTRIBUTED = (
     "## Distributed: 1 vs 2 processes\n\n"
-    "_To be added by the lead (`laperm.distributed`)._\n"
+    "Measured separately, since it launches whole training runs: "
+    "`python -m benchmarks.distributed --nproc 2 --epochs 1 --rounds 2` (paste its output here).\n"
 )
 
 
