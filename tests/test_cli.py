@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from laperm import checkpoint
+from conftest import run_cli
 from laperm.cli import main
 from laperm.data.idx import IDX_FILES, write_idx
 
@@ -32,13 +33,7 @@ def _clean(monkeypatch, tmp_path):
     torch.set_num_threads(n)
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+cli = run_cli
 
 
 def error_line(capsys, *argv: str) -> str:

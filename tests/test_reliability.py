@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from laperm import checkpoint, reconnect, rundir
+from conftest import run_cli
 from laperm.cli import main
 from laperm.train import _row_fingerprint
 
@@ -33,13 +34,7 @@ def _clean(monkeypatch):
     torch.set_num_threads(n)
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+cli = run_cli
 
 
 def one_error_line(err: str) -> str:

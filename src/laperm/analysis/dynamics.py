@@ -13,7 +13,6 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = ["moved_per_layer", "SyncRecorder"]
