@@ -101,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  laperm verify runs/lenet300-laperm-seed0-1a2b3c4d",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path)
-    sub.add_parser("presets", help="list the paper's setups", description="List the --preset names.")
-    sub.add_parser("models", help="list the models", description="List the --model names.")
+    sub.add_parser("presets", help="list the paper's setups", description="List the --preset names.",
+                   epilog="example:\n  laperm presets && laperm train --preset f1",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser("models", help="list the models", description="List the --model names.",
+                   epilog="example:\n  laperm models && laperm train --model conv7 --epochs 5",
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     for module in EXTENSIONS:
         # Each extension adds its own subcommands: register(sub) -> {name: handler}.
         COMMANDS.update(importlib.import_module(module).register(sub))

@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--evaluate-unfinished", action="store_true",
                    help="train nothing; evaluate the newest checkpoint of each unfinished run (partial.json)")
     p = sub.add_parser("report", help="write docs/results.md and figures from stored results",
-                       description="Rebuild the results report and its figures from results/ (no training).")
+                       description="Rebuild the results report and its figures from results/ (no training).",
+                       epilog="examples:\n  laperm report                       # results/ -> docs/results.md, docs/figures/\n"
+                              "  laperm report --results /tmp/r --docs /tmp/d",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results", help="results folder (default results)")
     p.add_argument("--docs", default="docs", help="where results.md and figures/ go (default docs)")
     return {"run": cmd_run, "report": cmd_report}
