@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,23 +121,14 @@ class DynamicsProbe(Probe):
         self.run_dir = run_dir
         self.recorder: SyncRecorder | None = None
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        # The engine builds its optimizer inside train(); wrap the builder to see each sync.
-        original = train_mod.build_optimizer
-
-        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-            opt = original(cfg, model)
+    def watching(self) -> contextlib.AbstractContextManager:
+        def record_syncs(opt: Any, model: torch.nn.Module) -> Any:
             if hasattr(opt, "permuted_parameters"):
                 small = tuple(n for n, p in opt.permuted_parameters() if p.dim() == 2 and p.shape[0] <= 10)
                 self.recorder = SyncRecorder(snapshot=small).attach(opt)
             return opt
 
-        train_mod.build_optimizer = build
-        try:
-            yield
-        finally:
-            train_mod.build_optimizer = original
+        return _wrapping_optimizer(record_syncs)
 
     def finish(self, summary: dict[str, Any]) -> None:
         rec = self.recorder
@@ -149,6 +140,25 @@ class DynamicsProbe(Probe):
             arrays = {name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
                       for name in rec.snapshots[0][1]}
             np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)
+
+
+@contextlib.contextmanager
+def _wrapping_optimizer(wrap: Callable[[Any, torch.nn.Module], Any]) -> Iterator[None]:
+    """While active, every optimizer the engine builds passes through ``wrap(opt, model)``.
+
+    The engine builds its optimizer inside ``train()``; wrapping the builder is how a
+    probe gets to see (or replace) it.
+    """
+    original = train_mod.build_optimizer
+
+    def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
+        return wrap(original(cfg, model), model)
+
+    train_mod.build_optimizer = build
+    try:
+        yield
+    finally:
+        train_mod.build_optimizer = original
 
 
 class InnerProbe(Probe):
@@ -168,13 +178,10 @@ class InnerProbe(Probe):
                                     device=next(model.parameters()).device)
         return self.test
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        original = train_mod.build_optimizer
+    def watching(self) -> contextlib.AbstractContextManager:
         probe = self
 
-        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-            opt = original(cfg, model)
+        def measure_inner(opt: Any, model: torch.nn.Module) -> Any:
             if hasattr(opt, "synced_weights"):
                 synced = opt.synced_weights
 
@@ -188,11 +195,7 @@ class InnerProbe(Probe):
                 opt.synced_weights = measured
             return opt
 
-        train_mod.build_optimizer = build
-        try:
-            yield
-        finally:
-            train_mod.build_optimizer = original
+        return _wrapping_optimizer(measure_inner)
 
     @torch.no_grad()
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
@@ -213,18 +216,7 @@ class InnerProbe(Probe):
 class LatentRule(Probe):
     """Not a probe but a training variant: LaPerm with the latent sync rule (see :mod:`.latent`)."""
 
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
+    def watching(self) -> contextlib.AbstractContextManager:
         from .latent import attach_latent
 
-        original = train_mod.build_optimizer
-
-        def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-            opt = original(cfg, model)
-            return attach_latent(opt) if hasattr(opt, "permuted_parameters") else opt
-
-        train_mod.build_optimizer = build
-        try:
-            yield
-        finally:
-            train_mod.build_optimizer = original
+        return _wrapping_optimizer(lambda opt, model: attach_latent(opt) if hasattr(opt, "permuted_parameters") else opt)
