@@ -67,7 +67,7 @@ NASTY = st.sampled_from([
 VALUE = st.one_of(NASTY, st.text(max_size=12), st.integers(-10**25, 10**25).map(str),
                   st.floats(allow_nan=True, allow_infinity=True).map(repr))
 FLAGS = ["--preset", "--model", "--dataset", "--data-dir", "--init", "--optimizer", "--inner", "--k", "--epochs",
-         "--batch-size", "--lr", "--lr-schedule", "--l2", "--loss-scale", "--granularity", "--augment",
+         "--batch-size", "--lr", "--lr-schedule", "--l2", "--loss-scale", "--logit-scale", "--granularity", "--augment",
          "--bn-recalibrate", "--seed", "--val-size", "--train-subset", "--device", "--threads", "--name",
          "--eval-every", "--checkpoint-every", "--checkpoint-steps"]
 

@@ -139,3 +139,83 @@ def test_evaluate_unfinished_reads_the_newest_checkpoint(tmp_path: Path):
     assert out["epoch"] == 2 and out["synced"]
     assert out["test_acc"] == pytest.approx(summary["final_test_acc"])  # same synced weights, same number
     assert json.loads((run_dir / "partial.json").read_text())["test_acc"] == out["test_acc"]
+
+
+def test_report_compares_stopped_gpu_runs_at_the_epoch_both_reached(tmp_path: Path):
+    """The `full` experiment's runs may stop early (device time): compare LaPerm and Adam at a common epoch."""
+    res = tmp_path / "results"
+    curve = {"laperm": [0.40, 0.50, 0.60], "adam": [0.45, 0.58, 0.64, 0.70, 0.72]}
+    runs = {}
+    for method, accs in curve.items():
+        recs = [{"epoch": i + 1, "test_acc": a, "val_acc": a + (0.2 if i == 1 else 0), "images_per_s": 5000.0}
+                for i, a in enumerate(accs)]
+        e = _write_run(res / "full", f"conv2-{method}", {"model": "conv2", "method": method, "budget": "full",
+                                                         "seed": 0}, None, recs, config_yaml="epochs: 125\n")
+        runs[e["folder"]] = e
+    (res / "full" / "experiment.json").write_text(json.dumps({"runs": runs}))
+    (res / "full" / "hardware.txt").write_text("name, memory.total [MiB]\nNVIDIA H100 80GB HBM3, 81559 MiB\n")
+    docs = tmp_path / "docs"
+    report.write_report(res, docs)
+    text = (docs / "results.md").read_text()
+    # at epoch 3: 60% vs 64%; selected: the epoch-2 (val-best) models, 50% vs 58%; best-test 60% vs 64%
+    assert "| conv2 | laperm | 3 of 125 (stopped) | 3 | 60.00% | 50.00% | 60.00% | 5,000 |" in text
+    assert "| conv2 | adam | 5 of 125 (stopped) | 3 | 64.00% | 58.00% | 64.00% | 5,000 |" in text
+    assert "| conv2 | LaPerm − Adam |  | 3 | -4.00 points | -8.00 points | -4.00 points |  |" in text
+    # the README row: Adam at LaPerm's last epoch, not at its own; the stop and the card are said
+    row = next(line for line in text.splitlines() if line.startswith("| Conv2 |"))
+    assert "64.00% (epoch 3)" in row and "STOPPED after epoch 3 of 125" in row and "NVIDIA H100 80GB HBM3" in row
+    assert "which ran on one NVIDIA H100 80GB HBM3 GPU" in text
+    assert (docs / "figures" / "full_conv2.png").is_file()
+
+
+def test_added_seeds_never_replace_the_preregistered_mean(tmp_path: Path):
+    res = tmp_path / "results"
+    runs = {}
+    for seed, acc in enumerate([0.80, 0.82, 0.84, 0.90, 0.90]):
+        e = _write_run(res / "agnostic", f"f1-{seed}", {"model": "f1", "method": "LaPerm", "seed": seed,
+                                                           "init": "shared"}, _summary(acc, acc, acc), [])
+        runs[e["folder"]] = e
+    (res / "agnostic" / "experiment.json").write_text(json.dumps({"runs": runs}))
+    report.write_report(res, tmp_path / "docs")
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "| F1 {0, 0.08}, p=40% [seeds 0–2] | MNIST | 85.46% (authors' code here: 83.75%) | 82.00 ± 2.00% |" in text
+    assert "| F1 {0, 0.08}, p=40% [all seeds 0–4] | MNIST | 85.46% (authors' code here: 83.75%) | 85.20 ± 4.60% |" \
+        in text
+
+
+def test_rebuild_schedule_thins_out_long_runs():
+    from laperm.experiments.hooks import rebuild_epoch
+
+    assert [e for e in range(1, 13) if rebuild_epoch(e, 12)] == list(range(1, 13))
+    assert [e for e in range(1, 46) if rebuild_epoch(e, 45)] == [1, 2, 5, 10, 20, 30, 40, 45]
+
+
+def test_cifar_jpeg_pack_round_trip_is_byte_identical(tmp_path: Path):
+    """scripts/cifar_jpeg_pack.py: headers stored once, every file rebuilt byte for byte."""
+    import importlib.util
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("pack", Path(__file__).parent.parent / "scripts" / "cifar_jpeg_pack.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    rng = np.random.default_rng(0)
+    src = tmp_path / "c.zip"
+    files = {}
+    with zipfile.ZipFile(src, "w") as z:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                buf, "JPEG", quality=75 if i % 3 else 90)  # two quality levels: two distinct headers
+            files[f"train/cat/{i:04d}.jpg"] = buf.getvalue()
+            z.writestr(f"train/cat/{i:04d}.jpg", buf.getvalue())
+    pack.pack(src, tmp_path / "packed")
+    assert len(json.loads((tmp_path / "packed" / "index.json").read_text())["headers"]) == 2
+    pack.unpack(tmp_path / "packed", tmp_path / "out" / "c.zip")
+    with zipfile.ZipFile(tmp_path / "out" / "c.zip") as z:
+        assert {n: z.read(n) for n in z.namelist()} == files
+    (tmp_path / "packed" / "body.bin").write_bytes(b"\0" + (tmp_path / "packed" / "body.bin").read_bytes()[1:])
+    with pytest.raises(SystemExit, match="differ"):
+        pack.unpack(tmp_path / "packed", tmp_path / "out" / "d.zip")

@@ -392,3 +392,19 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
         checkpoint.atomic_write_text(path, "new and longer")
     assert e.value.errno == errno.ENOSPC
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_laperm_run_resumes_on_cuda(tmp_path, capsys, monkeypatch):
+    """Found on an H100: a resumed LaPerm run compared the checkpoint's last synced weights (loaded
+    onto the CPU) with the live CUDA weights for the "reconnected" metric, and failed at the next epoch."""
+    args = [*ARGS, "--device", "cuda", "--out", str(tmp_path)]
+    assert cli(capsys, "train", *args, "--name", "ref")[0] == 0
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "term@step:30")  # epoch 3: epochs 1-2 recorded reconnections
+    assert cli(capsys, "train", *args, "--name", "run")[0] == 3
+    monkeypatch.delenv(checkpoint.FAULT_ENV)
+    rc, out, err = cli(capsys, "train", "--resume", str(tmp_path / "run"))
+    assert rc == 0, err
+    resumed = metrics(tmp_path / "run")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3] and "reconnected" in resumed[-1]
+    assert rundir.verify_run(tmp_path / "run").ok

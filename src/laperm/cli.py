@@ -47,6 +47,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-schedule", help="constant | exp:G | step:E:G | milestones:E=F,...")
     g.add_argument("--l2", type=float, help="coupled L2 coefficient (default: the paper's for the model)")
     g.add_argument("--loss-scale", choices=["mean", "sum"], help="sum reproduces the reference's gradient scale")
+    g.add_argument("--logit-scale", type=float, metavar="T",
+                   help="train on cross-entropy of T*logits (default 1); evaluation uses the plain logits")
     g.add_argument("--granularity", choices=["row", "tensor"], help="unit of permutation")
     g.add_argument("--permute-biases", action=argparse.BooleanOptionalAction, default=None,
                    help="permute biases too (default: as the paper does for the model)")
@@ -80,7 +82,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
-               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "granularity", "permute_biases",
+               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "logit_scale", "granularity", "permute_biases",
                "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
                "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas", "eval_steps")
 

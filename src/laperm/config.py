@@ -60,6 +60,9 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     adam_eps: float = 1e-7  # Keras' default, which the paper's runs used
     loss_scale: str = "mean"  # sum: the reference's gradient scale (batch x mean)
+    # Training loss only: cross-entropy of logit_scale * logits (a softmax temperature of 1/logit_scale).
+    # Evaluation (accuracy and the reported val/test loss) always uses the plain logits.
+    logit_scale: float = 1.0
     l2: float | None = None  # None: the model's paper value
     init: str = "he-uniform"  # he-uniform | pruned:P | shared:V[:KEEP[,KEEP...]]
     permute_biases: bool | None = None  # None: the model's paper setting
@@ -93,7 +96,7 @@ class TrainConfig:
         ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         # Fields added later are left out at their defaults, so existing run names stay put.
-        for key, default in (("nproc", 1), ("check_replicas", True), ("eval_steps", None)):
+        for key, default in (("nproc", 1), ("check_replicas", True), ("eval_steps", None), ("logit_scale", 1.0)):
             if payload.get(key) == default:
                 payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
@@ -129,6 +132,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_number(v) or not _finite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not _is_number(self.logit_scale) or not _finite(self.logit_scale) or self.logit_scale <= 0:
+            raise ConfigError(f"logit_scale must be a positive finite number (the training loss uses "
+                              f"cross-entropy of logit_scale * logits), got {self.logit_scale!r}")
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.l2 is not None and (not _is_number(self.l2) or not 0 <= self.l2 < 1):
@@ -470,7 +476,7 @@ def _coerce_k_schedule(values: dict[str, Any]) -> None:
 
 def _coerce_floats(values: dict[str, Any]) -> None:
     # YAML reads 1e-3 as a string; accept integers where floats are expected.
-    for name in ("lr", "adam_eps", "momentum", "l2"):
+    for name in ("lr", "adam_eps", "momentum", "l2", "logit_scale"):
         v = values.get(name)
         if isinstance(v, str):
             try:

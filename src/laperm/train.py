@@ -487,6 +487,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                 torch.cuda.set_rng_state(rng["cuda"], device)
             state = RunState(**saved["run"])
             prev_synced = saved.get("prev_synced")
+            if prev_synced is not None:  # checkpoints load onto the CPU; this is compared with live weights
+                prev_synced = {n: t.to(device) for n, t in prev_synced.items()}
             best_state = saved.get("best_model")
             loss_acc.fill_(saved.get("acc", (0.0, 0))[0])
             correct_acc.fill_(saved.get("acc", (0.0, 0))[1])
@@ -581,14 +583,17 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             for xb, yb in train_loader:
                 batch = train_loader.global_batch_size(pos)  # all ranks' rows of this step
                 logits = forward(xb)
+                # logit_scale: the loss is cross-entropy of T*logits (a softmax temperature); it changes
+                # the objective's curvature only, never the predictions (argmax) of the trained net.
+                scaled = logits if cfg.logit_scale == 1.0 else logits * cfg.logit_scale
                 if d.enabled:
                     # This rank's share of the global mean: DDP's gradient average then equals
                     # the single-process gradient of the whole batch.
-                    ce_sum = F.cross_entropy(logits, yb, reduction="sum")
+                    ce_sum = F.cross_entropy(scaled, yb, reduction="sum")
                     loss = ce_sum / len(yb)
                     objective = ce_sum * (d.world / batch)
                 else:
-                    loss = objective = F.cross_entropy(logits, yb)
+                    loss = objective = F.cross_entropy(scaled, yb)
                 if l2_params:
                     penalty = l2 * sum(p.pow(2).sum() for p in l2_params)
                     loss, objective = loss + penalty, objective + penalty

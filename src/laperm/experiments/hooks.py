@@ -1,6 +1,6 @@
 """Analysis hooks that ride along a training run and write small files into its folder.
 
-* ``rebuild``: at every evaluated epoch (synced state), the test accuracy of
+* ``rebuild``: at evaluated epochs (synced state; see :func:`rebuild_epoch`), the test accuracy of
   the net rebuilt from its θ0 values at the trained ranks, of the same ranks
   with a fresh init's values, and of θ0 randomly permuted within rows
   (``rebuild.jsonl``).  Nets with BatchNorm also get the rebuilt accuracy after
@@ -91,6 +91,8 @@ class RebuildProbe(Probe):
         self._ready = True
 
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        if not rebuild_epoch(record["epoch"], self.cfg.epochs):
+            return
         if not self._ready:
             self._setup(model)
         trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -112,6 +114,12 @@ class RebuildProbe(Probe):
             model.load_state_dict(trained)  # the training trajectory must not change
         with open(self.run_dir / "rebuild.jsonl", "a") as f:
             f.write(json.dumps(out) + "\n")
+
+
+def rebuild_epoch(epoch: int, epochs: int) -> bool:
+    """Whether the rebuild is measured after ``epoch``: every epoch of short runs; in runs over
+    20 epochs epochs 1, 2, 5, every 10th and the last (each rebuild costs four test passes)."""
+    return epochs <= 20 or epoch in (1, 2, 5, epochs) or epoch % 10 == 0
 
 
 class DynamicsProbe(Probe):
