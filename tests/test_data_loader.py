@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laperm.data import (Augment, BatchLoader, make_augment, normalize, random_affine, random_hflip,
-                         random_rotate, random_shift, random_zoom, synthetic_dataset, train_val_split)
+                         random_rotate, random_shift, random_subset, random_zoom, synthetic_dataset,
+                         train_val_split)
 
 # ---------------------------------------------------------------- splits
 
@@ -32,6 +33,25 @@ def test_split_is_disjoint_cover(args):
 
 def test_split_depends_on_seed():
     assert not torch.equal(train_val_split(1000, 100, 0)[1], train_val_split(1000, 100, 1)[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 500), st.integers(0, 2**32))
+def test_random_subset_is_a_sorted_seeded_sample(n, m, seed):
+    idx = torch.arange(n) * 3  # any sorted index
+    sub = random_subset(idx, m, seed)
+    assert len(sub) == min(n, m) and torch.equal(sub, sub.sort().values)
+    assert len(set(sub.tolist())) == len(sub) and set(sub.tolist()) <= set(idx.tolist())
+    assert torch.equal(random_subset(idx, m, seed), sub)
+
+
+def test_random_subset_of_class_ordered_images_keeps_every_class():
+    """Image folders and zips list images class by class: a subset must not be the first N (a regression:
+    a 10k CIFAR subset once held two classes)."""
+    labels = torch.arange(10).repeat_interleave(5000)  # 50,000 images, class by class
+    train, _ = train_val_split(50000, 1000, 0)
+    counts = torch.bincount(labels[random_subset(train, 10000, 1)], minlength=10)
+    assert counts.min() > 850 and counts.max() < 1150  # ~1000 per class
 
 
 @pytest.mark.parametrize("n,val", [(10, 10), (10, -1), (10, 1.0), (10, -0.1), (0, 0), (10, True), (10, "3")])

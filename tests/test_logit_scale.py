@@ -32,7 +32,7 @@ def test_default_logit_scale_keeps_run_names():
     base = TrainConfig(preset="f2")
     payload = {k: v for k, v in base.to_dict().items()
                if k not in {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps",
-                            "nproc", "check_replicas", "eval_steps", "logit_scale"}}
+                            "nproc", "check_replicas", "eval_steps", "logit_scale", "sync_rule"}}
     import hashlib
     old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
     assert base.digest() == old  # runs made before the field existed keep their folder names

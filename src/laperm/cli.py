@@ -50,6 +50,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-scale", type=float, metavar="T",
                    help="train on cross-entropy of T*logits (default 1); evaluation uses the plain logits")
     g.add_argument("--granularity", choices=["row", "tensor"], help="unit of permutation")
+    g.add_argument("--sync-rule", metavar="{overwrite,latent}",
+                   help="overwrite (default, the paper's: a sync overwrites the inner weights) or latent "
+                        "(the inner weights are kept apart and the model always runs on their synced permutation)")
     g.add_argument("--permute-biases", action=argparse.BooleanOptionalAction, default=None,
                    help="permute biases too (default: as the paper does for the model)")
     g.add_argument("--augment", help="none, mnist-paper, cifar-paper, cifar-resnet")
@@ -58,7 +61,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
-    g.add_argument("--train-subset", type=int, help="train on only this many images (reduced budgets)")
+    g.add_argument("--train-subset", type=int, help="train on a seeded random sample of this many images (reduced budgets)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--out", help="parent folder of run folders (default runs)")
@@ -82,9 +85,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
-               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "logit_scale", "granularity", "permute_biases",
-               "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads", "out",
-               "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas", "eval_steps")
+               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "logit_scale", "granularity", "sync_rule",
+               "permute_biases", "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads",
+               "out", "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas",
+               "eval_steps")
 
 
 def build_parser() -> argparse.ArgumentParser:

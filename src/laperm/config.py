@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("laperm", "adam", "sgd")
 INNER = ("adam", "adamw", "sgd")
 LOSS_SCALES = ("mean", "sum")
+SYNC_RULES = ("overwrite", "latent")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainConfig:
     init: str = "he-uniform"  # he-uniform | pruned:P | shared:V[:KEEP[,KEEP...]]
     permute_biases: bool | None = None  # None: the model's paper setting
     granularity: str = "row"
+    # overwrite: the paper's rule (a sync overwrites the inner weights); latent: the inner weights are kept
+    # apart and the model always sees their synced permutation (a straight-through estimator).
+    sync_rule: str = "overwrite"
     augment: str | None = None
     val_size: int = 5000
     train_subset: int | None = None
@@ -96,7 +100,8 @@ class TrainConfig:
         ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps"}
         payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
         # Fields added later are left out at their defaults, so existing run names stay put.
-        for key, default in (("nproc", 1), ("check_replicas", True), ("eval_steps", None), ("logit_scale", 1.0)):
+        for key, default in (("nproc", 1), ("check_replicas", True), ("eval_steps", None), ("logit_scale", 1.0),
+                             ("sync_rule", "overwrite")):
             if payload.get(key) == default:
                 payload.pop(key)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
@@ -128,6 +133,9 @@ class TrainConfig:
             raise ConfigError(f"loss_scale must be 'mean' or 'sum', got {self.loss_scale!r}")
         if self.granularity not in ("row", "tensor"):
             raise ConfigError(f"granularity must be 'row' or 'tensor', got {self.granularity!r}")
+        if self.sync_rule not in SYNC_RULES:
+            raise ConfigError(f"sync_rule must be 'overwrite' (the paper's) or 'latent' (inner weights kept, the "
+                              f"model always synced), got {self.sync_rule!r}; use --sync-rule overwrite or latent")
         for name in ("lr", "adam_eps"):
             v = getattr(self, name)
             if not _is_number(v) or not _finite(v) or v <= 0:

@@ -16,6 +16,27 @@ so right after a synchronisation every permuted row is exactly a permutation
 of its :math:`\theta_0` row, arranged in the rank order the inner optimizer
 reached.  The inner optimizer's state (Adam's moments and step) is never reset.
 
+That is the published ``"overwrite"`` sync rule: a sync overwrites the inner
+weights, and between syncs the model runs on the inner weights.  The
+``"latent"`` rule (a straight-through estimator) keeps the inner weights
+:math:`z` apart, never overwrites them, and lets the model see only synced
+weights :math:`\theta`; with :math:`\theta_0 = z_0` and
+:math:`P_s(z)` the row-wise sync above (:math:`s` at the ranks of :math:`z`),
+
+.. math::
+
+    g_t &= \nabla L(\theta_{t-1}) \quad\text{(forward and backward at the synced weights)} \\
+    z_t &\leftarrow \text{InnerStep}(z_{t-1}, g_t) \\
+    \theta_t &\leftarrow P_s(z_t) \text{ if } t \bmod k = 0,
+    \text{ else } \theta_{t-1}
+
+so the model's weights are a permutation of :math:`\theta_0` at *every* step
+(``is_synced`` is always true for such groups; ``synced_weights()`` leaves
+them as they are, and ``sync()`` sets :math:`\theta \leftarrow P_s(z)` at once),
+and the latent weights :math:`z` (kept in the optimizer state, saved by
+``state_dict``) carry what the inner optimizer learnt across syncs; the inner
+optimizer's state (Adam's moments) follows :math:`z`.
+
 Like timm's ``Lookahead``, the wrapper shares ``param_groups`` with the inner
 optimizer, so ``torch.optim.lr_scheduler`` schedulers, ``zero_grad`` and
 ``state_dict`` work on it unchanged.  Per-group options (set them in the
@@ -27,6 +48,8 @@ param-group dicts, or through :func:`laperm_param_groups`):
 * ``permute`` -- ``None`` (default: every parameter with >= 2 dims), ``True``
   (every parameter of the group, biases included) or ``False``.
 * ``granularity`` -- ``"row"`` (one row per output unit) or ``"tensor"``.
+* ``sync_rule`` -- ``"overwrite"`` (the paper's) or ``"latent"`` (see above);
+  fixed when the group is added (changing it later raises :class:`LaPermError`).
 * ``transposed`` / ``unit_groups`` -- for ``ConvTranspose*`` weights, whose
   output units sit on dim 1 (see :class:`laperm.reconnect.RowLayout`).
 """
@@ -46,7 +69,7 @@ from . import reconnect
 from .initial_values import SortedRows
 from .reconnect import RowLayout
 
-__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "NORM_LAYERS"]
+__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "NORM_LAYERS", "SYNC_RULES"]
 
 
 class LaPermError(RuntimeError):
@@ -54,6 +77,7 @@ class LaPermError(RuntimeError):
 
 
 _GROUP_DEFAULTS = {"permute": None, "transposed": False, "unit_groups": 1}
+SYNC_RULES = ("overwrite", "latent")
 
 
 class LaPerm(torch.optim.Optimizer):
@@ -70,6 +94,11 @@ class LaPerm(torch.optim.Optimizer):
         storage: how the sorted θ0 is kept: ``"auto"`` (run-length encoded
             where that is at most half the bytes, as for sparse and
             shared-value inits; dense otherwise), ``"dense"`` or ``"rle"``.
+        sync_rule: default sync rule, ``"overwrite"`` (the paper's: a sync
+            overwrites the inner weights) or ``"latent"`` (the model always
+            sees synced weights; the inner weights are kept apart, as latent
+            weights, and updated with the gradients taken at the synced ones).
+            A latent group keeps one extra copy of its permuted weights.
 
     Example::
 
@@ -89,6 +118,7 @@ class LaPerm(torch.optim.Optimizer):
         granularity: str = "row",
         check_finite: bool = True,
         storage: str = "auto",
+        sync_rule: str = "overwrite",
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -99,6 +129,7 @@ class LaPerm(torch.optim.Optimizer):
         if isinstance(base_optimizer, LaPerm):
             raise TypeError("LaPerm cannot wrap another LaPerm optimizer")
         _check_k(k)
+        _check_rule(sync_rule)
         if granularity not in reconnect.GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {reconnect.GRANULARITIES}, got {granularity!r}"
@@ -116,7 +147,8 @@ class LaPerm(torch.optim.Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
         self.base_optimizer = base_optimizer
-        self.defaults = dict(base_optimizer.defaults, k=k, granularity=granularity, **_GROUP_DEFAULTS)
+        self.defaults = dict(base_optimizer.defaults, k=k, granularity=granularity, sync_rule=sync_rule,
+                             **_GROUP_DEFAULTS)
         self.check_finite = check_finite
         if storage not in ("auto", "dense", "rle"):
             raise ValueError(f"storage must be auto, dense or rle, got {storage!r}")
@@ -125,6 +157,11 @@ class LaPerm(torch.optim.Optimizer):
         self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._synced = True
         self._sync_hooks: list[Callable[[LaPerm, list[Tensor]], None]] = []
+        # Each group's sync rule as it was added, and for latent groups their (index,
+        # [(param, latent weights), ...]): empty when no group is latent, so the
+        # overwrite path does no extra work.
+        self._rules: list[str] = []
+        self._latent: list[tuple[int, list[tuple[Tensor, Tensor]]]] = []
         for group in self.param_groups:
             self._init_group(group)
 
@@ -138,10 +175,12 @@ class LaPerm(torch.optim.Optimizer):
         self.base_optimizer.param_groups = value
 
     def _init_group(self, group: dict[str, Any]) -> None:
-        for key in ("k", "granularity", *_GROUP_DEFAULTS):
+        for key in ("k", "granularity", "sync_rule", *_GROUP_DEFAULTS):
             group.setdefault(key, self.defaults[key])
         group.setdefault("laperm_step", 0)
         _check_k(group["k"])
+        _check_rule(group["sync_rule"])
+        pairs = []
         for i, p in enumerate(group["params"]):
             if self._permuted(group, p):
                 layout = self._layout(group, p)
@@ -151,6 +190,12 @@ class LaPerm(torch.optim.Optimizer):
                     "shape": tuple(p.shape),
                     "name": _param_name(group, i),
                 }
+                if group["sync_rule"] == "latent":  # z_0 = θ0
+                    self.state[p]["latent"] = p.detach().clone()
+                    pairs.append((p, self.state[p]["latent"]))
+        if pairs:
+            self._latent.append((len(self._rules), pairs))
+        self._rules.append(group["sync_rule"])
 
     @staticmethod
     def _permuted(group: dict[str, Any], p: Tensor) -> bool:
@@ -186,9 +231,24 @@ class LaPerm(torch.optim.Optimizer):
     def _step(self, closure: Callable[[], float] | None = None) -> Any:
         # This runs every training step, so it is kept lean: one pass over the
         # groups, no host sync, and the sync machinery only when a sync is due.
+        if self._latent:
+            return self._latent_step(closure)
         with torch.no_grad():
             loss = self.base_optimizer.step(closure)  # it re-enables grad for the closure
         self._synced = False
+        due = self._count_steps()
+        if due is None:
+            return loss
+        if len(due) == len(self.param_groups):
+            self.sync()
+        else:
+            with torch.no_grad():
+                synced = [p for i in due for p in self._sync_group(self.param_groups[i])]
+            self._run_hooks(synced)
+        return loss
+
+    def _count_steps(self) -> list[int] | None:
+        """Count one step in every group; the indices of the groups whose sync is due now (None: none)."""
         due = None
         for i, group in enumerate(self.param_groups):
             if "laperm_step" not in group:
@@ -202,27 +262,93 @@ class LaPerm(torch.optim.Optimizer):
                 _check_k(k)
             if count % k == 0:
                 due = (due or []) + [i]
-        if due is None:
-            return loss
-        if len(due) == len(self.param_groups):
-            self.sync()
-        else:
-            with torch.no_grad():
-                synced = [p for i in due for p in self._sync_group(self.param_groups[i])]
-            self._run_hooks(synced)
+        return due
+
+    def _latent_step(self, closure: Callable[[], float] | None) -> Any:
+        """A step with latent groups: the inner step on the latent weights, with the gradients
+        taken at the synced weights in place; then a sync from the latent ranks where one is due,
+        and the previous synced weights back in place where not."""
+        groups = self.param_groups
+        for i, _ in self._latent:  # checked before anything is touched
+            self._check_rule_unchanged(i)
+            _check_k(groups[i]["k"])
+        loss = None
+        if closure is not None:
+            # Evaluated once, at the synced weights; the inner optimizer then gets no closure
+            # (so optimizers that re-evaluate it, such as LBFGS, do not fit the latent rule).
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            keep = []  # (param, synced weights) of latent groups that will not sync this step
+            for i, pairs in self._latent:
+                group = groups[i]
+                due = (group["laperm_step"] + 1) % group["k"] == 0
+                for p, z in pairs:
+                    if not due:
+                        keep.append((p, p.detach().clone()))
+                    p.copy_(z)
+            self.base_optimizer.step()
+            for _, pairs in self._latent:
+                for p, z in pairs:
+                    z.copy_(p)  # the updated latent weights
+        if len(self._latent) < len(groups):
+            self._synced = False  # (latent groups alone never leave the synced state)
+        try:
+            due = self._count_steps()
+            if due is not None:
+                with torch.no_grad():
+                    synced = [p for i in due for p in self._sync_group(groups[i])]
+                if set(due) >= self._overwrite_groups():
+                    self._synced = True  # (latent groups that were not due still hold synced weights)
+                self._run_hooks(synced)
+        finally:
+            with torch.no_grad():  # latent groups not due: their synced weights back in place
+                for p, value in keep:
+                    p.copy_(value)
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Synchronise every permuted parameter now (e.g. at the end of training)."""
-        self._run_hooks(self._sync_all())
+        """Synchronise every permuted parameter now (e.g. at the end of training).
 
-    def _sync_all(self) -> list[Tensor]:
-        synced = [p for group in self.param_groups for p in self._sync_group(group)]
+        Overwrite groups are synced from the inner weights (the parameters);
+        latent groups get the synced weights of their current latent weights.
+        """
+        self._run_hooks(self._sync_all(from_latent=True))
+
+    def _sync_all(self, from_latent: bool = False) -> list[Tensor]:
+        """Sync overwrite groups, and latent groups (from their latent weights) only if ``from_latent``."""
+        if not self._latent:
+            synced = [p for group in self.param_groups for p in self._sync_group(group)]
+        else:
+            latent = {i for i, _ in self._latent}
+            if from_latent:
+                for _, pairs in self._latent:
+                    for p, z in pairs:
+                        p.copy_(z)
+            synced = [p for i, group in enumerate(self.param_groups)
+                      if from_latent or i not in latent for p in self._sync_group(group)]
         self._synced = True
         return synced
+
+    def _overwrite_groups(self) -> set[int]:
+        latent = {i for i, _ in self._latent}
+        return {i for i in range(len(self.param_groups)) if i not in latent}
+
+    def _check_rule_unchanged(self, i: int) -> None:
+        if i >= len(self._rules) or "laperm_step" not in self.param_groups[i]:
+            raise LaPermError(
+                "a param group was added to the inner optimizer after wrapping it; "
+                "add groups through LaPerm.add_param_group so their θ0 is recorded"
+            )
+        rule, now = self._rules[i], self.param_groups[i].get("sync_rule")
+        if now != rule:
+            raise LaPermError(
+                f"sync_rule of param group {i} was changed from {rule!r} to {now!r}; it is fixed when "
+                "the group is added (create a new LaPerm optimizer, or add a param group, for the other rule)"
+            )
 
     def register_sync_hook(self, hook: Callable[["LaPerm", list[Tensor]], None]) -> "_HookHandle":
         """Call ``hook(optimizer, params)`` after every sync of ``params``.
@@ -240,6 +366,8 @@ class LaPerm(torch.optim.Optimizer):
             hook(self, params)
 
     def _sync_group(self, group: dict[str, Any]) -> list[Tensor]:
+        if group.get("sync_rule") != "overwrite":  # (one look-up per sync: the overwrite path stays lean)
+            self._check_rule_unchanged(next(i for i, g in enumerate(self.param_groups) if g is group))
         todo = []
         for p in group["params"]:
             st = self.state.get(p)
@@ -287,7 +415,8 @@ class LaPerm(torch.optim.Optimizer):
 
     @property
     def is_synced(self) -> bool:
-        """True when no inner step has been taken since the last full sync."""
+        """True when the parameters are synced weights: no inner step since the last full sync
+        (always, when every group uses the latent rule)."""
         return self._synced
 
     def steps_to_next_sync(self) -> int:
@@ -300,12 +429,14 @@ class LaPerm(torch.optim.Optimizer):
         """Temporarily put the weights in their synced state (for evaluation).
 
         The inner weights are restored on exit, so evaluating does not change
-        the training trajectory.
+        the training trajectory.  Latent groups already hold their synced
+        weights and are left as they are.
         """
         if self._synced:
             yield
             return
-        saved = [(p, p.detach().clone()) for p in self.state]
+        latent = {p for _, pairs in self._latent for p, _ in pairs}
+        saved = [(p, p.detach().clone()) for p in self.state if p not in latent]
         try:
             self._sync_all()
             yield
@@ -314,6 +445,26 @@ class LaPerm(torch.optim.Optimizer):
                 for p, value in saved:
                     p.copy_(value)
             self._synced = False
+
+    @contextlib.contextmanager
+    def inner_weights(self) -> Iterator[None]:
+        """Temporarily put the inner weights in place: the latent weights of latent groups (the
+        parameters of overwrite groups already are theirs).  Restored on exit."""
+        pairs = [pair for _, group_pairs in self._latent for pair in group_pairs]
+        saved = [(p, p.detach().clone()) for p, _ in pairs]
+        try:
+            with torch.no_grad():
+                for p, z in pairs:
+                    p.copy_(z)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+
+    def latent_weights(self) -> dict[Tensor, Tensor]:
+        """``{parameter: latent weights}`` of every permuted parameter in a latent group (live tensors)."""
+        return {p: z for _, pairs in self._latent for p, z in pairs}
 
     def permuted_parameters(self) -> list[tuple[str, Tensor]]:
         """``(name, parameter)`` for every parameter that LaPerm permutes."""
@@ -324,8 +475,9 @@ class LaPerm(torch.optim.Optimizer):
         return self.state[p]["sorted"].dense()
 
     def extra_memory_bytes(self) -> int:
-        """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0)."""
-        return sum(st["sorted"].nbytes() for st in self.state.values())
+        """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0, and latent weights)."""
+        return sum(st["sorted"].nbytes() + (st["latent"].numel() * st["latent"].element_size() if "latent" in st else 0)
+                   for st in self.state.values())
 
     def verify(self) -> None:
         """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row."""
@@ -342,13 +494,17 @@ class LaPerm(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner optimizer state plus sorted θ0, step counts and k (everything to resume)."""
+        """Inner optimizer state plus sorted θ0, step counts, k, sync rules and latent weights
+        (everything to resume)."""
         index = {p: i for i, p in enumerate(self._all_params())}
-        return {
+        out = {
             "base": self.base_optimizer.state_dict(),
             "sorted": {index[p]: st["sorted"].state() for p, st in self.state.items()},
             "synced": self._synced,
         }
+        if self._latent:  # (absent otherwise: overwrite-only state_dicts stay as they were)
+            out["latent"] = {index[p]: z for _, pairs in self._latent for p, z in pairs}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state_dict, dict) or not {"base", "sorted"} <= state_dict.keys():
@@ -356,7 +512,6 @@ class LaPerm(torch.optim.Optimizer):
                 "not a LaPerm state_dict (expected keys 'base' and 'sorted'); "
                 "was it saved from the inner optimizer instead?"
             )
-        self.base_optimizer.load_state_dict(state_dict["base"])
         params = self._all_params()
         saved = state_dict["sorted"]
         ours = {i for i, p in enumerate(params) if p in self.state}
@@ -365,6 +520,33 @@ class LaPerm(torch.optim.Optimizer):
                 "the saved LaPerm state permutes different parameters than this "
                 "optimizer; build the model and param groups as in the saved run"
             )
+        # Sync rules and latent weights are checked before anything is loaded.
+        saved_groups = state_dict["base"].get("param_groups", []) if isinstance(state_dict["base"], dict) else []
+        for i, (rule, g) in enumerate(zip(self._rules, saved_groups)):
+            if g.get("sync_rule", "overwrite") != rule:  # (state_dicts before sync_rule: overwrite)
+                raise LaPermError(
+                    f"the saved LaPerm state has sync_rule {g.get('sync_rule', 'overwrite')!r} in param group "
+                    f"{i}, this optimizer {rule!r}; create it with the saved run's sync rule"
+                )
+        index = {p: i for i, p in enumerate(params)}
+        latent = {index[p]: z for _, pairs in self._latent for p, z in pairs}
+        saved_latent = state_dict.get("latent") or {}
+        if set(saved_latent) != set(latent):
+            raise LaPermError(
+                "the saved LaPerm state has latent weights for different parameters than this "
+                "optimizer's latent groups; build the model and param groups as in the saved run"
+            )
+        for i, z in latent.items():
+            t = saved_latent[i]
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(z.shape):
+                raise LaPermError(f"saved latent weights of {self.state[params[i]]['name']} are damaged "
+                                  f"(expected a tensor of shape {tuple(z.shape)})")
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        for group in self.param_groups:
+            group.setdefault("sync_rule", "overwrite")
+        with torch.no_grad():
+            for i, z in latent.items():
+                z.copy_(saved_latent[i].to(z.device, z.dtype))  # in place: the same tensors stay live
         for i, stored in saved.items():
             st = self.state[params[i]]
             try:
@@ -385,7 +567,9 @@ class LaPerm(torch.optim.Optimizer):
     def __repr__(self) -> str:
         ks = sorted({g["k"] for g in self.param_groups})
         n = sum(p.numel() for p in self.state)
-        return f"LaPerm(k={ks if len(ks) > 1 else ks[0]}, permuted={n:,} weights, inner={type(self.base_optimizer).__name__})"
+        rule = ", sync_rule=latent" if self._latent else ""
+        return (f"LaPerm(k={ks if len(ks) > 1 else ks[0]}{rule}, permuted={n:,} weights, "
+                f"inner={type(self.base_optimizer).__name__})")
 
 
 class _HookHandle:
@@ -403,6 +587,14 @@ def _observed() -> bool:
     return (bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True))
             or bool(getattr(_torch_optimizer, "_global_optimizer_post_hooks", True))
             or torch.autograd._profiler_enabled())
+
+
+def _check_rule(rule: Any) -> None:
+    if rule not in SYNC_RULES:
+        raise LaPermError(
+            f"sync_rule must be 'overwrite' (the paper's: a sync overwrites the inner weights) or 'latent' "
+            f"(the inner weights are kept apart, the model always sees synced weights), got {rule!r}"
+        )
 
 
 def _check_k(k: Any) -> None:

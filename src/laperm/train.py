@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, init as winit, models, reconnect, rundir
 from .config import RESUME_CHANGEABLE, ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
-from .data import BatchLoader, Dataset, load_dataset, make_augment, train_val_split
+from .data import BatchLoader, Dataset, load_dataset, make_augment, random_subset, train_val_split
 from .data.loader import derive_seed
 from .optim import LaPerm, LaPermError, laperm_param_groups
 
@@ -113,7 +113,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         inner = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer != "laperm":
         return inner
-    return LaPerm(inner, k=k_for_epoch(cfg, 0), granularity=cfg.granularity)
+    return LaPerm(inner, k=k_for_epoch(cfg, 0), granularity=cfg.granularity, sync_rule=cfg.sync_rule)
 
 
 @torch.no_grad()
@@ -289,6 +289,9 @@ def _first_nonfinite(model: nn.Module, opt: torch.optim.Optimizer | None = None)
         for key, t in st.items():
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 return f"optimizer state {key!r}"
+    for p, z in (opt.latent_weights().items() if isinstance(opt, LaPerm) else ()):
+        if not bool(torch.isfinite(z).all()):
+            return f"latent weights of {opt.state[p]['name']}"
     return None
 
 
@@ -426,7 +429,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     n_train = len(ds.train_y)
     train_idx, val_idx = train_val_split(n_train, cfg.val_size, derive_seed(cfg.seed, 3))
     if cfg.train_subset:
-        train_idx = train_idx[: cfg.train_subset]
+        train_idx = random_subset(train_idx, cfg.train_subset, derive_seed(cfg.seed, 8))
     common = dict(mean=ds.mean, std=ds.std, device=device)
     shard = (d.rank, d.world)
     train_x, train_y, test_x, test_y = ds.train_x, ds.train_y, ds.test_x, ds.test_y
@@ -810,6 +813,8 @@ def _quiet(message: str) -> None:
 def _describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:
     if isinstance(opt, LaPerm):
         ks = f"k={cfg.k}" + (f" (schedule {cfg.k_schedule})" if cfg.k_schedule else "")
+        if cfg.sync_rule != "overwrite":
+            ks += f", {cfg.sync_rule} sync rule"
         return f"LaPerm({cfg.inner}, {ks}, lr {cfg.lr:g} {cfg.lr_schedule}), {sum(p.numel() for p in opt.state):,} weights permuted"
     return f"{cfg.optimizer} (lr {cfg.lr:g} {cfg.lr_schedule})"
 

@@ -13,12 +13,13 @@ from .errors import DataError
 from .idx import load_idx_dir, parse_idx, write_idx
 from .load import DATASETS, load_dataset
 from .loader import BatchLoader, derive_seed, normalize
-from .split import train_val_split
+from .split import random_subset, train_val_split
 from .synthetic import synthetic_dataset
 
 __all__ = [
     "Augment", "BatchLoader", "CIFAR10_CLASSES", "DATASETS", "DataError", "Dataset", "PRESETS",
     "channel_stats", "default_cache_dir", "derive_seed", "download_cifar10", "load_cifar10", "load_dataset",
     "load_idx_dir", "locate_cifar10", "make_augment", "normalize", "parse_idx", "random_affine", "random_hflip",
-    "random_rotate", "random_shift", "random_zoom", "synthetic_dataset", "train_val_split", "write_idx",
+    "random_rotate", "random_shift", "random_subset", "random_zoom", "synthetic_dataset", "train_val_split",
+    "write_idx",
 ]

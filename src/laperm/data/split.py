@@ -29,3 +29,13 @@ def train_val_split(n: int, val_size: int | float, seed: int) -> tuple[torch.Ten
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     # Sorted indices keep gathers cache-friendly; the loader shuffles anyway.
     return perm[k:].sort().values, perm[:k].sort().values
+
+
+def random_subset(idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded random sample of ``n`` entries of ``idx`` (all of it if shorter), sorted.
+
+    Not the first ``n``: image folders and zips list their images class by class, so a
+    prefix of a sorted index holds one or two classes.
+    """
+    pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n]
+    return idx[pick.sort().values]

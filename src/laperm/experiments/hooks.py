@@ -6,8 +6,9 @@
   (``rebuild.jsonl``).  Nets with BatchNorm also get the rebuilt accuracy after
   recomputing BN statistics, since a rebuild changes every activation scale.
 * ``inner``: at every evaluated epoch, the test accuracy of the *inner*
-  (unsynced) weights and the per-class recall of the synced net, written into
-  the epoch's metrics record (``inner_test_acc``, ``class_recall``).
+  (unsynced) weights -- with ``sync_rule="latent"``, the latent weights -- and
+  the per-class recall of the synced net, written into the epoch's metrics
+  record (``inner_test_acc``, ``class_recall``).
 * ``dynamics``: per scheduled sync, the fraction of weights moved per layer
   (``dynamics.json``), plus snapshots of small layers (``snapshots.npz``) for
   F1's template animation.
@@ -31,7 +32,7 @@ from ..checkpoint import atomic_write_text, load
 from ..config import TrainConfig
 from ..models import get_spec
 
-__all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe", "LatentRule"]
+__all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe"]
 
 
 class Probe:
@@ -57,8 +58,6 @@ def make(name: str | None, cfg: TrainConfig, run_dir: Path) -> Probe:
         return DynamicsProbe(run_dir)
     if name == "inner":
         return InnerProbe(cfg)
-    if name == "latent":
-        return LatentRule()
     raise ValueError(f"unknown analysis hook {name!r}")
 
 
@@ -195,8 +194,10 @@ class InnerProbe(Probe):
 
                 @contextlib.contextmanager
                 def measured() -> Iterator[None]:
-                    # Evaluate the inner weights just before the temporary sync for evaluation.
-                    probe.inner_acc = train_mod.evaluate(model, probe._loader(model))[1]
+                    # Evaluate the inner weights just before the temporary sync for evaluation
+                    # (a latent group's inner weights are its latent weights, put in place for this).
+                    with opt.inner_weights():
+                        probe.inner_acc = train_mod.evaluate(model, probe._loader(model))[1]
                     with synced():
                         yield
 
@@ -220,11 +221,3 @@ class InnerProbe(Probe):
         model.train(was)
         record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts)]
 
-
-class LatentRule(Probe):
-    """Not a probe but a training variant: LaPerm with the latent sync rule (see :mod:`.latent`)."""
-
-    def watching(self) -> contextlib.AbstractContextManager:
-        from .latent import attach_latent
-
-        return _wrapping_optimizer(lambda opt, model: attach_latent(opt) if hasattr(opt, "permuted_parameters") else opt)

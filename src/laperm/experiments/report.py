@@ -296,28 +296,29 @@ def _f2_research(rep: Report) -> None:
         return
     rep.add("## F2 beyond the published protocol", "",
             "Same F2 architecture, init values (0 / 0.03) and per-layer sparsity; only k, learning rate, inner "
-            "optimizer, loss scale or sync granularity change. *Inner* is the best test accuracy of the unsynced "
-            "inner weights over the epoch ends (each some steps after a sync), *min class recall* the lowest "
-            "per-class recall of the final synced net.", "")
+            "optimizer, loss (scale, temperature) or sync rule and granularity change. *Inner* is the best test "
+            "accuracy of the unsynced inner weights over the epoch ends (each some steps after a sync; not shown "
+            "for the latent rule, whose model weights are synced at every step and whose latent weights only "
+            "matter through their ranks), *min class recall* the lowest per-class recall of the final synced "
+            "net.", "")
     rows, series = [], {}
     for setting in dict.fromkeys(r["tags"]["setting"] for r in runs):
         sel = select(runs, setting=setting)
         g = group_row(sel)
-        inner = [max((x["inner_test_acc"] for x in r["records"] if x.get("inner_test_acc") is not None), default=None)
-                 for r in sel]
+        latent = "--sync-rule latent" in sel[0]["command"]
+        inner = [] if latent else [max((x["inner_test_acc"] for x in r["records"]
+                                        if x.get("inner_test_acc") is not None), default=None) for r in sel]
         recall = [min(r["records"][-1]["class_recall"]) for r in sel
                   if r["records"] and r["records"][-1].get("class_recall")]
         cmd = sel[0]["command"].replace("laperm train ", "")
         cmd = f"`{cmd}`"
-        if sel[0].get("hook") == "latent":
-            cmd += f" + latent sync rule (`laperm run f2-research --only setting={setting}`)"
 
         rows.append([setting, g["selected"], g["final"], g["best"], fmt_acc(inner), fmt_acc(recall), g["seeds"], cmd])
         r0 = sel[0]
         if setting in ("published",) or len(sel) > 1:
             xs = [x["epoch"] for x in r0["records"] if "test_acc" in x]
             series[f"{setting}: synced"] = (xs, [100 * x["test_acc"] for x in r0["records"] if "test_acc" in x])
-            if any(x.get("inner_test_acc") is not None for x in r0["records"]):
+            if not latent and any(x.get("inner_test_acc") is not None for x in r0["records"]):
                 series[f"{setting}: inner"] = (xs, [100 * (x.get("inner_test_acc") or 0) for x in r0["records"]
                                                     if "test_acc" in x])
     rep.add(_table(["setting", "selected", "final", "best-test", "inner (unsynced), best", "min class recall",
@@ -326,7 +327,23 @@ def _f2_research(rep: Report) -> None:
         plots.lines(rep.fig_dir / "f2_research.png", series, title="F2: synced vs inner test accuracy (seed 0)",
                     xlabel="epoch", ylabel="test accuracy (%)", hline=(70, "70% goal"))
         rep.figure("f2_research.png", "f2 research")
+    _f2_screening(rep)
     rep.notes("f2-research")
+
+
+def _f2_screening(rep: Report) -> None:
+    """The single-seed screening runs behind the chosen setting (``f2-research/screening/``), collapsed."""
+    path = rep.results / "f2-research" / "screening" / "screening.jsonl"
+    runs = _read_jsonl(path)
+    if not runs:
+        return
+    rows = [[r["name"], r["rule"], ", ".join(f"{k}={v}" for k, v in r["over"].items() if k != "device"),
+             fmt_acc([r["selected"]]), fmt_acc([r["final"]]), fmt_acc([r["best_test"]]), fmt_acc([r["inner_best"]]),
+             fmt_acc([min(r["recall"])]) if r.get("recall") else "–"] for r in sorted(runs, key=lambda r: r["name"])]
+    rep.add(f"<details><summary>{len(runs)} screening runs (F2 preset + overrides; seed 0 unless the name ends "
+            "in -s1/-s2; see results/f2-research/screening/README.md)</summary>", "",
+            _table(["run", "sync rule", "overrides", "selected", "final", "best-test", "inner, best", "min class recall"],
+                   rows), "", "</details>", "")
 
 
 def _k(rep: Report) -> None:

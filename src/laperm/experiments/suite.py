@@ -76,8 +76,8 @@ F2_SETTINGS: dict[str, dict[str, Any]] = {
     "tensor-granularity": dict(preset="f2", granularity="tensor"),
     "mean-loss": dict(preset="f2", loss_scale="mean"),
     "sgd-inner": dict(preset="f2", inner="sgd", lr=0.01, loss_scale="mean"),
-    # latent sync rule (experiments/latent.py): inner weights kept, gradients taken at the synced net
-    "latent-k1": dict(preset="f2", k=1),
+    # latent sync rule (--sync-rule latent): inner weights kept, gradients taken at the synced net
+    "latent-k1": dict(preset="f2", k=1, sync_rule="latent"),
     # one pool of values per layer, so a unit's number of connections can change (see the reading)
     "tensor-k100": dict(preset="f2", granularity="tensor", k=100),
     "tensor-lr0.002": dict(preset="f2", granularity="tensor", lr=0.002),
@@ -89,10 +89,9 @@ F2_SETTINGS: dict[str, dict[str, Any]] = {
     # the synced net's logits are ~0.07, so at T=1 its loss is flat and gradients barely rank weights
     "published-T100": dict(preset="f2", logit_scale=100.0),
     "k1-lr0.05-T300": dict(preset="f2", k=1, lr=0.05, logit_scale=300.0),
-    "latent-k1-T100": dict(preset="f2", k=1, logit_scale=100.0),
-    "latent-k1-T1000": dict(preset="f2", k=1, logit_scale=1000.0),
+    "latent-k1-T100": dict(preset="f2", k=1, logit_scale=100.0, sync_rule="latent"),
+    "latent-k1-T1000": dict(preset="f2", k=1, logit_scale=1000.0, sync_rule="latent"),
 }
-LATENT = {"latent-k1", "latent-k1-T100", "latent-k1-T1000"}
 F2_CHOSEN = "latent-k1-T1000"  # best of the exploration at seed 0 (see docs/results.md)
 # Settings trained with every seed (the rest: the first seed only).
 F2_ALL_SEEDS = {F2_CHOSEN, "published", "tensor-granularity", "k1-lr0.05-T300"}
@@ -102,12 +101,7 @@ def _f2_research(budget: str, seeds: list[int]) -> list[Run]:
     runs = []
     for name, o in F2_SETTINGS.items():
         use = seeds if name in F2_ALL_SEEDS else seeds[:1]
-        if name in LATENT:
-            # The rule is not a config field: name the folders so they never collide with plain runs.
-            runs += [Run(_quick(budget, dict(o, seed=s, name=f"f2-{name}-seed{s}")),
-                         dict(model="f2", setting=name, seed=s), "latent") for s in use]
-        else:
-            runs += _runs(budget, use, [(o, dict(model="f2", setting=name))], hook="inner")
+        runs += _runs(budget, use, [(o, dict(model="f2", setting=name))], hook="inner")
     return runs
 
 
