@@ -1,5 +1,7 @@
 import os
 
+import pytest
+import torch
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=40, deadline=None)
@@ -17,3 +19,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+@pytest.fixture
+def clean_engine_state(monkeypatch):
+    """No fault injection from the environment, and torch's thread count restored after the test
+    (the engine sets it from --threads)."""
+    from laperm import checkpoint
+
+    n = torch.get_num_threads()
+    monkeypatch.delenv(checkpoint.FAULT_ENV, raising=False)
+    yield
+    torch.set_num_threads(n)

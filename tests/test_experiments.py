@@ -219,3 +219,46 @@ def test_cifar_jpeg_pack_round_trip_is_byte_identical(tmp_path: Path):
     (tmp_path / "packed" / "body.bin").write_bytes(b"\0" + (tmp_path / "packed" / "body.bin").read_bytes()[1:])
     with pytest.raises(SystemExit, match="differ"):
         pack.unpack(tmp_path / "packed", tmp_path / "out" / "d.zip")
+
+
+def test_engine_callbacks_see_the_optimizer_and_the_weights_in_the_right_state(tmp_path: Path):
+    """train(callbacks=...): the supported way for analyses to ride along (no monkeypatching)."""
+    from laperm.config import resolve_config
+    from laperm.train import Callbacks, train
+
+    events: list[tuple] = []
+
+    class Spy(Callbacks):
+        def on_optimizer(self, opt, model):
+            events.append(("optimizer", type(opt).__name__))
+
+        def before_evaluation(self, record, model, opt):
+            events.append(("before", record["epoch"], opt.is_synced))
+
+        def on_epoch(self, record, model, opt):
+            events.append(("epoch", record["epoch"], opt.is_synced, "test_acc" in record))
+            record["spy"] = 1
+
+    # 7 steps per epoch and k=3: the epoch ends are never sync steps
+    cfg = resolve_config(dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=3,
+                              threads=1, progress=False, out=str(tmp_path), name="r"))
+    train(cfg, callbacks=Spy(), log=lambda m: None)
+    assert events == [("optimizer", "LaPerm"), ("before", 1, False), ("epoch", 1, True, True),
+                      ("before", 2, False), ("epoch", 2, True, True)]
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["spy"] for r in recs] == [1, 1]
+    with pytest.raises(TypeError):
+        train(cfg, callbacks=Spy(), on_epoch=lambda *a: None)
+
+
+@pytest.mark.parametrize("rule", ["overwrite", "latent"])
+def test_inner_probe_records_inner_accuracy_and_class_recall(tmp_path: Path, monkeypatch, rule):
+    common = dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=3, lr=0.01,
+                  init="shared:0.08:0.6", sync_rule=rule, seed=0)
+    monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment(
+        "tiny", 1, "test", lambda b, s: [Run(common, {"model": "f1", "seed": 0}, hook="inner")]))
+    (entry,) = base.run_experiment("tiny", out=tmp_path, threads=1, log=lambda m: None)
+    recs = [json.loads(x) for x in (tmp_path / "tiny" / entry["folder"] / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert 0 <= r["inner_test_acc"] <= 1
+        assert len(r["class_recall"]) == 10 and all(0 <= x <= 1 for x in r["class_recall"])

@@ -28,7 +28,7 @@ def test_logit_scale_from_files_and_flags(capsys):
     assert rc != 0 and "logit_scale" in err and "Traceback" not in err
 
 
-def test_default_logit_scale_keeps_run_names():
+def test_fields_added_later_keep_run_names():
     base = TrainConfig(preset="f2")
     payload = {k: v for k, v in base.to_dict().items()
                if k not in {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps",
@@ -37,6 +37,7 @@ def test_default_logit_scale_keeps_run_names():
     old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
     assert base.digest() == old  # runs made before the field existed keep their folder names
     assert TrainConfig(preset="f2", logit_scale=100.0).digest() != old
+    assert TrainConfig(preset="f2", sync_rule="latent").digest() != old
 
 
 def _train(tmp_path, capsys, name, scale):

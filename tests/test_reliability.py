@@ -26,12 +26,7 @@ ARGS = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs
 TIMING = {"epoch_time_s", "images_per_s", "train_time_s"}
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    n = torch.get_num_threads()
-    monkeypatch.delenv(checkpoint.FAULT_ENV, raising=False)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("clean_engine_state")
 
 
 cli = run_cli

@@ -308,6 +308,34 @@ def _numerical_error(what: str, step: int, run_dir: Path, last: Path | None, lr:
 CKPT_KEYS = ("format", "config", "model", "optimizer", "scheduler", "loader", "rng", "run")
 
 
+class Callbacks:
+    """Optional hooks into a run of :func:`train`: subclass and override what you need.
+
+    * ``on_optimizer(opt, model)``: once, right after the optimizer is built (before a resumed
+      run loads its state), on every process -- e.g. to register LaPerm sync hooks.
+    * ``before_evaluation(record, model, opt)``: before each evaluation (epoch ends and
+      ``eval_steps``), with the weights as training left them (for LaPerm: not yet synced).
+    * ``on_epoch(record, model, opt)``: after each epoch's evaluation, still in the synced
+      state; keys added to ``record`` go into metrics.jsonl.
+
+    The last two run on the main process only.
+    """
+
+    def on_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module) -> None:
+        return None
+
+    def before_evaluation(self, record: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        return None
+
+    def on_epoch(self, record: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        return None
+
+
+class _EpochCallback(Callbacks):
+    def __init__(self, fn: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None]) -> None:
+        self.on_epoch = fn  # type: ignore[method-assign]
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -315,8 +343,12 @@ def train(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None = None,
+    callbacks: Callbacks | None = None,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing the run folder; returns the summary dict.
+
+    ``callbacks`` (see :class:`Callbacks`) let analyses ride along; ``on_epoch`` is a
+    shorthand for a ``Callbacks`` with only that method.
 
     With ``resume``, the run folder ``cfg.out / cfg.run_name()`` continues from
     its newest good checkpoint; ``cfg`` must equal the saved config except for
@@ -331,13 +363,17 @@ def train(
     if d.enabled and cfg.nproc != d.world:
         cfg = dataclasses.replace(cfg, nproc=d.world).validate()  # e.g. launched by torchrun directly
     try:
-        return _train(cfg, d, device, resume, overwrite, log, on_epoch)
+        if on_epoch is not None:
+            if callbacks is not None:
+                raise TypeError("pass on_epoch or callbacks, not both")
+            callbacks = _EpochCallback(on_epoch)
+        return _train(cfg, d, device, resume, overwrite, log, callbacks or Callbacks())
     finally:
         distributed.teardown()
 
 
 def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, resume: bool, overwrite: bool,
-           log: Callable[[str], None], on_epoch: Any) -> dict[str, Any]:
+           log: Callable[[str], None], callbacks: Callbacks) -> dict[str, Any]:
     if not d.is_main:
         log = _quiet  # rank 0 speaks for the job
     run_dir = Path(cfg.out) / cfg.run_name()
@@ -358,7 +394,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, resume: 
     d.barrier()  # the folder exists (and damaged files are set aside) before other ranks look
     with rundir.locked(run_dir) if d.is_main else contextlib.nullcontext():
         try:
-            return _run(cfg, run_dir, resume, device, spec, ds, augment, log, on_epoch, d)
+            return _run(cfg, run_dir, resume, device, spec, ds, augment, log, callbacks, d)
         except OSError as e:
             # Every write is atomic, so what is on disk is the last complete version of each file.
             where = f" {e.filename}" if e.filename else ""
@@ -394,7 +430,7 @@ def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, spec: models.ModelSpec,
          ds: Dataset, augment: Any, log: Callable[[str], None],
-         on_epoch: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None] | None,
+         callbacks: Callbacks,
          d: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     main = d.is_main  # only rank 0 writes files
@@ -450,6 +486,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     torch.manual_seed(derive_seed(cfg.seed, 6))  # dropout and anything else on the global RNG
     model, masks = build_model(cfg, device)
     opt = build_optimizer(cfg, model)
+    callbacks.on_optimizer(opt, model)
     laperm = opt if isinstance(opt, LaPerm) else None
     l2 = spec.l2 if cfg.l2 is None else cfg.l2
     l2_params = model.l2_parameters() if l2 else []
@@ -551,6 +588,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
         """Evaluate the synced weights into ``record`` and keep the best on validation; the body
         runs in the same synced state."""
         nonlocal best_state
+        if main:
+            callbacks.before_evaluation(record, model, opt)
         d.broadcast_buffers(model)  # BatchNorm statistics of rank 0 for everyone
         with synced_state(opt, model, calib_loader, cfg.bn_recalibrate):
             if val_loader is not None:
@@ -685,8 +724,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
                             moved = sum(int((current[n] != prev_synced[n]).sum()) for n in current)
                             record["reconnected"] = moved / sum(t.numel() for t in current.values())
                         prev_synced = current
-                    if on_epoch is not None and main:
-                        on_epoch(record, model, opt)
+                    if main:
+                        callbacks.on_epoch(record, model, opt)
                 log(_epoch_line(record, cfg.epochs))
             metrics.append(record)
             checkpoint.fault_point(f"epoch-end:{state.epoch}")

@@ -137,8 +137,7 @@ def run_experiment(
         resume = (run_dir / "config.yaml").is_file()
         probe = hooks.make(run.hook, cfg, run_dir)
         t0 = time.perf_counter()
-        with probe.watching():
-            summary = train(cfg, resume=resume, on_epoch=probe.on_epoch, log=log)
+        summary = train(cfg, resume=resume, callbacks=probe, log=log)
         probe.finish(summary)
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         manifest["runs"][entry["folder"]] = entry

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +33,8 @@ from ..models import get_spec
 __all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe"]
 
 
-class Probe:
-    """No-op hook: the interface ``run_experiment`` uses."""
-
-    def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
-        return None
-
-    @contextlib.contextmanager
-    def watching(self) -> Iterator[None]:
-        yield
+class Probe(train_mod.Callbacks):
+    """No-op hook: engine callbacks (:class:`laperm.train.Callbacks`) plus ``finish`` after the run."""
 
     def finish(self, summary: dict[str, Any]) -> None:
         return None
@@ -128,14 +119,10 @@ class DynamicsProbe(Probe):
         self.run_dir = run_dir
         self.recorder: SyncRecorder | None = None
 
-    def watching(self) -> contextlib.AbstractContextManager:
-        def record_syncs(opt: Any, model: torch.nn.Module) -> Any:
-            if hasattr(opt, "permuted_parameters"):
-                small = tuple(n for n, p in opt.permuted_parameters() if p.dim() == 2 and p.shape[0] <= 10)
-                self.recorder = SyncRecorder(snapshot=small).attach(opt)
-            return opt
-
-        return _wrapping_optimizer(record_syncs)
+    def on_optimizer(self, opt: Any, model: torch.nn.Module) -> None:
+        if hasattr(opt, "permuted_parameters"):
+            small = tuple(n for n, p in opt.permuted_parameters() if p.dim() == 2 and p.shape[0] <= 10)
+            self.recorder = SyncRecorder(snapshot=small).attach(opt)
 
     def finish(self, summary: dict[str, Any]) -> None:
         rec = self.recorder
@@ -147,25 +134,6 @@ class DynamicsProbe(Probe):
             arrays = {name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
                       for name in rec.snapshots[0][1]}
             np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)
-
-
-@contextlib.contextmanager
-def _wrapping_optimizer(wrap: Callable[[Any, torch.nn.Module], Any]) -> Iterator[None]:
-    """While active, every optimizer the engine builds passes through ``wrap(opt, model)``.
-
-    The engine builds its optimizer inside ``train()``; wrapping the builder is how a
-    probe gets to see (or replace) it.
-    """
-    original = train_mod.build_optimizer
-
-    def build(cfg: TrainConfig, model: torch.nn.Module) -> Any:
-        return wrap(original(cfg, model), model)
-
-    train_mod.build_optimizer = build
-    try:
-        yield
-    finally:
-        train_mod.build_optimizer = original
 
 
 class InnerProbe(Probe):
@@ -185,26 +153,12 @@ class InnerProbe(Probe):
                                     device=next(model.parameters()).device)
         return self.test
 
-    def watching(self) -> contextlib.AbstractContextManager:
-        probe = self
-
-        def measure_inner(opt: Any, model: torch.nn.Module) -> Any:
-            if hasattr(opt, "synced_weights"):
-                synced = opt.synced_weights
-
-                @contextlib.contextmanager
-                def measured() -> Iterator[None]:
-                    # Evaluate the inner weights just before the temporary sync for evaluation
-                    # (a latent group's inner weights are its latent weights, put in place for this).
-                    with opt.inner_weights():
-                        probe.inner_acc = train_mod.evaluate(model, probe._loader(model))[1]
-                    with synced():
-                        yield
-
-                opt.synced_weights = measured
-            return opt
-
-        return _wrapping_optimizer(measure_inner)
+    def before_evaluation(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        # The inner weights, just before the engine syncs for evaluation (for a latent group its
+        # latent weights, put in place for this).
+        if hasattr(opt, "inner_weights"):
+            with opt.inner_weights():
+                self.inner_acc = train_mod.evaluate(model, self._loader(model))[1]
 
     @torch.no_grad()
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:

@@ -175,7 +175,7 @@ def _seed_groups(runs: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[st
     """``[("", runs)]``, or, when seeds beyond the pre-registered three were added later,
     the pre-registered seeds first and then all of them (so added seeds can't pick the mean)."""
     first = [r for r in runs if r["tags"].get("seed") in PREREGISTERED_SEEDS]
-    if len(runs) <= len(PREREGISTERED_SEEDS) or not first:
+    if len({r["tags"].get("seed") for r in runs}) <= len(PREREGISTERED_SEEDS) or not first:
         return [("", list(runs))]
     seeds = sorted(r["tags"].get("seed") for r in runs)
     return [(f"seeds {PREREGISTERED_SEEDS[0]}–{PREREGISTERED_SEEDS[-1]}", first),
@@ -562,7 +562,10 @@ SECTIONS: list[Callable[[Report], None]] = [_readme_table, _agnostic, _f2_resear
 def _gpu_name(rep: Report) -> str:
     hw = rep.results / "full" / "hardware.txt"
     lines = hw.read_text().splitlines() if hw.is_file() else []
-    return f"one {lines[1].split(',')[0].strip()} GPU" if len(lines) > 1 else "a GPU (not run yet)"
+    if len(lines) < 2:
+        return "a GPU (not run yet)"
+    torch_line = next((x.split()[1] for x in lines if x.startswith("torch ")), None)
+    return f"one {lines[1].split(',')[0].strip()} GPU" + (f" (torch {torch_line})" if torch_line else "")
 
 
 def write_report(results: str | Path = "results", docs: str | Path = "docs") -> Path:
