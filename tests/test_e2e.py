@@ -30,6 +30,8 @@ def test_train_synthetic_run_folder_and_verify(tmp_path, capsys):
     assert [r["epoch"] for r in records] == [1, 2, 3]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.5  # synthetic classes are easy; chance is 0.1
+    # best-test is the best over every evaluation of the run, the final model's included
+    assert summary["best_test_acc"] == max([summary["final_test_acc"], *(r["test_acc"] for r in records)])
     assert "verified" in out and "row-wise permutations" in out
     # The saved weights really are row permutations of θ0, and training moved them.
     init = checkpoint.load(run / "init.pt")

@@ -758,8 +758,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
         "steps": state.step, "final_test_acc": final_test, "final_val_acc": final_val,
         "selected_epoch": state.best.get("epoch"), "selected_val_acc": state.best.get("val_acc"),
         "selected_test_acc": state.best.get("test_acc"),
-        "best_test_acc": max((r["test_acc"] for r in [*metrics.records, *state.step_evals] if "test_acc" in r),
-                             default=final_test),
+        "best_test_acc": max([final_test, *(r["test_acc"] for r in [*metrics.records, *state.step_evals]
+                                            if "test_acc" in r)]),  # the final model is evaluated too
         "evaluations": sum("test_acc" in r for r in [*metrics.records, *state.step_evals]),
         "train_time_s": round(state.elapsed, 1), "device": str(device), "hardware": _hardware(device),
         "torch": torch.__version__,
