@@ -314,7 +314,9 @@ class Callbacks:
     * ``on_optimizer(opt, model)``: once, right after the optimizer is built (before a resumed
       run loads its state), on every process -- e.g. to register LaPerm sync hooks.
     * ``before_evaluation(record, model, opt)``: before each evaluation (epoch ends and
-      ``eval_steps``), with the weights as training left them (for LaPerm: not yet synced).
+      ``eval_steps``), with the weights as training left them (for LaPerm: not yet synced);
+      an epoch end's ``record`` already holds its training metrics (``train_loss``, ...), a
+      step evaluation's only ``step`` and ``epoch``.
     * ``on_epoch(record, model, opt)``: after each epoch's evaluation, still in the synced
       state; keys added to ``record`` go into metrics.jsonl.
 

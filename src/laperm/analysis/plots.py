@@ -23,6 +23,14 @@ def _plt():
     return plt
 
 
+def _save(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close ``fig`` (figures are never kept open)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return Path(path)
+
+
 def lines(
     path: str | Path,
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -49,10 +57,7 @@ def lines(
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def bars(
@@ -80,10 +85,7 @@ def bars(
     ax.set(title=title, ylabel=ylabel)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def profiles_figure(path: str | Path, layers: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
@@ -101,10 +103,7 @@ def profiles_figure(path: str | Path, layers: Mapping[str, Mapping[str, Any]], t
         ax.set_xlabel("rank / fan-in", fontsize=8)
     axes[0][0].set_ylabel("weight")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def dynamics_figure(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Path:
@@ -122,10 +121,7 @@ def dynamics_figure(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, A
         ax.set(title=label, xlabel="step", ylabel="fraction moved at this sync (floor 1e-6)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def _template_image(w: np.ndarray) -> np.ndarray:
@@ -145,10 +141,7 @@ def templates_grid(path: str | Path, steps: Sequence[int], snaps: np.ndarray, pi
         ax.imshow(_template_image(snaps[i].astype(np.float32)), cmap="viridis", vmin=0, vmax=vmax)
         ax.set_title(f"step {steps[i]} (digits 0-4 top, 5-9 bottom)", fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path, dpi=100)
 
 
 def templates_gif(path: str | Path, steps: Sequence[int], snaps: np.ndarray, scale: int = 3) -> Path:

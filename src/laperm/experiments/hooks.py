@@ -155,8 +155,9 @@ class InnerProbe(Probe):
 
     def before_evaluation(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
         # The inner weights, just before the engine syncs for evaluation (for a latent group its
-        # latent weights, put in place for this).
-        if hasattr(opt, "inner_weights"):
+        # latent weights, put in place for this). Only epoch records (they carry the epoch's training
+        # loss) keep the value, so the step evaluations (eval_steps) are not measured.
+        if "train_loss" in record and hasattr(opt, "inner_weights"):
             with opt.inner_weights():
                 self.inner_acc = train_mod.evaluate(model, self._loader(model))[1]
 

@@ -184,12 +184,22 @@ def _seed_groups(runs: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[st
             (f"all seeds {seeds[0]}–{seeds[-1]}", list(runs))]
 
 
+def gpu_hardware(folder: Path) -> dict[str, Any] | None:
+    """What the GPU machine printed into ``folder/hardware.txt`` (nvidia-smi's CSV, then a torch line):
+    ``{"name", "torch", "lines"}``, or None where there is no such file."""
+    path = folder / "hardware.txt"
+    lines = [x.strip() for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if len(lines) < 2:
+        return None
+    torch_version = next((x.split()[1] for x in lines if x.startswith("torch ")), None)
+    return {"name": lines[1].split(",")[0].strip(), "torch": torch_version, "lines": lines[1:]}
+
+
 def _budget_label(runs: Sequence[dict[str, Any]], h: dict[str, Any]) -> str:
     tags = runs[0]["tags"]
     if tags.get("budget") == "full":
-        printed = runs[0]["path"].parent / "hardware.txt"  # what the GPU machine printed (nvidia-smi)
-        hw = (runs[0]["summary"] or {}).get("hardware") or (
-            printed.read_text().splitlines()[1].split(",")[0] if printed.is_file() else "GPU")
+        printed = gpu_hardware(runs[0]["path"].parent)
+        hw = (runs[0]["summary"] or {}).get("hardware") or (printed["name"] if printed else "GPU")
         return ("paper schedule, GPU" if h["done"] else
                 f"paper schedule, STOPPED after epoch {h['epochs']} of {_planned_epochs(runs[0])} (GPU time); {hw}")
     return "paper budget" if "budget" not in tags else "REDUCED: " + _budget_text(runs[0])
@@ -318,8 +328,8 @@ def _f2_research(rep: Report) -> None:
         rows.append([setting, g["selected"], g["final"], g["best"], fmt_acc(inner), fmt_acc(recall), g["seeds"], cmd])
         r0 = sel[0]
         if setting in ("published",) or len(sel) > 1:
-            xs = [x["epoch"] for x in r0["records"] if "test_acc" in x]
-            series[f"{setting}: synced"] = (xs, [100 * x["test_acc"] for x in r0["records"] if "test_acc" in x])
+            xs, ys = _test_curve(r0)
+            series[f"{setting}: synced"] = (xs, ys)
             if not latent and any(x.get("inner_test_acc") is not None for x in r0["records"]):
                 series[f"{setting}: inner"] = (xs, [100 * (x.get("inner_test_acc") or 0) for x in r0["records"]
                                                     if "test_acc" in x])
@@ -405,6 +415,23 @@ def _sparse(rep: Report) -> None:
     rep.commands(runs)
 
 
+def _test_curve(run: dict[str, Any]) -> tuple[list[Any], list[float]]:
+    """(epochs, test accuracy in %) of a run's evaluated epochs."""
+    recs = [x for x in run["records"] if "test_acc" in x]
+    return [x["epoch"] for x in recs], [100 * x["test_acc"] for x in recs]
+
+
+def _model_figures(rep: Report, runs: Sequence[dict[str, Any]], series: dict[str, Any], prefix: str,
+                   what: str) -> None:
+    """One figure per model, ``figures/<prefix>_<model>.png``, of the ``"<model> <method>"`` series."""
+    for model in dict.fromkeys(r["tags"]["model"] for r in runs):
+        part = {k: v for k, v in series.items() if k.startswith(model + " ")}
+        if part:
+            plots.lines(rep.fig_dir / f"{prefix}_{model}.png", part, title=f"{model}: {what}", xlabel="epoch",
+                        ylabel="test accuracy (%)")
+            rep.figure(f"{prefix}_{model}.png", f"{prefix} {model}")
+
+
 def _dense(rep: Report) -> None:
     runs = rep.runs.get("dense")
     if not runs:
@@ -419,15 +446,9 @@ def _dense(rep: Report) -> None:
             g = group_row(sel)
             rows.append([model, method, g["selected"], g["final"], g["best"], g["epochs"], _budget_text(sel[0]),
                          g["time"]])
-            recs = [x for x in sel[0]["records"] if "test_acc" in x]
-            series[f"{model} {method}"] = ([x["epoch"] for x in recs], [100 * x["test_acc"] for x in recs])
+            series[f"{model} {method}"] = _test_curve(sel[0])
     rep.add(_table(["model", "method", "selected", "final", "best-test", "epochs", "budget", "time"], rows), "")
-    for model in dict.fromkeys(r["tags"]["model"] for r in runs):
-        part = {k: v for k, v in series.items() if k.startswith(model + " ")}
-        if part:
-            plots.lines(rep.fig_dir / f"dense_{model}.png", part, title=f"{model}: test accuracy (synced)",
-                        xlabel="epoch", ylabel="test accuracy (%)")
-            rep.figure(f"dense_{model}.png", f"dense {model}")
+    _model_figures(rep, runs, series, "dense", "test accuracy (synced)")
     rep.notes("dense")
     rep.commands(runs)
 
@@ -451,8 +472,7 @@ def _full(rep: Report) -> None:
         for method, part in sel.items():
             r = part[0]
             h, same = headline(r), _at_epoch(r, common)
-            recs = [x for x in r["records"] if "test_acc" in x]
-            series[f"{model} {method}"] = ([x["epoch"] for x in recs], [100 * x["test_acc"] for x in recs])
+            series[f"{model} {method}"] = _test_curve(r)
             ips = [x["images_per_s"] for x in r["records"] if x.get("images_per_s")]
             gap[method] = same
             rows.append([model, method, f"{h['epochs']} of {_planned_epochs(r)}" + ("" if h["done"] else " (stopped)"),
@@ -464,16 +484,10 @@ def _full(rep: Report) -> None:
                            and gap["laperm"][k] is not None else "–" for k in ("at", "selected", "best")), ""])
     rep.add(_table(["model", "method", "epochs run", "compared at epoch", "test at epoch", "selected", "best-test",
                     "images/s (median epoch)"], rows), "")
-    hw = rep.results / "full" / "hardware.txt"
-    if hw.is_file():
-        rep.add("Hardware (as the GPU machine printed it): `" + " · ".join(
-            line.strip() for line in hw.read_text().splitlines()[1:] if line.strip()) + "`.", "")
-    for model in dict.fromkeys(r["tags"]["model"] for r in runs):
-        part = {k: v for k, v in series.items() if k.startswith(model + " ")}
-        if part:
-            plots.lines(rep.fig_dir / f"full_{model}.png", part, title=f"{model}: test accuracy (synced), paper schedule",
-                        xlabel="epoch", ylabel="test accuracy (%)")
-            rep.figure(f"full_{model}.png", f"full {model}")
+    hw = gpu_hardware(rep.results / "full")
+    if hw is not None:
+        rep.add("Hardware (as the GPU machine printed it): `" + " · ".join(hw["lines"]) + "`.", "")
+    _model_figures(rep, runs, series, "full", "test accuracy (synced), paper schedule")
     rep.notes("full")
     rep.commands(runs)
 
@@ -568,12 +582,10 @@ SECTIONS: list[Callable[[Report], None]] = [_readme_table, _agnostic, _f2_resear
 
 
 def _gpu_name(rep: Report) -> str:
-    hw = rep.results / "full" / "hardware.txt"
-    lines = hw.read_text().splitlines() if hw.is_file() else []
-    if len(lines) < 2:
+    hw = gpu_hardware(rep.results / "full")
+    if hw is None:
         return "a GPU (not run yet)"
-    torch_line = next((x.split()[1] for x in lines if x.startswith("torch ")), None)
-    return f"one {lines[1].split(',')[0].strip()} GPU" + (f" (torch {torch_line})" if torch_line else "")
+    return f"one {hw['name']} GPU" + (f" (torch {hw['torch']})" if hw["torch"] else "")
 
 
 def write_report(results: str | Path = "results", docs: str | Path = "docs") -> Path:
