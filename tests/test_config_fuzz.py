@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import laperm.train as engine
+import laperm.build as engine
 from laperm.cli import main
 from laperm.config import FIELD_NAMES
 from laperm.data import DataError

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from laperm import cli, export, reconnect
+from laperm import cli, export, reconnect, verify
 from laperm.config import TrainConfig, resolve_config
 from laperm.export import CompactFormatError
 from laperm.optim import LaPerm, laperm_param_groups
@@ -107,7 +107,7 @@ def test_conv_transpose_layout_after_real_laperm_steps(tmp_path):
     path = tmp_path / "m.laperm"
     export.save_compact(path, final, theta0, layouts, with_theta0=True)
     assert bits_equal(export.load_compact(path), final)
-    assert export.verify_compact(path).ok
+    assert verify.verify_compact(path).ok
 
 
 def test_unsynced_weights_are_refused(f2):

@@ -14,10 +14,10 @@ import signal
 import pytest
 import torch
 
-from laperm import checkpoint, reconnect, rundir
+from laperm import checkpoint, reconnect, rundir, verify
 from conftest import run_cli
 from laperm.cli import main
-from laperm.train import _row_fingerprint
+from laperm.engine.guards import row_fingerprint as _row_fingerprint
 
 # A tiny f2 run: 14 steps per epoch, 3 epochs, a sync every 5 steps, a checkpoint every 4 steps.
 ARGS = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs", "3", "--k", "5",
@@ -116,7 +116,7 @@ def test_sigint_saves_and_resume_is_bit_identical_with_consistent_progress(refer
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
     monkeypatch.delenv(checkpoint.FAULT_ENV)
-    import laperm.train as engine
+    import laperm.engine.trainer as engine
 
     monkeypatch.setattr(engine, "tqdm", RecordingBar)
     RecordingBar.bars = []
@@ -402,4 +402,4 @@ def test_laperm_run_resumes_on_cuda(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     resumed = metrics(tmp_path / "run")
     assert [r["epoch"] for r in resumed] == [1, 2, 3] and "reconnected" in resumed[-1]
-    assert rundir.verify_run(tmp_path / "run").ok
+    assert verify.verify_run(tmp_path / "run").ok

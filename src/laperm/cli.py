@@ -7,7 +7,6 @@ never a traceback (set ``LAPERM_DEBUG=1`` to see one).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -113,20 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models", description="List the --model names.",
                    epilog="example:\n  laperm models && laperm train --model conv7 --epochs 5",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    for module in EXTENSIONS:
-        # Each extension adds its own subcommands: register(sub) -> {name: handler}.
-        COMMANDS.update(importlib.import_module(module).register(sub))
+    _add_export_command(sub)
+    from .experiments.cli import register
+
+    COMMANDS.update(register(sub))  # the experiments' own subcommands: register(sub) -> {name: handler}
     return parser
-
-
-# Modules that contribute subcommands (kept apart so the core CLI stays small).
-EXTENSIONS = ("laperm.experiments.cli", "laperm.export")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, TrainConfig, load_config_file, override_config, resolve_config
+    from .engine import train
     from .rundir import MARKER, RunDirError, read_run_config
-    from .train import train
 
     flags = {f: getattr(args, f) for f in FLAG_FIELDS}
     if args.no_progress:
@@ -200,7 +196,7 @@ def print_summary(s: dict[str, Any], wall: float) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .rundir import verify_run
+    from .verify import verify_run
 
     report = verify_run(args.run_dir)
     print(report.message())
@@ -222,6 +218,52 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, spec in MODELS.items():
         print(f"{name:10s} {spec.dataset:8s} {spec.description}")
     return 0
+
+
+EXPORT_EXAMPLES = """\
+examples:
+  laperm export runs/f2-laperm-seed0-1a2b3c4d               # writes .../final.laperm
+  laperm export runs/conv7-laperm-seed0-1a2b3c4d -o conv7.laperm --check
+  laperm verify conv7.laperm                                # a compact file verifies like a run folder
+
+Python: laperm.export.load_compact("conv7.laperm") returns the model's state_dict, bit-exact.
+"""
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_against_run, export_run
+
+    res = export_run(args.run_dir, args.output, which=args.which, with_theta0=args.with_theta0)
+    widths = sorted({b for b, _ in res.bits.values()})
+    span = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+    print(f"wrote {res.path}: {res.nbytes:,} bytes = {res.ratio:.4f} x the float32 state_dict "
+          f"({res.state_dict_nbytes:,} bytes); {res.permuted_weights:,} permuted weights at {span} bits "
+          f"(mean {res.mean_bits:.2f}), θ0 {'stored' if args.with_theta0 else 'rebuilt from the seed'}")
+    if args.check:
+        bad = check_against_run(res.path, args.run_dir, args.which)
+        if bad:
+            print(f"check FAILED: {', '.join(bad)} differ from {args.which}.pt", file=sys.stderr)
+            return 1
+        print(f"checked: {res.path} reloads bit-exactly to {args.which}.pt")
+    return 0
+
+
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    SUFFIX = ".laperm"  # laperm.export.SUFFIX (not imported: the parser is built without torch)
+    p = sub.add_parser(
+        "export", help="write a compact checkpoint: the θ0 recipe plus per-row permutations",
+        description="Store a LaPerm-trained network as its initial-weight recipe (model, init, seed)\n"
+                    "plus, per permuted row, bit-packed indices of its initial values (1 bit per weight\n"
+                    "for shared-value rows). Reloads bit-exactly with laperm.export.load_compact.",
+        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a finished LaPerm run folder")
+    p.add_argument("-o", "--output", type=Path, help=f"output file (default RUN_DIR/final{SUFFIX}, or best{SUFFIX})")
+    p.add_argument("--which", choices=["final", "best"], default="final", help="which weights (default final)")
+    p.add_argument("--with-theta0", action="store_true",
+                   help="store the initial weights too (bigger; for when the seed cannot rebuild them)")
+    p.add_argument("--check", action="store_true", help="reload the written file and compare it bit for bit "
+                                                         "with the run's weights")
+    COMMANDS["export"] = cmd_export
 
 
 COMMANDS = {"train": cmd_train, "verify": cmd_verify, "presets": cmd_presets, "models": cmd_models}
@@ -266,7 +308,7 @@ def _explain(e: Exception) -> tuple[int, str]:
     from .models import UnknownModelError
     from .optim import LaPermError
     from .rundir import RunDirError
-    from .train import NumericalError, TrainingInterrupted
+    from .engine.errors import NumericalError, TrainingInterrupted
 
     if isinstance(e, TrainingInterrupted):
         return 3, str(e)

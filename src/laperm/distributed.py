@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .reconnect import float_bits
+
 __all__ = ["Dist", "setup", "DivergenceError", "replica_checksum", "ReplicaCheck"]
 
 DEFAULT_TIMEOUT_S = 300  # a dead peer fails the job after this long instead of hanging forever
@@ -72,13 +74,6 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -119,7 +114,7 @@ def replica_checksum(params: list[torch.Tensor]) -> int:
     total = 0
     for i, p in enumerate(params):
         bits = p.detach().contiguous().view(-1)
-        bits = bits.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]).long()
+        bits = float_bits(bits).long()
         # Weight each element by its position so that swapped values change the sum.
         pos = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
         total = (total * 1_000_003 + int((bits * pos).sum()) + i) % (1 << 63)

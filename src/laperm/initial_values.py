@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .reconnect import _bits
+from .reconnect import float_bits
 
 __all__ = ["SortedRows"]
 
@@ -48,7 +48,7 @@ class SortedRows:
         shape = (int(sorted_rows.shape[0]), int(sorted_rows.shape[1]))
         if encoding == "dense" or sorted_rows.numel() == 0:
             return cls(shape, dense_values=sorted_rows.contiguous())
-        bits = _bits(sorted_rows)
+        bits = float_bits(sorted_rows)
         # A run starts at column 0 and wherever the bit pattern changes.
         starts = torch.ones_like(bits, dtype=torch.bool)
         starts[:, 1:] = bits[:, 1:] != bits[:, :-1]

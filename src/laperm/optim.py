@@ -69,7 +69,7 @@ from . import reconnect
 from .initial_values import SortedRows
 from .reconnect import RowLayout
 
-__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "NORM_LAYERS", "SYNC_RULES"]
+__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "permuted_layouts", "NORM_LAYERS", "SYNC_RULES"]
 
 
 class LaPermError(RuntimeError):
@@ -470,6 +470,14 @@ class LaPerm(torch.optim.Optimizer):
         """``(name, parameter)`` for every parameter that LaPerm permutes."""
         return [(st["name"], p) for p, st in self.state.items()]
 
+    def layout_of(self, p: Tensor) -> RowLayout:
+        """How the permuted parameter ``p`` is cut into rows (KeyError if ``p`` is not permuted)."""
+        return self.state[p]["layout"]
+
+    def name_of(self, p: Tensor) -> str:
+        """The name ``p`` was given in its param group (for messages and records)."""
+        return self.state[p]["name"]
+
     def initial_sorted(self, p: Tensor) -> Tensor:
         """The sorted initial rows kept for permuted parameter ``p``, as a ``(rows, n)`` matrix."""
         return self.state[p]["sorted"].dense()
@@ -659,8 +667,20 @@ def laperm_param_groups(
     return list(groups.values())
 
 
-def permuted_fraction(optimizer: LaPerm) -> float:
-    """Fraction of all parameters (by count) that ``optimizer`` permutes."""
-    total = sum(p.numel() for p in optimizer._all_params())
-    return sum(p.numel() for p in optimizer.state) / max(total, 1)
+def permuted_layouts(
+    model: nn.Module,
+    permute_biases: bool = False,
+    granularity: str = "row",
+    permute_norm: bool = False,
+) -> dict[str, RowLayout]:
+    """``{parameter name: RowLayout}`` of the tensors that ``LaPerm`` over :func:`laperm_param_groups`
+    permutes in ``model``, in its parameter order: the optimizer's own choice (same groups, same
+    per-group rule and layout), without building an optimizer, for analyses and rebuilt records."""
+    out: dict[str, RowLayout] = {}
+    for group in laperm_param_groups(model, permute_biases=permute_biases, permute_norm=permute_norm):
+        full = {"granularity": granularity, **_GROUP_DEFAULTS, **group}
+        for name, p in zip(group["param_names"], group["params"], strict=True):
+            if LaPerm._permuted(full, p):
+                out[name] = LaPerm._layout(full, p)
+    return out
 

@@ -244,14 +244,21 @@ def rows_match(a_rows: Tensor, b_rows: Tensor) -> bool:
     """
     if a_rows.shape != b_rows.shape or a_rows.dtype != b_rows.dtype:
         return False
-    sa = torch.sort(_bits(a_rows), dim=1).values
-    sb = torch.sort(_bits(b_rows.to(a_rows.device)), dim=1).values
+    sa = torch.sort(float_bits(a_rows), dim=1).values
+    sb = torch.sort(float_bits(b_rows.to(a_rows.device)), dim=1).values
     return bool(torch.equal(sa, sb))
 
 
-def _bits(t: Tensor) -> Tensor:
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.detach().contiguous().view(width[t.element_size()])
+# The integer type of each float width: one table for every bit-pattern view in the package.
+INT_OF_WIDTH: dict[int, torch.dtype] = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def float_bits(t: Tensor) -> Tensor:
+    """``t``'s bit patterns as integers of the same width (exact: -0.0 and 0.0, NaN payloads differ)."""
+    return t.detach().contiguous().view(INT_OF_WIDTH[t.element_size()])
+
+
+_bits = float_bits  # the former private name, kept for callers outside the package
 
 
 def reference_sync(w: Tensor, sorted_vals: Tensor, layout: RowLayout = RowLayout()) -> Tensor:

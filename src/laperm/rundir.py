@@ -11,7 +11,9 @@ A run folder holds::
     curves.png        learning curves
     summary.json      the headline numbers
 
-``verify_run`` checks that saved weights are row-wise permutations of θ0.
+Every file name lives here (the constants below), and every reader of a run
+folder's files is here: nothing else parses config.yaml or the JSON-lines logs.
+(``laperm.verify`` checks that saved weights are row-wise permutations of θ0.)
 A run holds ``.lock`` (an advisory ``flock``) while it trains, so a second
 process cannot write into the same folder; the kernel drops the lock when the
 process dies, even by SIGKILL.
@@ -25,25 +27,28 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from . import checkpoint, reconnect
-from .reconnect import RowLayout
+from . import checkpoint
+from .config import FIELD_NAMES
 
-__all__ = ["RunDirError", "check_run_dir", "prepare_run_dir", "MetricsLog", "verify_run", "VerifyReport", "plot_curves"]
+__all__ = ["RunDirError", "check_run_dir", "prepare_run_dir", "read_run_config", "write_config", "MetricsLog",
+           "read_jsonl", "read_metrics", "read_json", "locked"]
 
 
 class RunDirError(RuntimeError):
     """The run folder cannot be used as asked (exists, unwritable, incomplete)."""
 
 
-MARKER = "config.yaml"
+# The files of a run folder (their names are the run-folder format).
+MARKER = CONFIG = "config.yaml"
 LOCK = ".lock"
+INIT, BEST, FINAL = "init.pt", "best.pt", "final.pt"
+METRICS, EVALS, SUMMARY, CURVES = "metrics.jsonl", "evals.jsonl", "summary.json", "curves.png"
+CHECKPOINTS = "checkpoints"
 
 
 @contextlib.contextmanager
@@ -100,13 +105,13 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
     check_run_dir(path, resume=resume, overwrite=overwrite)
     if resume:
         # A process killed inside an atomic write leaves its temporary file behind.
-        for folder in (path, path / "checkpoints"):
+        for folder in (path, path / CHECKPOINTS):
             checkpoint.remove_stale_temps(folder)
         return path
     if path.exists() and any(path.iterdir()):
         shutil.rmtree(path)  # check_run_dir allowed it: --overwrite of a laperm run folder
     try:
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         checkpoint.atomic_write_bytes(probe, b"ok")  # the same path real writes take (and their test faults)
         probe.unlink()
@@ -117,8 +122,6 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
 
 def read_run_config(path: Path) -> dict[str, Any]:
     """The config.yaml of run folder ``path`` as a dict, or a RunDirError saying what is wrong."""
-    from .config import FIELD_NAMES
-
     file = Path(path) / MARKER
     if not file.is_file():
         raise RunDirError(f"cannot resume: {path} is not a laperm run folder (no {MARKER})")
@@ -165,116 +168,21 @@ class MetricsLog:
         self.records.append(record)  # only once it is on disk
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
-    return records
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl, evals.jsonl, analysis logs); [] if it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@dataclass
-class VerifyReport:
-    ok: bool
-    checked: list[str]
-    tensors: int
-    weights: int
-    failures: list[str]
-
-    def message(self) -> str:
-        if self.ok:
-            return (
-                f"verified: {self.weights:,} permuted weights in {self.tensors} tensors of "
-                f"{', '.join(self.checked)} are row-wise permutations of their initial values"
-            )
-        return "NOT a permutation of the initial weights: " + "; ".join(self.failures)
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (``path``: the file, or the run folder)."""
+    path = Path(path)
+    return read_jsonl(path / METRICS if path.is_dir() else path)
 
 
-def layout_records(optimizer: Any) -> list[dict[str, Any]]:
-    """JSON-able description of what a LaPerm optimizer permutes (for init.pt)."""
-    return [
-        {"name": st["name"], "granularity": st["layout"].granularity,
-         "transposed": st["layout"].transposed, "groups": st["layout"].groups}
-        for st in optimizer.state.values()
-    ]
-
-
-def verify_weights(init: dict[str, Any], weights: dict[str, torch.Tensor]) -> tuple[int, int, list[str]]:
-    """Check ``weights`` against ``init`` (as stored in init.pt); returns (tensors, weights, failures)."""
-    failures, n, total = [], 0, 0
-    for rec in init["permuted"]:
-        name = rec["name"]
-        if name not in weights or name not in init["state"]:
-            failures.append(f"{name} is missing")
-            continue
-        if not isinstance(weights[name], torch.Tensor):
-            failures.append(f"{name} is not a tensor")
-            continue
-        layout = RowLayout(rec["granularity"], rec["transposed"], rec["groups"])
-        if not reconnect.is_row_permutation(weights[name].cpu(), init["state"][name].cpu(), layout):
-            failures.append(f"{name} is not a row-wise permutation of its initial values")
-        n, total = n + 1, total + weights[name].numel()
-    return n, total, failures
-
-
-def verify_run(run_dir: str | Path) -> VerifyReport:
-    """Check final.pt (and best.pt) of a finished run against its init.pt (or a `laperm export` file)."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        from .export import is_compact_file, verify_compact
-
-        if is_compact_file(run_dir):  # a compact checkpoint written by `laperm export`
-            return verify_compact(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} is not a folder; pass a laperm run folder")
-    if not (run_dir / "init.pt").is_file():
-        raise RunDirError(f"{run_dir} is not a laperm run folder (no init.pt)")
-    init = checkpoint.load(run_dir / "init.pt")
-    if not (isinstance(init, dict) and isinstance(init.get("state"), dict)
-            and isinstance(init.get("permuted", []), list)
-            and all(isinstance(r, dict) and {"name", "granularity", "transposed", "groups"} <= r.keys()
-                    for r in init.get("permuted", []))):
-        raise RunDirError(f"{run_dir / 'init.pt'} is not a laperm init record (damaged or from another tool)")
-    if not init.get("permuted"):
-        raise RunDirError(f"{run_dir} was trained without LaPerm ({init.get('optimizer')}); nothing to verify")
-    checked, failures, tensors, weights = [], [], 0, 0
-    for name in ("final.pt", "best.pt"):
-        if (run_dir / name).is_file():
-            saved = checkpoint.load(run_dir / name)
-            state = saved.get("model") if isinstance(saved, dict) else None
-            if not isinstance(state, dict):
-                raise RunDirError(f"{run_dir / name} holds no model weights (damaged or from another tool)")
-            tensors, weights, fails = verify_weights(init, state)
-            failures += [f"{name}: {f}" for f in fails]
-            checked.append(name)
-    if not checked:
-        raise RunDirError(f"{run_dir} has no final.pt or best.pt yet; finish or --resume the run first")
-    return VerifyReport(not failures, checked, tensors, weights, failures)
-
-
-def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Loss and accuracy per epoch, written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(epochs, [r["train_loss"] for r in records], label="train (inner weights)")
-    if records and "val_loss" in records[0]:
-        ax1.plot(epochs, [r["val_loss"] for r in records], label="validation (synced)")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("loss")
-    ax1.legend()
-    for key, label in (("train_acc", "train (inner weights)"), ("val_acc", "validation (synced)"),
-                       ("test_acc", "test (synced)")):
-        if records and key in records[0]:
-            ax2.plot(epochs, [100 * r[key] for r in records], label=label)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def read_json(path: str | Path) -> Any:
+    """A JSON file of a run folder (summary.json, analysis records), or None if it is missing."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None

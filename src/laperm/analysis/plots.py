@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["lines", "bars", "profiles_figure", "dynamics_figure", "templates_grid", "templates_gif"]
+__all__ = ["lines", "bars", "profiles_figure", "dynamics_figure", "templates_grid", "templates_gif", "plot_curves"]
 
 
 def _plt():
@@ -156,3 +156,25 @@ def templates_gif(path: str | Path, steps: Sequence[int], snaps: np.ndarray, sca
         frames.append(frame.resize((frame.width * scale, frame.height * scale), Image.NEAREST))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
     return Path(path)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """A run's learning curves (loss and accuracy per epoch, from metrics.jsonl records), as a PNG."""
+    plt = _plt()
+    epochs = [r["epoch"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(epochs, [r["train_loss"] for r in records], label="train (inner weights)")
+    if records and "val_loss" in records[0]:
+        ax1.plot(epochs, [r["val_loss"] for r in records], label="validation (synced)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    for key, label in (("train_acc", "train (inner weights)"), ("val_acc", "validation (synced)"),
+                       ("test_acc", "test (synced)")):
+        if records and key in records[0]:
+            ax2.plot(epochs, [100 * r[key] for r in records], label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.legend()
+    fig.suptitle(title)
+    _save(fig, path, dpi=100)

@@ -19,31 +19,19 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..init import NORM_TYPES, PRUNABLE_TYPES
+from ..optim import permuted_layouts
 from ..reconnect import RowLayout, from_rows_, rebuild_by_rank, to_rows
 
 __all__ = ["permutable_layouts", "rebuild_state", "random_permutation_state"]
 
 
-def permutable_layouts(model: nn.Module, permute_biases: bool = False) -> dict[str, RowLayout]:
-    """``{parameter name: RowLayout}`` of the tensors LaPerm would permute in ``model``.
+def permutable_layouts(model: nn.Module, permute_biases: bool = False, granularity: str = "row") -> dict[str, RowLayout]:
+    """``{parameter name: RowLayout}`` of the tensors LaPerm permutes in ``model``.
 
-    Chosen by module type as the optimizer does: Linear/Conv kernels by output
-    unit (ConvTranspose with units on dim 1), biases as one row each only when
-    ``permute_biases``; normalisation layers never.
+    The optimizer's own rule (:func:`laperm.optim.permuted_layouts`), so analyses and
+    training agree on every model, granularity included.
     """
-    out: dict[str, RowLayout] = {}
-    for mod_name, module in model.named_modules():
-        if isinstance(module, NORM_TYPES):
-            continue
-        for p_name, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.dim() >= 2 and isinstance(module, PRUNABLE_TYPES):
-                transposed = bool(getattr(module, "transposed", False))
-                out[name] = RowLayout("row", transposed, module.groups if transposed else 1)
-            elif p.dim() == 1 and permute_biases:
-                out[name] = RowLayout()
-    return out
+    return permuted_layouts(model, permute_biases, granularity)
 
 
 def rebuild_state(

@@ -104,7 +104,7 @@ def run_experiment(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Train every unfinished run of experiment ``name``; returns the manifest entries."""
-    from ..train import train
+    from ..engine import train
     from . import hooks
 
     if name not in EXPERIMENTS:

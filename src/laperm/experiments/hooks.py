@@ -23,17 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import train as train_mod
+from .. import build
 from ..analysis.dynamics import SyncRecorder
-from ..analysis.rebuild import permutable_layouts, random_permutation_state, rebuild_state
+from ..analysis.rebuild import random_permutation_state, rebuild_state
 from ..checkpoint import atomic_write_text, load
 from ..config import TrainConfig
+from ..engine import Callbacks, batchnorm_modules, evaluate, recalibrate_bn
 from ..models import get_spec
 
 __all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe"]
 
 
-class Probe(train_mod.Callbacks):
+class Probe(Callbacks):
     """No-op hook: engine callbacks (:class:`laperm.train.Callbacks`) plus ``finish`` after the run."""
 
     def finish(self, summary: dict[str, Any]) -> None:
@@ -66,18 +67,17 @@ class RebuildProbe(Probe):
         cfg = self.cfg
         device = next(model.parameters()).device
         spec = get_spec(cfg.model)
-        permute_biases = spec.permute_biases if cfg.permute_biases is None else cfg.permute_biases
-        self.layouts = permutable_layouts(model, permute_biases)
+        self.layouts = build.model_layouts(cfg, model)
         self.init = load(self.run_dir / "init.pt")["state"]
         fresh_cfg = TrainConfig(**{**cfg.to_dict(), "seed": cfg.seed + 1000})
-        fresh, _ = train_mod.build_model(fresh_cfg, torch.device("cpu"))
+        fresh, _ = build.build_model(fresh_cfg, torch.device("cpu"))
         self.fresh = fresh.state_dict()
-        ds = train_mod.load_data(cfg, spec)
+        ds = build.load_data(cfg, spec)
         idx = None if self.probe_size is None else torch.arange(min(self.probe_size, len(ds.test_y)))
         common = dict(mean=ds.mean, std=ds.std, device=device)
         self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, indices=idx, **common)
         self.calib = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 7), **common)
-        self.has_bn = bool(train_mod._bn_modules(model))
+        self.has_bn = bool(batchnorm_modules(model))
         self._ready = True
 
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
@@ -92,14 +92,14 @@ class RebuildProbe(Probe):
             "rebuilt_fresh": rebuild_state(trained, self.fresh, self.layouts),
             "random_perm": random_permutation_state(trained, self.init, self.layouts, g),
         }
-        out = {"epoch": record["epoch"], "trained": train_mod.evaluate(model, self.test)[1]}
+        out = {"epoch": record["epoch"], "trained": evaluate(model, self.test)[1]}
         try:
             for name, state in variants.items():
                 model.load_state_dict(state)
-                out[name] = train_mod.evaluate(model, self.test)[1]
+                out[name] = evaluate(model, self.test)[1]
                 if self.has_bn and name == "rebuilt":
-                    train_mod.recalibrate_bn(model, self.calib, 20)
-                    out["rebuilt_bn"] = train_mod.evaluate(model, self.test)[1]
+                    recalibrate_bn(model, self.calib, 20)
+                    out["rebuilt_bn"] = evaluate(model, self.test)[1]
         finally:
             model.load_state_dict(trained)  # the training trajectory must not change
         with open(self.run_dir / "rebuild.jsonl", "a") as f:
@@ -142,13 +142,15 @@ class InnerProbe(Probe):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.inner_acc: float | None = None
-        self.test = None
+        self.test: Any = None
+        self.classes = 0
 
     def _loader(self, model: torch.nn.Module) -> Any:
         if self.test is None:
             from ..data import BatchLoader
 
-            ds = train_mod.load_data(self.cfg, get_spec(self.cfg.model))
+            ds = build.load_data(self.cfg, get_spec(self.cfg.model))
+            self.classes = ds.num_classes
             self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std,
                                     device=next(model.parameters()).device)
         return self.test
@@ -159,20 +161,22 @@ class InnerProbe(Probe):
         # loss) keep the value, so the step evaluations (eval_steps) are not measured.
         if "train_loss" in record and hasattr(opt, "inner_weights"):
             with opt.inner_weights():
-                self.inner_acc = train_mod.evaluate(model, self._loader(model))[1]
+                self.inner_acc = evaluate(model, self._loader(model))[1]
 
     @torch.no_grad()
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
         record["inner_test_acc"] = self.inner_acc
         was = model.training
         model.eval()
-        hits = torch.zeros(10, dtype=torch.long)
-        counts = torch.zeros(10, dtype=torch.long)
-        for xb, yb in self._loader(model):
+        loader = self._loader(model)
+        n = self.classes  # the dataset's classes (the model's outputs: load_data checks they agree)
+        hits = torch.zeros(n, dtype=torch.long)
+        counts = torch.zeros(n, dtype=torch.long)
+        for xb, yb in loader:
             pred = model(xb).argmax(1).cpu()
             y = yb.cpu()
-            counts += torch.bincount(y, minlength=10)[:10]
-            hits += torch.bincount(y[pred == y], minlength=10)[:10]
+            counts += torch.bincount(y, minlength=n)[:n]
+            hits += torch.bincount(y[pred == y], minlength=n)[:n]
         model.train(was)
-        record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts)]
+        record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts, strict=True)]
 

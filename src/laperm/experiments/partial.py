@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .. import checkpoint, models
-from .. import train as train_mod
-from ..analysis.rebuild import permutable_layouts, rebuild_state
+from .. import build, rundir
+from ..engine import evaluate
+from ..analysis.rebuild import rebuild_state
 from ..checkpoint import atomic_write_text
 from ..config import TrainConfig
 
@@ -38,22 +38,17 @@ def evaluate_unfinished(run_dir: str | Path, threads: int | None = None) -> dict
     if threads:
         torch.set_num_threads(threads)
     saved = found[1]
-    cfg = TrainConfig(**yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = TrainConfig(**rundir.read_run_config(run_dir))
     spec = models.get_spec(cfg.model)
-    model, _ = train_mod.build_model(cfg, torch.device("cpu"))
+    model, _ = build.build_model(cfg, torch.device("cpu"))
     state = saved["model"]
     if cfg.optimizer == "laperm":
-        biases = spec.permute_biases if cfg.permute_biases is None else cfg.permute_biases
-        layouts = permutable_layouts(model, biases)
-        if cfg.granularity == "tensor":
-            from ..reconnect import RowLayout
-
-            layouts = {k: RowLayout("tensor") for k in layouts}
+        layouts = build.model_layouts(cfg, model)  # granularity included
         state = rebuild_state(state, checkpoint.load(run_dir / "init.pt")["state"], layouts)
     model.load_state_dict(state)
-    ds = train_mod.load_data(cfg, spec)
+    ds = build.load_data(cfg, spec)
     test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std)
-    acc = train_mod.evaluate(model, test)[1]
+    acc = evaluate(model, test)[1]
     out = {"epoch": saved["run"]["epoch"], "step": saved["run"]["step"], "test_acc": acc,
            "synced": cfg.optimizer == "laperm", "bn_recalibrated": False,
            "note": "unfinished run: its newest checkpoint, synced and evaluated on the test set"}

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import rundir
 from ..analysis import plots
 from .base import load_manifest
 
@@ -40,10 +41,7 @@ README_ROWS = [
 
 # -- loading ------------------------------------------------------------------------------
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+_read_jsonl = rundir.read_jsonl
 
 
 def load_runs(folder: str | Path) -> list[dict[str, Any]]:
@@ -54,7 +52,7 @@ def load_runs(folder: str | Path) -> list[dict[str, Any]]:
     for name, entry in manifest.get("runs", {}).items():
         d = folder / name
         run = dict(entry, path=d, records=_read_jsonl(d / "metrics.jsonl"), rebuild=_read_jsonl(d / "rebuild.jsonl"))
-        run["summary"] = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else None
+        run["summary"] = rundir.read_json(d / rundir.SUMMARY)
         dyn = d / "dynamics.json"
         run["dynamics"] = json.loads(dyn.read_text())["syncs"] if dyn.is_file() else None
         prof = d / "profiles.json"
@@ -206,10 +204,9 @@ def _budget_label(runs: Sequence[dict[str, Any]], h: dict[str, Any]) -> str:
 
 
 def _planned_epochs(run: dict[str, Any]) -> Any:
-    import yaml
-
-    cfg = run["path"] / "config.yaml"
-    return yaml.safe_load(cfg.read_text()).get("epochs", "?") if cfg.is_file() else "?"
+    if not (run["path"] / rundir.CONFIG).is_file():
+        return "?"
+    return rundir.read_run_config(run["path"]).get("epochs", "?")
 
 
 def _at_epoch(run: dict[str, Any], epoch: Any) -> dict[str, Any] | None:

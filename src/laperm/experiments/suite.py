@@ -225,11 +225,10 @@ def compute_profiles(folder, entries) -> None:
     """Write ``profiles/<experiment>__<run>.json`` for every finished source run with weights on disk."""
     import json
 
-    import yaml
-
-    from .. import models
+    from .. import models, rundir
     from ..analysis.profiles import layer_profiles
-    from ..analysis.rebuild import permutable_layouts
+    from ..build import resolve_permute_biases
+    from ..optim import permuted_layouts
     from ..checkpoint import atomic_write_text, load
     from .base import load_manifest
 
@@ -242,12 +241,11 @@ def compute_profiles(folder, entries) -> None:
                 continue  # (the same run reached through two experiments is profiled once)
             if not (run_dir / "final.pt").is_file() or not (run_dir / "init.pt").is_file():
                 continue
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+            cfg = rundir.read_run_config(run_dir)
             if str(cfg["init"]).startswith("shared"):
                 continue  # two values per row: profiles are trivial step functions
-            spec = models.get_spec(cfg["model"])
-            biases = spec.permute_biases if cfg.get("permute_biases") is None else cfg["permute_biases"]
-            layouts = permutable_layouts(models.build(cfg["model"], seed=0), biases)
+            biases = resolve_permute_biases(cfg["model"], cfg.get("permute_biases"))
+            layouts = permuted_layouts(models.build(cfg["model"], seed=0), biases, cfg.get("granularity", "row"))
             init, final = load(run_dir / "init.pt")["state"], load(run_dir / "final.pt")["model"]
             label = f"{source}: {cfg['model']} {cfg['optimizer']} ({cfg['init']}, seed {cfg['seed']})"
             data = {"label": label, "run": f"{source}/{name}", "layers": layer_profiles(final, init, layouts)}

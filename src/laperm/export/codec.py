@@ -4,7 +4,7 @@ After a sync, every permuted row is a permutation of its θ0 row (SPEC §2), so
 a trained network is fully described by θ0 plus, for every row, *which* of
 its initial values sits at each position.  θ0 itself costs nothing to store:
 it is rebuilt bit-exactly from the run's recipe (model, init, seed) by
-:func:`laperm.train.build_model`; ``--with-theta0`` stores it instead.
+:func:`laperm.build.build_model`; ``--with-theta0`` stores it instead.
 
 Per row we store one code per position, the index of its value among the
 row's *distinct* initial values (sorted ascending, -0.0 before 0.0, compared
@@ -33,38 +33,37 @@ file was made from, and that every decoded row holds exactly its θ0 values.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import math
 import struct
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint, reconnect
-from .reconnect import RowLayout
-
-if TYPE_CHECKING:
-    from .rundir import VerifyReport
-
+from .. import checkpoint, reconnect
+from ..reconnect import RowLayout, float_bits
 __all__ = [
     "CompactFormatError",
+    "Decoded",
     "encode_compact",
     "decode_compact",
-    "save_compact",
-    "load_compact",
-    "export_run",
-    "verify_compact",
-    "is_compact_file",
+    "encode_rows",
+    "decode_rows",
+    "pack_bits",
+    "unpack_bits",
+    "packed_size",
+    "theta0_digest",
     "state_dict_nbytes",
+    "same_bits",
+    "parse_compact",
 ]
 
 MAGIC = b"LAPERMC"
@@ -85,6 +84,7 @@ class CompactFormatError(checkpoint.CheckpointError):
 # bits).  Different bit patterns give different keys, so -0.0 and 0.0 (or two NaN
 # payloads) are distinct values, and decoding is bit-exact by construction.
 
+# Signed integers of each width (not reconnect.INT_OF_WIDTH: the sign bit drives the key order below).
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -223,11 +223,11 @@ def _from_raw(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
+def same_bits(a: Tensor, b: Tensor) -> bool:
     """Equal shape, dtype and bit patterns (so -0.0 != 0.0, and a NaN equals itself)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return a.numel() == 0 or torch.equal(reconnect._bits(a.reshape(-1)), reconnect._bits(b.reshape(-1)))
+    return a.numel() == 0 or torch.equal(float_bits(a.reshape(-1)), float_bits(b.reshape(-1)))
 
 
 def theta0_digest(theta0: Mapping[str, Tensor], names: list[str]) -> str:
@@ -266,7 +266,7 @@ def encode_compact(
         theta0: the initial weights (at least every tensor named in ``layouts``).
         layouts: ``{name: RowLayout}`` of every tensor LaPerm permuted.
         recipe: ``{"model", "init", "seed"}`` that rebuilds ``theta0`` through
-            :func:`laperm.train.build_model`; stored so that loading needs nothing else.
+            :func:`laperm.build.build_model`; stored so that loading needs nothing else.
         with_theta0: store the permuted θ0 tensors themselves.
         config: the run's full config, kept for reference only.
 
@@ -337,7 +337,7 @@ class Decoded:
     header: dict[str, Any]
 
 
-def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
+def parse_compact(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
     """Check magic and checksum; return (header, blob area)."""
     fixed = len(MAGIC) + 1 + 8
     if len(data) < fixed + _DIGEST or not data.startswith(MAGIC):
@@ -359,9 +359,14 @@ def _parse(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(body)[fixed + head_len:]
 
 
-def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, where: str = "data") -> Decoded:
-    """Decode bytes made by :func:`encode_compact`; ``theta0`` overrides the stored θ0 or recipe."""
-    header, blobs = _parse(data, where)
+def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, where: str = "data",
+                   rebuild: Callable[[Mapping[str, Any]], dict[str, Tensor]] | None = None) -> Decoded:
+    """Decode bytes made by :func:`encode_compact`; ``theta0`` overrides the stored θ0 or recipe.
+
+    ``rebuild`` turns a stored recipe into θ0 (:func:`laperm.export.rebuild_theta0`, which the
+    package's ``decode_compact`` passes); the codec itself builds no models.
+    """
+    header, blobs = parse_compact(data, where)
     try:
         entries = header["tensors"]
         permuted = [e["name"] for e in entries if e["kind"] == "codes"]
@@ -375,8 +380,8 @@ def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, w
         if theta0 is None:
             if header.get("theta0"):
                 theta0 = {e["name"]: _from_raw(blob(e), _dtype(e["dtype"]), e["shape"]) for e in header["theta0"]}
-            elif header.get("recipe"):
-                theta0 = rebuild_theta0(header["recipe"])
+            elif header.get("recipe") and rebuild is not None:
+                theta0 = rebuild(header["recipe"])
             else:
                 raise CompactFormatError(f"{where} stores neither θ0 nor a recipe for it; pass theta0=")
         absent = [n for n in permuted if n not in theta0]
@@ -416,196 +421,3 @@ def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, w
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CompactFormatError(f"{where} is damaged or inconsistent ({type(e).__name__}: {e})") from None
     return Decoded(state, {n: theta0[n] for n in permuted}, layouts, header)
-
-
-def rebuild_theta0(recipe: Mapping[str, Any]) -> dict[str, Tensor]:
-    """θ0 (a CPU ``state_dict``) rebuilt from ``{"model", "init", "seed"}`` as ``laperm train`` builds it."""
-    from .config import ConfigError, TrainConfig
-    from .models import UnknownModelError
-    from .train import build_model
-
-    try:
-        cfg = TrainConfig(model=recipe["model"], init=recipe["init"], seed=recipe["seed"]).validate()
-        model, _ = build_model(cfg, torch.device("cpu"))
-    except (KeyError, TypeError, ConfigError, UnknownModelError) as e:
-        raise CompactFormatError(f"the θ0 recipe {dict(recipe)!r} cannot be rebuilt ({e})") from None
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-def save_compact(path: str | Path, state_dict: Mapping[str, Tensor], theta0: Mapping[str, Tensor],
-                 layouts: Mapping[str, RowLayout], **options: Any) -> int:
-    """Write :func:`encode_compact`'s bytes atomically to ``path``; returns the file size."""
-    data = encode_compact(state_dict, theta0, layouts, **options)
-    checkpoint.atomic_write_bytes(path, data)
-    return len(data)
-
-
-def _read(path: str | Path) -> bytes:
-    path = Path(path)
-    try:
-        return path.read_bytes()
-    except IsADirectoryError:
-        raise CompactFormatError(f"{path} is a folder, not a compact checkpoint") from None
-    except OSError as e:
-        raise CompactFormatError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def load_compact(path: str | Path, theta0: Mapping[str, Tensor] | None = None) -> "OrderedDict[str, Tensor]":
-    """The model ``state_dict`` stored in compact checkpoint ``path``, bit-exactly.
-
-    θ0 comes from the file (``--with-theta0``), else from its recipe; pass
-    ``theta0`` for models outside laperm's registry.
-    """
-    return decode_compact(_read(path), theta0, where=str(path)).state_dict
-
-
-def is_compact_file(path: str | Path) -> bool:
-    """True when ``path`` is a file starting like a compact checkpoint."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
-def verify_compact(path: str | Path) -> "VerifyReport":
-    """``laperm verify`` on a compact file: decode it and check every permuted tensor against θ0."""
-    from .rundir import VerifyReport
-
-    path = Path(path)
-    dec = decode_compact(_read(path), where=str(path))  # raises on any damage
-    failures, weights = [], 0
-    for name, layout in dec.layouts.items():
-        if not reconnect.is_row_permutation(dec.state_dict[name], dec.theta0[name], layout):
-            failures.append(f"{path.name}: {name} is not a row-wise permutation of its initial values")
-        weights += dec.state_dict[name].numel()
-    return VerifyReport(not failures, [path.name], len(dec.layouts), weights, failures)
-
-
-# -- run folders and the command ---------------------------------------------------------
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    nbytes: int
-    state_dict_nbytes: int
-    bits: dict[str, tuple[int, int]]  # permuted tensor -> (bits per weight, weights)
-
-    @property
-    def ratio(self) -> float:
-        """Compact size over the size of the float32 ``state_dict`` file."""
-        return self.nbytes / self.state_dict_nbytes
-
-    @property
-    def permuted_weights(self) -> int:
-        return sum(n for _, n in self.bits.values())
-
-    @property
-    def mean_bits(self) -> float:
-        """Bits per permuted weight, averaged over weights."""
-        return sum(b * n for b, n in self.bits.values()) / max(self.permuted_weights, 1)
-
-
-def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str = "final",
-               with_theta0: bool = False) -> ExportResult:
-    """Write the compact checkpoint of ``RUN_DIR/{which}.pt`` (default ``RUN_DIR/{which}.laperm``).
-
-    The written bytes are decoded and compared bit for bit with the weights
-    before the file is written, so an export that succeeds reloads exactly.
-    """
-    from .rundir import RunDirError, read_run_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} is not a folder; pass a laperm run folder")
-    cfg = read_run_config(run_dir)
-    init = checkpoint.load(run_dir / "init.pt")
-    if not (isinstance(init, dict) and isinstance(init.get("state"), dict)):
-        raise RunDirError(f"{run_dir / 'init.pt'} is not a laperm init record")
-    if not init.get("permuted"):
-        raise RunDirError(f"{run_dir} was trained without LaPerm ({init.get('optimizer')}): there are no "
-                          f"permutations to store; use {which}.pt as it is")
-    if not (run_dir / f"{which}.pt").is_file():
-        raise RunDirError(f"{run_dir} has no {which}.pt; finish or --resume the run first")
-    saved = checkpoint.load(run_dir / f"{which}.pt")
-    state = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(state, dict):
-        raise RunDirError(f"{run_dir / which}.pt holds no model weights")
-    theta0 = init["state"]
-    layouts = {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
-    recipe = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
-    if not with_theta0:
-        names = [n for n in state if n in layouts]
-        rebuilt = rebuild_theta0(recipe)
-        if any(n not in rebuilt for n in names) or theta0_digest(rebuilt, names) != theta0_digest(theta0, names):
-            raise RunDirError(f"the run's recipe (model {recipe['model']}, init {recipe['init']}, seed "
-                              f"{recipe['seed']}) no longer rebuilds its init.pt bit for bit; "
-                              "export with --with-theta0")
-    try:
-        data = encode_compact(state, theta0, layouts, recipe=recipe, with_theta0=with_theta0, config=cfg)
-    except ValueError as e:
-        raise RunDirError(f"cannot export {run_dir / which}.pt: {e}") from None
-    back = decode_compact(data, theta0).state_dict
-    bad = [k for k in state if not _same_bits(back[k], state[k].cpu())]
-    if bad or list(back) != list(state):
-        raise RunDirError(f"internal error: the compact form of {', '.join(bad) or 'the keys'} does not reload "
-                          "bit-exactly; please report it")
-    out = Path(out) if out is not None else run_dir / f"{which}{SUFFIX}"
-    checkpoint.atomic_write_bytes(out, data)
-    header, _ = _parse(data, str(out))
-    bits = {e["name"]: (e["bits"], e["rows"] * e["cols"]) for e in header["tensors"] if e["kind"] == "codes"}
-    return ExportResult(out, len(data), state_dict_nbytes(state), bits)
-
-
-def check_against_run(path: str | Path, run_dir: str | Path, which: str = "final") -> list[str]:
-    """Names of tensors whose reloaded value differs (in bits) from ``RUN_DIR/{which}.pt``."""
-    saved = checkpoint.load(Path(run_dir) / f"{which}.pt")["model"]
-    loaded = load_compact(path)
-    if list(loaded) != list(saved):
-        return ["(the set or order of tensors)"]
-    return [k for k in saved if not _same_bits(loaded[k], saved[k].cpu())]
-
-
-EXAMPLES = """\
-examples:
-  laperm export runs/f2-laperm-seed0-1a2b3c4d               # writes .../final.laperm
-  laperm export runs/conv7-laperm-seed0-1a2b3c4d -o conv7.laperm --check
-  laperm verify conv7.laperm                                # a compact file verifies like a run folder
-
-Python: laperm.export.load_compact("conv7.laperm") returns the model's state_dict, bit-exact.
-"""
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    res = export_run(args.run_dir, args.output, which=args.which, with_theta0=args.with_theta0)
-    widths = sorted({b for b, _ in res.bits.values()})
-    span = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
-    print(f"wrote {res.path}: {res.nbytes:,} bytes = {res.ratio:.4f} x the float32 state_dict "
-          f"({res.state_dict_nbytes:,} bytes); {res.permuted_weights:,} permuted weights at {span} bits "
-          f"(mean {res.mean_bits:.2f}), θ0 {'stored' if args.with_theta0 else 'rebuilt from the seed'}")
-    if args.check:
-        bad = check_against_run(res.path, args.run_dir, args.which)
-        if bad:
-            print(f"check FAILED: {', '.join(bad)} differ from {args.which}.pt", file=sys.stderr)
-            return 1
-        print(f"checked: {res.path} reloads bit-exactly to {args.which}.pt")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    """Add this module's subcommands to ``sub``; return {command: handler}."""
-    p = sub.add_parser(
-        "export", help="write a compact checkpoint: the θ0 recipe plus per-row permutations",
-        description="Store a LaPerm-trained network as its initial-weight recipe (model, init, seed)\n"
-                    "plus, per permuted row, bit-packed indices of its initial values (1 bit per weight\n"
-                    "for shared-value rows). Reloads bit-exactly with laperm.export.load_compact.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a finished LaPerm run folder")
-    p.add_argument("-o", "--output", type=Path, help=f"output file (default RUN_DIR/final{SUFFIX}, or best{SUFFIX})")
-    p.add_argument("--which", choices=["final", "best"], default="final", help="which weights (default final)")
-    p.add_argument("--with-theta0", action="store_true",
-                   help="store the initial weights too (bigger; for when the seed cannot rebuild them)")
-    p.add_argument("--check", action="store_true", help="reload the written file and compare it bit for bit "
-                                                         "with the run's weights")
-    return {"export": cmd_export}

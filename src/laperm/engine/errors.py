@@ -1,0 +1,30 @@
+"""The engine's exceptions: each one a run can end with, and what the user does next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..optim import LaPermError
+
+__all__ = ["TrainingInterrupted", "NumericalError", "InvariantError", "numerical_error"]
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
+
+
+class NumericalError(RuntimeError):
+    """The loss or the weights became NaN/inf."""
+
+
+class InvariantError(LaPermError):
+    """A permuted row is no longer a permutation of its θ0 row (a bug or memory corruption)."""
+
+
+def numerical_error(what: str, step: int, run_dir: Path, last: Path | None, lr: float) -> NumericalError:
+    """A NumericalError saying what was kept and how to continue more gently."""
+    kept = f"the last good checkpoint, {last.name}, is kept" if last else "no checkpoint had been saved yet"
+    return NumericalError(
+        f"{what} at step {step}; nothing from that point on was saved and {kept}. "
+        f"Continue with a lower learning rate: laperm train --resume {run_dir} --lr {lr / 10:g}"
+    )
