@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -23,10 +24,14 @@ from hypothesis import strategies as st
 
 import laperm.build as engine
 from laperm.cli import main
-from laperm.config import FIELD_NAMES
+from laperm.config import FIELD_NAMES, flag_fields, flag_name
 from laperm.data import DataError
 
 OUT = Path(tempfile.mkdtemp(prefix="laperm-fuzz-"))
+
+
+def teardown_module() -> None:
+    shutil.rmtree(OUT, ignore_errors=True)  # nothing is written there, but the folder itself must go
 ACCEPTED = "config accepted (fuzz stub)"
 
 
@@ -66,10 +71,10 @@ NASTY = st.sampled_from([
 ])
 VALUE = st.one_of(NASTY, st.text(max_size=12), st.integers(-10**25, 10**25).map(str),
                   st.floats(allow_nan=True, allow_infinity=True).map(repr))
-FLAGS = ["--preset", "--model", "--dataset", "--data-dir", "--init", "--optimizer", "--inner", "--k", "--epochs",
-         "--batch-size", "--lr", "--lr-schedule", "--l2", "--loss-scale", "--logit-scale", "--granularity", "--augment",
-         "--bn-recalibrate", "--seed", "--val-size", "--train-subset", "--device", "--threads", "--name",
-         "--eval-every", "--checkpoint-every", "--checkpoint-steps"]
+# Every flag that takes a value, generated from the config's fields, except --out (the test's own
+# folder) and --nproc (a valid value would start worker processes).
+FLAGS = [flag for f in flag_fields() if (flag := flag_name(f)) is not None
+         and not (flag.startswith("--no-") or "bool" in str(f.type)) and f.name not in ("out", "nproc")]
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

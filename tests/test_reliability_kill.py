@@ -29,6 +29,8 @@ import torch
 from laperm import checkpoint, rundir
 from laperm.cli import main
 
+pytestmark = pytest.mark.slow  # SIGKILLed subprocess runs
+
 # f2 (L2, permuted layers), augmentation, an lr schedule and several syncs per epoch;
 # 14 steps per epoch, a step checkpoint every 4 steps.
 ARGS = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs", "3", "--k", "5",

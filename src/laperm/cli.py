@@ -29,65 +29,37 @@ examples:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to train")
-    g.add_argument("--preset", help="a paper setup (see `laperm presets`); flags override it")
-    g.add_argument("--config", type=Path, help="YAML or TOML file of config fields; flags override it")
-    g.add_argument("--model", help="model name (see `laperm models`); default lenet300")
-    g.add_argument("--dataset", help="mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar (default: the model's)")
-    g.add_argument("--data-dir", help="dataset location (IDX folder; CIFAR-10 tarball, folder or zip)")
-    g.add_argument("--init", help="he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=["laperm", "adam", "sgd"], help="laperm (default) or a plain baseline")
-    g.add_argument("--inner", choices=["adam", "adamw", "sgd"], help="LaPerm's inner optimizer (default adam)")
-    g.add_argument("--k", type=int, help="sync period in steps (default 100)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float, help="base learning rate")
-    g.add_argument("--lr-schedule", help="constant | exp:G | step:E:G | milestones:E=F,...")
-    g.add_argument("--l2", type=float, help="coupled L2 coefficient (default: the paper's for the model)")
-    g.add_argument("--loss-scale", choices=["mean", "sum"], help="sum reproduces the reference's gradient scale")
-    g.add_argument("--logit-scale", type=float, metavar="T",
-                   help="train on cross-entropy of T*logits (default 1); evaluation uses the plain logits")
-    g.add_argument("--granularity", choices=["row", "tensor"], help="unit of permutation")
-    g.add_argument("--sync-rule", metavar="{overwrite,latent}",
-                   help="overwrite (default, the paper's: a sync overwrites the inner weights) or latent "
-                        "(the inner weights are kept apart and the model always runs on their synced permutation)")
-    g.add_argument("--permute-biases", action=argparse.BooleanOptionalAction, default=None,
-                   help="permute biases too (default: as the paper does for the model)")
-    g.add_argument("--augment", help="none, mnist-paper, cifar-paper, cifar-resnet")
-    g.add_argument("--bn-recalibrate", type=int, metavar="BATCHES",
-                   help="recompute BatchNorm statistics on this many batches after each sync used for evaluation")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--val-size", type=int, help="validation images held out of the training set (default 5000)")
-    g.add_argument("--train-subset", type=int, help="train on a seeded random sample of this many images (reduced budgets)")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--out", help="parent folder of run folders (default runs)")
-    g.add_argument("--name", help="run folder name (default: derived from the config)")
-    g.add_argument("--eval-every", type=int, metavar="EPOCHS")
-    g.add_argument("--eval-steps", type=int, metavar="STEPS",
-                   help="also evaluate (at a synced state) every STEPS steps, as the reference does with k")
-    g.add_argument("--checkpoint-every", type=int, metavar="EPOCHS", help="checkpoint every N epochs (default 1)")
-    g.add_argument("--checkpoint-steps", type=int, metavar="STEPS",
-                   help="also checkpoint every N steps, so a crash in a long epoch loses little")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--nproc", type=int, metavar="N",
-                   help="data-parallel processes on this machine (DDP via torchrun; gloo on CPU, NCCL on GPU); "
-                        "the global batch stays --batch-size")
-    g.add_argument("--no-check-replicas", dest="check_replicas", action="store_false", default=None,
-                   help="distributed: skip comparing the ranks' weights after each sync")
+    """The flags of ``laperm train``: one per config field that has one (from the field's metadata),
+    plus --config, --resume and --overwrite."""
+    import typing
+
+    from .config import OPTIMISATION, RUN, WHAT, TrainConfig, flag_fields, flag_name
+
+    groups = {name: p.add_argument_group(name) for name in (WHAT, OPTIMISATION, RUN)}
+    groups[WHAT].add_argument("--config", type=Path, help="YAML or TOML file of config fields; flags override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in flag_fields():
+        meta, flag = f.metadata, flag_name(f)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] or None}
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        kind = hints[f.name]
+        if kind is bool and f.default is True:  # --no-FIELD turns it off
+            kwargs.update(action="store_false", default=None)
+        elif kind == bool | None:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
+        else:
+            base = next((t for t in (int, float) if kind in (t, t | None)), None)
+            if base is not None:
+                kwargs["type"] = base
+        groups[meta["group"]].add_argument(flag, **kwargs)
+    g = groups[RUN]
     g.add_argument("--resume", metavar="RUN_DIR", type=Path,
                    help="continue an interrupted run folder from its last good checkpoint (bit-identical on CPU); "
                         "only --lr, --epochs and where/how to run may change")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-
-
-FLAG_FIELDS = ("preset", "model", "dataset", "data_dir", "init", "optimizer", "inner", "k", "epochs",
-               "batch_size", "lr", "lr_schedule", "l2", "loss_scale", "logit_scale", "granularity", "sync_rule",
-               "permute_biases", "augment", "bn_recalibrate", "seed", "val_size", "train_subset", "device", "threads",
-               "out", "name", "eval_every", "checkpoint_every", "checkpoint_steps", "nproc", "check_replicas",
-               "eval_steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,13 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, TrainConfig, load_config_file, override_config, resolve_config
+    from .config import ConfigError, TrainConfig, flag_fields, load_config_file, override_config, resolve_config
     from .engine import train
     from .rundir import MARKER, RunDirError, read_run_config
 
-    flags = {f: getattr(args, f) for f in FLAG_FIELDS}
-    if args.no_progress:
-        flags["progress"] = False
+    flags = {f.name: getattr(args, f.name) for f in flag_fields()}
     file_layer = load_config_file(args.config) if args.config else None
     if args.resume is not None:
         if args.overwrite:

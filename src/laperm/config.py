@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from . import optim, reconnect
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -31,6 +33,10 @@ __all__ = [
     "resolve_config",
     "override_config",
     "RESUME_CHANGEABLE",
+    "ALWAYS_HASHED",
+    "option",
+    "flag_name",
+    "flag_fields",
 ]
 
 
@@ -41,69 +47,114 @@ class ConfigError(ValueError):
 OPTIMIZERS = ("laperm", "adam", "sgd")
 INNER = ("adam", "adamw", "sgd")
 LOSS_SCALES = ("mean", "sum")
-SYNC_RULES = ("overwrite", "latent")
+GRANULARITIES = reconnect.GRANULARITIES  # ("row", "tensor"): defined by the sync kernel
+SYNC_RULES = optim.SYNC_RULES  # ("overwrite", "latent"): defined by the optimizer
+
+# Argument groups of `laperm train --help`.
+WHAT, OPTIMISATION, RUN = "what to train", "optimisation", "run"
+
+
+def option(default: Any, help: str = "", *, group: str = RUN, resume: bool = False, named: bool = True,
+           flag: str | None = "", choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    """A :class:`TrainConfig` field with what the CLI, resume and run names need to know about it.
+
+    * ``help``, ``group``, ``choices``, ``metavar``: its ``laperm train`` flag;
+    * ``flag``: the flag's name ("" derives ``--field-name``; None: config files only);
+    * ``resume``: whether a resumed run may change it (where and how to run, lr, epochs);
+    * ``named``: whether it changes what is computed, so that it is hashed into the run name
+      (only when it differs from its default: adding a field never renames a run).
+    """
+    meta = {"help": help, "group": group, "resume": resume, "named": named, "flag": flag, "choices": choices,
+            "metavar": metavar}
+    if isinstance(default, dict | list):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (see ``laperm train --help``)."""
+    """Everything that defines a training run (see ``laperm train --help``).
 
-    model: str = "lenet300"
-    dataset: str | None = None  # None: the model's own dataset
-    optimizer: str = "laperm"  # laperm | adam | sgd
-    inner: str = "adam"  # inner optimizer of laperm
-    k: int = 100
-    k_schedule: dict[int, int] | None = None  # {epoch: k from that epoch on}
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_schedule: str = "exp:0.9"  # constant | exp:G | step:E:G | milestones:E=F,E=F,...
-    momentum: float = 0.9  # sgd only
-    adam_eps: float = 1e-7  # Keras' default, which the paper's runs used
-    loss_scale: str = "mean"  # sum: the reference's gradient scale (batch x mean)
+    To add a field: one ``option(...)`` line here (help, flag, resume rule, whether it is
+    named) and its check in :meth:`validate`; the CLI flag, the resume rule, the fuzz test's
+    flags and the run name follow from it (docs/architecture.md, "Adding a config field").
+    """
+
+    model: str = option("lenet300", "model name (see `laperm models`); default lenet300", group=WHAT)
+    dataset: str | None = option(None, "mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar "
+                                       "(default: the model's)", group=WHAT)
+    optimizer: str = option("laperm", "laperm (default) or a plain baseline", group=OPTIMISATION, choices=OPTIMIZERS)
+    inner: str = option("adam", "LaPerm's inner optimizer (default adam)", group=OPTIMISATION, choices=INNER)
+    k: int = option(100, "sync period in steps (default 100)", group=OPTIMISATION)
+    # {epoch: k from that epoch on}; config files only
+    k_schedule: dict[int, int] | None = option(None, "k from given epochs on", group=OPTIMISATION, flag=None)
+    epochs: int = option(15, group=OPTIMISATION, resume=True)
+    batch_size: int = option(128, group=OPTIMISATION)
+    lr: float = option(1e-3, "base learning rate", group=OPTIMISATION, resume=True)
+    lr_schedule: str = option("exp:0.9", "constant | exp:G | step:E:G | milestones:E=F,...", group=OPTIMISATION)
+    momentum: float = option(0.9, "sgd only", group=OPTIMISATION, flag=None)
+    # Keras' default, which the paper's runs used
+    adam_eps: float = option(1e-7, "Adam's epsilon", group=OPTIMISATION, flag=None)
+    loss_scale: str = option("mean", "sum reproduces the reference's gradient scale", group=OPTIMISATION,
+                             choices=LOSS_SCALES)
     # Training loss only: cross-entropy of logit_scale * logits (a softmax temperature of 1/logit_scale).
     # Evaluation (accuracy and the reported val/test loss) always uses the plain logits.
-    logit_scale: float = 1.0
-    l2: float | None = None  # None: the model's paper value
-    init: str = "he-uniform"  # he-uniform | pruned:P | shared:V[:KEEP[,KEEP...]]
-    permute_biases: bool | None = None  # None: the model's paper setting
-    granularity: str = "row"
+    logit_scale: float = option(1.0, "train on cross-entropy of T*logits (default 1); evaluation uses the plain "
+                                     "logits", group=OPTIMISATION, metavar="T")
+    l2: float | None = option(None, "coupled L2 coefficient (default: the paper's for the model)", group=OPTIMISATION)
+    init: str = option("he-uniform", "he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)",
+                       group=WHAT)
+    permute_biases: bool | None = option(None, "permute biases too (default: as the paper does for the model)",
+                                         group=OPTIMISATION)
+    granularity: str = option("row", "unit of permutation", group=OPTIMISATION, choices=GRANULARITIES)
     # overwrite: the paper's rule (a sync overwrites the inner weights); latent: the inner weights are kept
     # apart and the model always sees their synced permutation (a straight-through estimator).
-    sync_rule: str = "overwrite"
-    augment: str | None = None
-    val_size: int = 5000
-    train_subset: int | None = None
-    seed: int = 0
-    data_dir: str | None = None
-    device: str = "auto"
-    out: str = "runs"
-    name: str | None = None
-    bn_recalibrate: int = 0  # batches used to recompute BatchNorm stats after a sync (0: off)
-    eval_every: int = 1  # epochs
-    checkpoint_every: int = 1  # epochs
-    eval_steps: int | None = None  # also evaluate (synced) every N steps, as the reference does (N = k)
-    checkpoint_steps: int | None = None  # also checkpoint every N steps, for long epochs (None: per epoch only)
-    keep_checkpoints: int = 2
-    threads: int | None = None
-    progress: bool = True
-    nproc: int = 1  # data-parallel processes (DDP); the global batch stays batch_size
-    check_replicas: bool = True  # distributed: compare a checksum of the weights across ranks after each sync
-    preset: str | None = None
+    sync_rule: str = option("overwrite", "overwrite (default, the paper's: a sync overwrites the inner weights) or "
+                            "latent (the inner weights are kept apart and the model always runs on their synced "
+                            "permutation)", group=OPTIMISATION, metavar="{overwrite,latent}")
+    augment: str | None = option(None, "none, mnist-paper, cifar-paper, cifar-resnet", group=OPTIMISATION)
+    val_size: int = option(5000, "validation images held out of the training set (default 5000)")
+    train_subset: int | None = option(None, "train on a seeded random sample of this many images (reduced budgets)")
+    seed: int = option(0)
+    data_dir: str | None = option(None, "dataset location (IDX folder; CIFAR-10 tarball, folder or zip)", group=WHAT,
+                                  resume=True, named=False)
+    device: str = option("auto", "auto (default), cpu, cuda, cuda:N", resume=True, named=False)
+    out: str = option("runs", "parent folder of run folders (default runs)", resume=True, named=False)
+    name: str | None = option(None, "run folder name (default: derived from the config)", resume=True, named=False)
+    bn_recalibrate: int = option(0, "recompute BatchNorm statistics on this many batches after each sync used for "
+                                    "evaluation", group=OPTIMISATION, metavar="BATCHES")
+    eval_every: int = option(1, resume=True, metavar="EPOCHS")
+    checkpoint_every: int = option(1, "checkpoint every N epochs (default 1)", resume=True, metavar="EPOCHS")
+    eval_steps: int | None = option(None, "also evaluate (at a synced state) every STEPS steps, as the reference "
+                                          "does with k", metavar="STEPS")
+    # checkpoint_steps only decides how often state is saved, never what is computed.
+    checkpoint_steps: int | None = option(None, "also checkpoint every N steps, so a crash in a long epoch loses "
+                                                "little", resume=True, named=False, metavar="STEPS")
+    keep_checkpoints: int = option(2, "checkpoints kept", resume=True, flag=None)
+    threads: int | None = option(None, "torch CPU threads", resume=True, named=False)
+    progress: bool = option(True, "no progress bar", resume=True, named=False)
+    nproc: int = option(1, "data-parallel processes on this machine (DDP via torchrun; gloo on CPU, NCCL on GPU); "
+                           "the global batch stays --batch-size", metavar="N")
+    check_replicas: bool = option(True, "distributed: skip comparing the ranks' weights after each sync",
+                                  resume=True)
+    preset: str | None = option(None, "a paper setup (see `laperm presets`); flags override it", group=WHAT,
+                                named=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Short hash of everything that changes the result (not paths or display)."""
-        # checkpoint_steps only decides how often state is saved, never what is computed.
-        ignore = {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps"}
-        payload = {k: v for k, v in self.to_dict().items() if k not in ignore}
-        # Fields added later are left out at their defaults, so existing run names stay put.
-        for key, default in (("nproc", 1), ("check_replicas", True), ("eval_steps", None), ("logit_scale", 1.0),
-                             ("sync_rule", "overwrite")):
-            if payload.get(key) == default:
-                payload.pop(key)
+        """Short hash of everything that changes the result (not paths or display).
+
+        A field is hashed when it is ``named`` and either was hashed by the first release
+        (:data:`ALWAYS_HASHED`: existing run names) or differs from its default, so adding
+        a field (at its default) never renames a run.
+        """
+        payload = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["named"] and (f.name in ALWAYS_HASHED or value != f.default):
+                payload[f.name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:
@@ -131,8 +182,8 @@ class TrainConfig:
             raise ConfigError(f"inner must be one of {', '.join(INNER)}, got {self.inner!r}")
         if self.loss_scale not in LOSS_SCALES:
             raise ConfigError(f"loss_scale must be 'mean' or 'sum', got {self.loss_scale!r}")
-        if self.granularity not in ("row", "tensor"):
-            raise ConfigError(f"granularity must be 'row' or 'tensor', got {self.granularity!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.sync_rule not in SYNC_RULES:
             raise ConfigError(f"sync_rule must be 'overwrite' (the paper's) or 'latent' (inner weights kept, the "
                               f"model always synced), got {self.sync_rule!r}; use --sync-rule overwrite or latent")
@@ -379,6 +430,28 @@ PRESET_NOTES = {
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 
+# The fields the first release hashed into run names even at their defaults. Frozen: the names
+# of the runs under results/ depend on it. Fields added since are hashed only when not at
+# their default (TrainConfig.digest).
+ALWAYS_HASHED = frozenset({
+    "model", "dataset", "optimizer", "inner", "k", "k_schedule", "epochs", "batch_size", "lr", "lr_schedule",
+    "momentum", "adam_eps", "loss_scale", "l2", "init", "permute_biases", "granularity", "augment", "val_size",
+    "train_subset", "seed", "bn_recalibrate", "eval_every", "checkpoint_every", "keep_checkpoints",
+})
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str | None:
+    """The ``laperm train`` flag of config field ``f`` (None: config files only)."""
+    flag = f.metadata["flag"]
+    if flag == "":
+        return ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
+    return flag
+
+
+def flag_fields() -> list[dataclasses.Field[Any]]:
+    """The config fields that have a ``laperm train`` flag, in declaration order."""
+    return [f for f in fields(TrainConfig) if flag_name(f) is not None]
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file of config fields."""
@@ -442,12 +515,11 @@ def resolve_config(*layers: dict[str, Any] | None) -> TrainConfig:
     return TrainConfig(**values).validate()
 
 
-# Fields that may differ from the saved config when a run is resumed: where things
-# are, how they are shown and saved, and the two a user needs to rescue or extend a
+# Fields that may differ from the saved config when a run is resumed (``option(resume=True)``):
+# where things are, how they are shown and saved, and the two a user needs to rescue or extend a
 # run (a lower lr after a divergence, more epochs). The rest would silently make the
 # resumed run a different experiment, so it is refused.
-RESUME_CHANGEABLE = frozenset({"check_replicas", "lr", "epochs", "eval_every", "checkpoint_every", "checkpoint_steps",
-                               "keep_checkpoints", "progress", "device", "data_dir", "threads", "out", "name"})
+RESUME_CHANGEABLE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["resume"])
 
 
 def override_config(base: dict[str, Any], *layers: dict[str, Any] | None) -> TrainConfig:
