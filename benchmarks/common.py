@@ -11,10 +11,10 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import random
 import platform
+import random
 import statistics
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def machine_info() -> dict[str, str]:
     """What the numbers were measured on (and how busy it was when this was called)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": f"{os.cpu_count()} ({usable} usable)",
         "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",

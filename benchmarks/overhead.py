@@ -47,8 +47,8 @@ judged on it; the direct ratios are shown next to it with their noise floor.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

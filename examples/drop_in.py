@@ -24,7 +24,7 @@ theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
 optimizer = LaPerm(torch.optim.Adam(laperm_param_groups(model), lr=1e-2), k=20)
 scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100, gamma=0.5)
 
-for step in range(300):
+for _ in range(300):
     idx = torch.randint(0, len(x), (64,))
     loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
     optimizer.zero_grad()

@@ -14,9 +14,9 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from laperm import checkpoint
-from conftest import run_cli
 from laperm.cli import main
 from laperm.data.idx import IDX_FILES, write_idx
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from laperm.data import CIFAR10_CLASSES, DataError, download_cifar10, load_dataset
-from laperm.data import cifar
+from laperm.data import CIFAR10_CLASSES, DataError, cifar, download_cifar10, load_dataset
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ def make_idx_dir(root, gz: bool, n_train=6, n_test=4, seed=0):
 
 def write_sums(root, arrays, wrong=None):
     lines = []
-    for role, base in IDX_FILES.items():
+    for base in IDX_FILES.values():
         path = root / base if (root / base).exists() else root / f"{base}.gz"
         data = path.read_bytes()
         data = gzip.decompress(data) if path.suffix == ".gz" else data

@@ -5,9 +5,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laperm.data import (Augment, BatchLoader, make_augment, normalize, random_affine, random_hflip,
-                         random_rotate, random_shift, random_subset, random_zoom, synthetic_dataset,
-                         train_val_split)
+from laperm.data import (
+    Augment,
+    BatchLoader,
+    make_augment,
+    normalize,
+    random_affine,
+    random_hflip,
+    random_rotate,
+    random_shift,
+    random_subset,
+    random_zoom,
+    synthetic_dataset,
+    train_val_split,
+)
 
 # ---------------------------------------------------------------- splits
 
@@ -121,8 +132,10 @@ def run_epoch(loader):
 
 def test_resume_mid_epoch_is_bit_exact():
     ds = synthetic_dataset(n_train=60, n_test=8, shape=(3, 16, 16), seed=0)
-    make = lambda: BatchLoader(ds.train_x, ds.train_y, 8, shuffle=True, seed=5, mean=ds.mean, std=ds.std,
-                               augment=make_augment("cifar-paper"))
+    def make():
+        return BatchLoader(ds.train_x, ds.train_y, 8, shuffle=True, seed=5, mean=ds.mean, std=ds.std,
+                           augment=make_augment("cifar-paper"))
+
     a = make()
     run_epoch(a)
     it = iter(a)

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli
+
 from laperm import checkpoint
 from laperm.config import ConfigError, TrainConfig, resolve_config
 from laperm.data import BatchLoader, load_dataset
-from laperm.train import build_model
 from laperm.rundir import read_metrics
+from laperm.train import build_model
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), True, "x", None, [1.0]])

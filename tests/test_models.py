@@ -94,8 +94,8 @@ def test_keras_same_padding_rule():
 def test_conv2d_same_matches_explicit_padding(size, k, stride):
     conv = Conv2dSame(2, 3, k, stride=stride)
     x = torch.randn(1, 2, size, size)
-    (t, b), (l, r) = same_padding(size, k, stride), same_padding(size, k, stride)
-    ref = F.conv2d(F.pad(x, (l, r, t, b)), conv.weight, conv.bias, stride)
+    (t, b), (left, right) = same_padding(size, k, stride), same_padding(size, k, stride)
+    ref = F.conv2d(F.pad(x, (left, right, t, b)), conv.weight, conv.bias, stride)
     out = conv(x)
     assert out.shape[-1] == math.ceil(size / stride)
     torch.testing.assert_close(out, ref)

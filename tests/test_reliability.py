@@ -13,9 +13,9 @@ import signal
 
 import pytest
 import torch
+from conftest import run_cli
 
 from laperm import checkpoint, reconnect, rundir, verify
-from conftest import run_cli
 from laperm.cli import main
 from laperm.engine.guards import row_fingerprint as _row_fingerprint
 

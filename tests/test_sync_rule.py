@@ -6,15 +6,15 @@ import types
 
 import pytest
 import torch
+from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
+from test_optim import batches, make_model
 from torch import nn
 
-from conftest import run_cli
 from laperm import checkpoint, reconnect
 from laperm.config import ConfigError, TrainConfig, resolve_config
 from laperm.optim import LaPerm, LaPermError
-from test_optim import batches, make_model
 
 
 def attach_latent(opt):
@@ -86,7 +86,7 @@ def test_bit_identical_to_the_attach_latent_monkeypatch(k, init):
             assert exactly(p, q), (t, n)
         ours, theirs = opt.latent_weights(), ref.latent_weights
         assert len(ours) == len(theirs) == 3
-        for (p, z), q in zip(ours.items(), theirs):
+        for z, q in zip(ours.values(), theirs):
             assert exactly(z, theirs[q]), t
         assert opt.is_synced
     for p, q in zip(model.parameters(), ref_model.parameters()):  # Adam's moments too
@@ -387,7 +387,9 @@ def test_cli_latent_run_resumes_bit_identically_after_sigterm(tmp_path, capsys, 
     for name in ("final.pt", "best.pt"):
         a, b = checkpoint.load(ref / name)["model"], checkpoint.load(run / name)["model"]
         assert a.keys() == b.keys() and all(exactly(a[k], b[k]) for k in a), name
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in {"epoch_time_s", "images_per_s"}} for r in rs]
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in {"epoch_time_s", "images_per_s"}} for r in rs]
+
     from laperm import rundir
 
     assert strip(rundir.read_metrics(ref / "metrics.jsonl")) == strip(rundir.read_metrics(run / "metrics.jsonl"))

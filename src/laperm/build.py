@@ -148,7 +148,7 @@ def build_loaders(cfg: TrainConfig, ds: Dataset, device: torch.device, shard: tu
     train_idx, val_idx = train_val_split(len(ds.train_y), cfg.val_size, derive_seed(cfg.seed, Seeds.SPLIT))
     if cfg.train_subset:
         train_idx = random_subset(train_idx, cfg.train_subset, derive_seed(cfg.seed, Seeds.SUBSET))
-    common = dict(mean=ds.mean, std=ds.std, device=device)
+    common: dict[str, Any] = dict(mean=ds.mean, std=ds.std, device=device)
     train_x, train_y, test_x, test_y = ds.train_x, ds.train_y, ds.test_x, ds.test_y
     if device.type == "cuda":
         # Keep the uint8 images on the GPU (CIFAR-10: 180 MB): batches are gathered there,

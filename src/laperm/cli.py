@@ -40,6 +40,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in flag_fields():
         meta, flag = f.metadata, flag_name(f)
+        assert flag is not None  # flag_fields() has only fields with a flag
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] or None}
         if meta["choices"]:
             kwargs["choices"] = list(meta["choices"])
@@ -275,10 +276,10 @@ def _explain(e: Exception) -> tuple[int, str]:
     from .config import ConfigError
     from .data import DataError
     from .distributed import DivergenceError
+    from .engine.errors import NumericalError, TrainingInterrupted
     from .models import UnknownModelError
     from .optim import LaPermError
     from .rundir import RunDirError
-    from .engine.errors import NumericalError, TrainingInterrupted
 
     if isinstance(e, TrainingInterrupted):
         return 3, str(e)

@@ -1,7 +1,7 @@
 """Typed training configuration, the paper's presets, and config files.
 
 A run is fully described by one :class:`TrainConfig`.  It can come from
-defaults, a named preset (SPEC §5), a YAML/TOML file, or command-line flags,
+defaults, a named preset (docs/algorithm.md §5), a YAML/TOML file, or command-line flags,
 in that order of increasing priority.  Every field is validated here, so bad
 input fails with one sentence naming the field and the fix.
 """
@@ -163,7 +163,7 @@ class TrainConfig:
         base = self.preset or self.model
         return f"{base}-{self.optimizer}-seed{self.seed}-{self.digest()}"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _positive_int(self, "epochs", "batch_size", "eval_every", "checkpoint_every", "keep_checkpoints")
         _positive_int(self, "k")
         if self.checkpoint_steps is not None:
@@ -286,8 +286,8 @@ def lr_factor(schedule: str, epoch: int) -> float:
             g = _positive_finite(arg)
             return g**epoch
         if kind == "step":
-            every, g = arg.split(":")
-            every_i, g_f = int(every), _positive_finite(g)
+            every, g_text = arg.split(":")
+            every_i, g_f = int(every), _positive_finite(g_text)
             if every_i < 1:
                 raise ValueError
             return g_f ** (epoch // every_i)
@@ -389,7 +389,7 @@ def _fraction(text: str) -> float:
     return float(num) / float(den) if den else float(num)
 
 
-# -- presets (SPEC §5) ---------------------------------------------------------------
+# -- presets (docs/algorithm.md §5) ---------------------------------------------------------------
 
 _MNIST_PAPER = dict(lr=1e-3, lr_schedule="exp:0.95", adam_eps=1e-7, loss_scale="sum")
 _CIFAR_CONV = dict(dataset="cifar10", batch_size=50, epochs=125, lr_schedule="step:10:0.6", k=1000,
@@ -422,7 +422,7 @@ PRESET_NOTES = {
     "resnet50-p50": "ResNet50, 50% pruned, README 92.02%",
     "resnet50-p70": "ResNet50, 70% pruned, README 90.97%",
     "f1": "MNIST F1, single shared value 0.08, 40% pruned, README 85.46%",
-    "f2": "MNIST F2, single shared value 0.03, ~92.6% pruned, README 78.14% (not reproducible, SPEC §5)",
+    "f2": "MNIST F2, single shared value 0.03, ~92.6% pruned, README 78.14% (not reproducible, docs/algorithm.md §5)",
 }
 
 
@@ -563,5 +563,5 @@ def _coerce_floats(values: dict[str, Any]) -> None:
                 values[name] = float(v)
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {v!r}") from None
-        elif _is_int(v):
+        elif isinstance(v, int) and not isinstance(v, bool):
             values[name] = float(v) if _finite(v) else math.inf  # validate() then names the field

@@ -1,7 +1,7 @@
 """Keras-style initialisation, random pruning and shared-value init for any ``nn.Module``.
 
 The paper's networks were built in Keras, whose defaults differ from PyTorch's, so these helpers
-reproduce Keras semantics (SPEC §3). Nothing here knows models by name: layers are chosen by type.
+reproduce Keras semantics (docs/algorithm.md §3). Nothing here knows models by name: layers are chosen by type.
 
 Randomness: every function takes ``generator`` (a CPU ``torch.Generator``, or ``None`` for torch's
 global CPU generator). Values and masks are always drawn on the CPU and then copied to the
@@ -260,7 +260,7 @@ def random_prune_(
     generator: torch.Generator | None = None,
     include_biases: bool = False,
 ) -> PruneResult:
-    """Set a random fraction ``pruned`` of every kernel to zero, in place (SPEC §3).
+    """Set a random fraction ``pruned`` of every kernel to zero, in place (docs/algorithm.md §3).
 
     Each entry of each Linear/Conv kernel is kept independently with probability ``1 - pruned``;
     the first prunable layer (module order) keeps with probability
@@ -338,7 +338,7 @@ def shared_value_(
     keep: float | Sequence[float] | Mapping[str, float],
     generator: torch.Generator | None = None,
 ) -> PruneResult:
-    """Single shared weight init (SPEC §3 "agnostic"), in place.
+    """Single shared weight init (docs/algorithm.md §3 "agnostic"), in place.
 
     Every kernel entry of the prunable layers becomes ``value`` with probability ``keep`` and 0
     otherwise. ``keep`` is one ratio for all layers, a sequence ordered like

@@ -37,7 +37,7 @@ class SortedRows:
     run_rows: Tensor | None = None  # (runs,) int32 row of each run (for checks and stats)
 
     @classmethod
-    def from_sorted(cls, sorted_rows: Tensor, encoding: str = "auto") -> "SortedRows":
+    def from_sorted(cls, sorted_rows: Tensor, encoding: str = "auto") -> SortedRows:
         """Store ``sorted_rows`` (each row ascending) in the cheaper of the two forms.
 
         ``encoding`` is ``"auto"``, ``"dense"`` or ``"rle"``.  Runs group *bit-identical*
@@ -100,7 +100,7 @@ class SortedRows:
         tensors = [self.dense_values, self.run_values, self.run_counts, self.run_rows]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SortedRows":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SortedRows:
         def move(t: Tensor | None, cast: bool) -> Tensor | None:
             if t is None:
                 return None
@@ -116,7 +116,7 @@ class SortedRows:
         return {"shape": self.shape, "values": self.run_values, "counts": self.run_counts, "rows": self.run_rows}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any] | Tensor) -> "SortedRows":
+    def from_state(cls, state: dict[str, Any] | Tensor) -> SortedRows:
         if isinstance(state, Tensor):  # a bare sorted matrix
             return cls((int(state.shape[0]), int(state.shape[1])), dense_values=state)
         shape = tuple(int(s) for s in state["shape"])

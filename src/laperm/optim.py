@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
@@ -350,7 +350,7 @@ class LaPerm(torch.optim.Optimizer):
                 "the group is added (create a new LaPerm optimizer, or add a param group, for the other rule)"
             )
 
-    def register_sync_hook(self, hook: Callable[["LaPerm", list[Tensor]], None]) -> "_HookHandle":
+    def register_sync_hook(self, hook: Callable[[LaPerm, list[Tensor]], None]) -> _HookHandle:
         """Call ``hook(optimizer, params)`` after every sync of ``params``.
 
         Scheduled syncs and :meth:`sync` run hooks; the temporary sync of

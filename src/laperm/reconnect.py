@@ -11,7 +11,7 @@ themselves.  Everything here works on a 2-D *row matrix* of shape
 * ``granularity="tensor"`` treats the whole tensor as a single row (ablations),
   and a 1-D tensor (a bias) is always one row.
 
-The synchronisation rule (SPEC §2): given the inner weights ``w`` and the sorted
+The synchronisation rule (docs/algorithm.md §2): given the inner weights ``w`` and the sorted
 initial values ``s`` of a row, the value of rank ``r`` in ``s`` goes to the element
 whose weight has rank ``r`` in ``w``; ties are broken by index order.  With
 ``idx = argsort(w, stable=True)`` this is a single scatter: ``w[idx] = s``.
@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

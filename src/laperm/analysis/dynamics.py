@@ -45,7 +45,7 @@ class SyncRecorder:
         self._prev: dict[str, Tensor] | None = None
         self._step = 0
 
-    def attach(self, opt: Any) -> "SyncRecorder":
+    def attach(self, opt: Any) -> SyncRecorder:
         inner_step = opt.step
         self._prev = self._state(opt)  # θ0 (LaPerm is created on the initial weights)
         self._take_snapshot(0)

@@ -153,7 +153,7 @@ def templates_gif(path: str | Path, steps: Sequence[int], snaps: np.ndarray, sca
     for s in snaps:
         img = np.clip(_template_image(s.astype(np.float32)) / vmax, 0, 1)
         frame = Image.fromarray((img * 255).astype(np.uint8), mode="L")
-        frames.append(frame.resize((frame.width * scale, frame.height * scale), Image.NEAREST))
+        frames.append(frame.resize((frame.width * scale, frame.height * scale), Image.Resampling.NEAREST))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=250, loop=0)
     return Path(path)
 

@@ -4,8 +4,16 @@ Images are kept as uint8 N×C×H×W tensors; :class:`BatchLoader` turns them
 into normalised float batches ``(x/255 - mean)/std`` on the target device.
 """
 
-from .augment import (PRESETS, Augment, make_augment, random_affine, random_hflip, random_rotate,
-                      random_shift, random_zoom)
+from .augment import (
+                      PRESETS,
+                      Augment,
+                      make_augment,
+                      random_affine,
+                      random_hflip,
+                      random_rotate,
+                      random_shift,
+                      random_zoom,
+)
 from .cache import default_cache_dir
 from .cifar import CIFAR10_CLASSES, download_cifar10, load_cifar10, locate_cifar10
 from .dataset import Dataset, channel_stats

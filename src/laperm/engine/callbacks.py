@@ -40,4 +40,4 @@ class EpochCallback(Callbacks):
     """``train(on_epoch=fn)``: a Callbacks with only ``on_epoch``."""
 
     def __init__(self, fn: Callable[[dict[str, Any], nn.Module, torch.optim.Optimizer], None]) -> None:
-        self.on_epoch = fn  # type: ignore[method-assign]
+        self.on_epoch = fn  # type: ignore[method-assign,assignment]

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from ..data import Dataset
 from ..data.loader import derive_seed
 from ..models import ModelSpec
 from ..optim import LaPerm, LaPermError
+from ..verify import layout_records
 from . import checkpointing as ckpt
 from . import summary as report
 from .callbacks import Callbacks
@@ -33,7 +34,6 @@ from .checkpointing import Key
 from .errors import InvariantError, TrainingInterrupted, numerical_error
 from .evaluation import Evaluator, evaluate, recalibrate_bn
 from .guards import StopFlag, SyncChecker, first_nonfinite, inject_fault
-from ..verify import layout_records
 from .state import TrainingState
 
 __all__ = ["Trainer"]
@@ -77,7 +77,8 @@ class Trainer:
         self.callbacks.on_optimizer(self.opt, self.model)
         self.laperm = self.opt if isinstance(self.opt, LaPerm) else None
         self.l2 = self.spec.l2 if cfg.l2 is None else cfg.l2
-        self.l2_params = self.model.l2_parameters() if self.l2 else []
+        # every registry model has l2_parameters() (models.registry); nn.Module's typing cannot say so
+        self.l2_params = cast(Any, self.model).l2_parameters() if self.l2 else []
         # Baselines on a pruned/shared init keep the pruned weights at zero (a fixed mask).
         self.fixed = ([(p, masks[n]) for n, p in self.model.named_parameters() if n in masks]
                       if self.laperm is None else [])

@@ -123,7 +123,7 @@ def run_experiment(
     for i, run in enumerate(runs, 1):
         cfg = run.config(folder, threads, data_dir)
         run_dir = folder / cfg.run_name()
-        entry = {"folder": cfg.run_name(), "tags": run.tags, "budget": budget, "hook": run.hook,
+        entry: dict[str, Any] = {"folder": cfg.run_name(), "tags": run.tags, "budget": budget, "hook": run.hook,
                  "command": command_for(run, folder), "experiment_version": exp.version}
         entries.append(entry)
         done = (run_dir / "summary.json").is_file()

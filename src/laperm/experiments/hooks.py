@@ -74,7 +74,7 @@ class RebuildProbe(Probe):
         self.fresh = fresh.state_dict()
         ds = build.load_data(cfg, spec)
         idx = None if self.probe_size is None else torch.arange(min(self.probe_size, len(ds.test_y)))
-        common = dict(mean=ds.mean, std=ds.std, device=device)
+        common: dict[str, Any] = dict(mean=ds.mean, std=ds.std, device=device)
         self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, indices=idx, **common)
         self.calib = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 7), **common)
         self.has_bn = bool(batchnorm_modules(model))
@@ -133,7 +133,7 @@ class DynamicsProbe(Probe):
             steps = np.array([s for s, _ in rec.snapshots])
             arrays = {name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
                       for name in rec.snapshots[0][1]}
-            np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)
+            np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)  # type: ignore[arg-type]
 
 
 class InnerProbe(Probe):

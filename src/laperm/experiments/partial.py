@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, models
-from .. import build, rundir
-from ..engine import evaluate
+from .. import build, checkpoint, models, rundir
 from ..analysis.rebuild import rebuild_state
 from ..checkpoint import atomic_write_text
 from ..config import TrainConfig
+from ..engine import evaluate
 
 __all__ = ["evaluate_unfinished"]
 

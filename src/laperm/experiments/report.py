@@ -25,7 +25,7 @@ from .base import load_manifest
 
 __all__ = ["load_runs", "write_report", "mean_std", "fmt_acc"]
 
-# SPEC §5, README top-1 (and what the authors' own code gave on these machines, SPEC §5); the experiments
+# docs/algorithm.md §5: README top-1 (and what the authors' own code gave on these machines); the experiments
 # that measure each row, in the order they are listed.
 README_ROWS = [
     ("Conv7", "MNIST", 45, "99.72%", ("full", "dense"), "conv7"),
@@ -251,7 +251,7 @@ def _readme_table(rep: Report) -> None:
         g = group_row(chosen)
         rows.append([f"F2, beyond the paper: `{F2_CHOSEN}` sync (see below)", "MNIST", "–", g["selected"], g["final"],
                      g["best"], "–", f"{g['epochs']}; paper budget", g["seeds"], g["time"]])
-    rep.add("## The paper's README rows (SPEC §5)", "",
+    rep.add("## The paper's README rows (docs/algorithm.md §5)", "",
             "Ours: LaPerm, mean ± sample std over seeds. *Selected*: test accuracy of the model chosen on a "
             "validation split held out of the training set (our rule). *Final*: the synced model at the end. "
             "*Best-test*: the best test accuracy over the run, the paper's own (optimistic) protocol, labelled.", "",
@@ -269,8 +269,10 @@ def _agnostic(rep: Report) -> None:
     if not runs:
         return
     rep.add("## Single shared value (F1, F2)", "")
-    rows, groups, vals, errs = [], [], {"LaPerm (shared value)": [], "Adam (dense he-uniform)": []}, {}
-    errs = {k: [] for k in vals}
+    rows: list[list[str]] = []
+    groups: list[Any] = []
+    vals: dict[str, list[float]] = {"LaPerm (shared value)": [], "Adam (dense he-uniform)": []}
+    errs: dict[str, list[float]] = {k: [] for k in vals}
     for model in ("f1", "f2"):
         groups.append(model.upper())
         for method, key in (("LaPerm", "LaPerm (shared value)"), ("Adam", "Adam (dense he-uniform)")):
@@ -465,7 +467,7 @@ def _full(rep: Report) -> None:
         if not all(sel.values()):
             continue
         common = min(headline(v[0])["epochs"] for v in sel.values())
-        gap = {}
+        gap: dict[str, Any] = {}
         for method, part in sel.items():
             r = part[0]
             h, same = headline(r), _at_epoch(r, common)

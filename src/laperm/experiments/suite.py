@@ -8,6 +8,7 @@ checks the wiring in a minute, never a result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .base import Experiment, Run, register
@@ -31,7 +32,7 @@ def _quick(budget: str, o: dict[str, Any], epochs: int = 1, subset: int = 2000) 
                 val_size=min(o.get("val_size", 5000), 1000), eval_every=1)
 
 
-def _runs(budget: str, seeds: list[int], specs: list[tuple[dict, dict]], hook: str | None = None) -> list[Run]:
+def _runs(budget: str, seeds: list[int], specs: Sequence[tuple[Any, Any]], hook: str | None = None) -> list[Run]:
     return [Run(_quick(budget, dict(o, seed=s)), dict(t, seed=s), hook) for o, t in specs for s in seeds]
 
 
@@ -228,8 +229,8 @@ def compute_profiles(folder, entries) -> None:
     from .. import models, rundir
     from ..analysis.profiles import layer_profiles
     from ..build import resolve_permute_biases
-    from ..optim import permuted_layouts
     from ..checkpoint import atomic_write_text, load
+    from ..optim import permuted_layouts
     from .base import load_manifest
 
     root = folder.parent

@@ -17,11 +17,11 @@ from .codec import (
     encode_rows,
     pack_bits,
     packed_size,
-    unpack_bits,
     parse_compact,
     same_bits,
     state_dict_nbytes,
     theta0_digest,
+    unpack_bits,
 )
 from .fileformat import (
     ExportResult,

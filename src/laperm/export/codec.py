@@ -1,6 +1,6 @@
 """Compact checkpoints of LaPerm-trained networks: ``laperm export``.
 
-After a sync, every permuted row is a permutation of its θ0 row (SPEC §2), so
+After a sync, every permuted row is a permutation of its θ0 row (docs/algorithm.md §2), so
 a trained network is fully described by θ0 plus, for every row, *which* of
 its initial values sits at each position.  θ0 itself costs nothing to store:
 it is rebuilt bit-exactly from the run's recipe (model, init, seed) by
@@ -39,9 +39,8 @@ import json
 import math
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,7 @@ from torch import Tensor
 
 from .. import checkpoint, reconnect
 from ..reconnect import RowLayout, float_bits
+
 __all__ = [
     "CompactFormatError",
     "Decoded",
@@ -331,7 +331,7 @@ def encode_compact(
 class Decoded:
     """A decoded compact checkpoint: the weights, θ0 and what was permuted."""
 
-    state_dict: "OrderedDict[str, Tensor]"
+    state_dict: OrderedDict[str, Tensor]
     theta0: dict[str, Tensor]
     layouts: dict[str, RowLayout]
     header: dict[str, Any]

@@ -61,7 +61,7 @@ def read_compact(path: str | Path) -> bytes:
         raise CompactFormatError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def load_compact(path: str | Path, theta0: Mapping[str, Tensor] | None = None) -> "OrderedDict[str, Tensor]":
+def load_compact(path: str | Path, theta0: Mapping[str, Tensor] | None = None) -> OrderedDict[str, Tensor]:
     """The model ``state_dict`` stored in compact checkpoint ``path``, bit-exactly.
 
     θ0 comes from the file (``--with-theta0``), else from its recipe; pass

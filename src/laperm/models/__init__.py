@@ -1,4 +1,4 @@
-"""The paper's models, layer by layer as in the reference notebooks (SPEC §4).
+"""The paper's models, layer by layer as in the reference notebooks (docs/algorithm.md §4).
 
 ``build(name, seed=...)`` returns a Keras-initialised model; ``MODELS`` describes each one.
 """

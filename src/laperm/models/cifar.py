@@ -1,4 +1,4 @@
-"""CIFAR-10 VGG-style models of the paper: Conv2, Conv4 and Conv13 (SPEC §4).
+"""CIFAR-10 VGG-style models of the paper: Conv2, Conv4 and Conv13 (docs/algorithm.md §4).
 
 Every conv is 3x3 'same' followed by ReLU then BatchNorm (the reference's order); kernels and
 biases are he-uniform; L2 goes on every kernel except the output layer's. Inputs are float

@@ -1,4 +1,4 @@
-"""MNIST models of the paper: F1, F2, LeNet-300-100 and Conv7 (SPEC §4).
+"""MNIST models of the paper: F1, F2, LeNet-300-100 and Conv7 (docs/algorithm.md §4).
 
 Inputs are float N x 1 x 28 x 28 (N x 784 also works for the dense nets); outputs are logits.
 """
