@@ -38,6 +38,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+import laperm.engine.trainer as trainer_module
 import laperm.train as engine_module
 from laperm.config import resolve_config
 from laperm.data import load_dataset, train_val_split
@@ -106,7 +107,7 @@ def engine_run(out: Path, quick: bool, progress: bool, epochs: int) -> dict:
         return clock.attach(model), masks
 
     start = time.perf_counter()
-    with mock.patch.object(engine_module, "build_model", build_and_clock), \
+    with mock.patch.object(trainer_module, "build_model", build_and_clock), \
             _progress_to_fake_tty() if progress else contextlib.nullcontext():
         engine_module.train(cfg, overwrite=True, log=lambda line: None)
     total = time.perf_counter() - start

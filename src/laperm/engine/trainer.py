@@ -51,6 +51,7 @@ class Trainer:
         self.loaders, self.log, self.callbacks, self.d = loaders, log, callbacks, d
         self.main = d.is_main  # only rank 0 writes files
         self.last_saved, saved = resumed
+        self.pos, self.start = 0, 0.0  # batch position in the epoch, and when its timing (re)started
         self._build_model()
         self.state = TrainingState()
         # Accumulators of the epoch in progress, flushed to `state` every FLUSH_EVERY steps (not at
