@@ -219,31 +219,33 @@ def _at_epoch(run: dict[str, Any], epoch: Any) -> dict[str, Any] | None:
             "best": max(r["test_acc"] for r in recs)}
 
 
+def _readme_row_runs(rep: Report, label: str, data: str, paper: str, exps: Any, model: str | None) -> list[list[str]]:
+    """The table rows of one README row: one per protocol and seed group of its LaPerm runs ([]: none)."""
+    rows = []
+    for exp in exps or ():
+        everything = select(rep.runs.get(exp, []), model=model)
+        runs = [r for r in everything if r["tags"].get("method", "").lower() == "laperm"]
+        adam = [r for r in everything if r["tags"].get("method", "").lower() == "adam"
+                and not str(r["tags"].get("protocol", "")).startswith("paper")]
+        for protocol in dict.fromkeys(r["tags"].get("protocol") for r in runs):
+            for seeds_label, sel in _seed_groups([r for r in runs if r["tags"].get("protocol") == protocol]):
+                g = group_row(sel)
+                h = headline(sel[0])
+                adam_col = group_row(adam)["final"] if adam else "–"
+                if adam and not h["done"]:  # compare at the epoch the LaPerm run reached
+                    same = _at_epoch(adam[0], h["epochs"])
+                    adam_col = f"{100 * same['at']:.2f}% (epoch {h['epochs']})" if same else "–"
+                name = label + "".join(f" [{x}]" for x in (protocol, seeds_label) if x)
+                rows.append([name, data, paper, g["selected"], g["final"], g["best"], adam_col,
+                             f"{g['epochs']}; {_budget_label(sel, h)}", g["seeds"], g["time"]])
+    return rows
+
+
 def _readme_table(rep: Report) -> None:
     rows = []
     for label, data, epochs, paper, exps, model in README_ROWS:
-        found = False
-        for exp in exps or ():
-            everything = select(rep.runs.get(exp, []), model=model)
-            runs = [r for r in everything if r["tags"].get("method", "").lower() == "laperm"]
-            adam = [r for r in everything if r["tags"].get("method", "").lower() == "adam"
-                    and not str(r["tags"].get("protocol", "")).startswith("paper")]
-            if not runs:
-                continue
-            found = True
-            for protocol in dict.fromkeys(r["tags"].get("protocol") for r in runs):
-                for seeds_label, sel in _seed_groups([r for r in runs if r["tags"].get("protocol") == protocol]):
-                    g = group_row(sel)
-                    h = headline(sel[0])
-                    adam_col = group_row(adam)["final"] if adam else "–"
-                    if adam and not h["done"]:  # compare at the epoch the LaPerm run reached
-                        same = _at_epoch(adam[0], h["epochs"])
-                        adam_col = f"{100 * same['at']:.2f}% (epoch {h['epochs']})" if same else "–"
-                    name = label + "".join(f" [{x}]" for x in (protocol, seeds_label) if x)
-                    rows.append([name, data, paper, g["selected"], g["final"], g["best"], adam_col,
-                                 f"{g['epochs']}; {_budget_label(sel, h)}", g["seeds"], g["time"]])
-        if not found:
-            rows.append([label, data, paper, "not run here", "–", "–", "–", f"{epochs} (paper)", "–", "–"])
+        found = _readme_row_runs(rep, label, data, paper, exps, model)
+        rows += found or [[label, data, paper, "not run here", "–", "–", "–", f"{epochs} (paper)", "–", "–"]]
     from .suite import F2_CHOSEN
 
     chosen = select(rep.runs.get("f2-research", []), setting=F2_CHOSEN)
