@@ -42,16 +42,48 @@ def section_sync(quick: bool) -> tuple[list, str]:
     finally:
         reconnect.set_num_threads(saved)
     table = md_table(
-        ["model", "weights", "longest row", f"laperm ({threads} threads) ms", "laperm 1 thread ms",
-         "np.argsort ms", "reference ms", "laperm / np.argsort", "1 thread / np.argsort",
-         "reference / np.argsort", "target", "met"],
-        [[r["model"], f"{r['weights']:,}", r["max_row"], f"{r['laperm_ms']:.2f}", f"{r['laperm_1t_ms']:.2f}",
-          f"{r['numpy_argsort_ms']:.2f}", f"{r['reference_ms']:.2f}", f"{r['ratio_laperm']:.3f}",
-          f"{r['ratio_laperm_1t']:.3f}", f"{r['ratio_reference']:.3f}",
-          "<= 1.0" if r["model"] == "conv13" else "",
-          mark(r["ratio_laperm"] <= 1.0) if r["model"] == "conv13" else ""] for r in rows])
-    goals = [["Conv13 full sync / single-threaded np.argsort", f"{r['ratio_laperm']:.3f}", "<= 1.0",
-              mark(r["ratio_laperm"] <= 1.0)] for r in rows if r["model"] == "conv13"]
+        [
+            "model",
+            "weights",
+            "longest row",
+            f"laperm ({threads} threads) ms",
+            "laperm 1 thread ms",
+            "np.argsort ms",
+            "reference ms",
+            "laperm / np.argsort",
+            "1 thread / np.argsort",
+            "reference / np.argsort",
+            "target",
+            "met",
+        ],
+        [
+            [
+                r["model"],
+                f"{r['weights']:,}",
+                r["max_row"],
+                f"{r['laperm_ms']:.2f}",
+                f"{r['laperm_1t_ms']:.2f}",
+                f"{r['numpy_argsort_ms']:.2f}",
+                f"{r['reference_ms']:.2f}",
+                f"{r['ratio_laperm']:.3f}",
+                f"{r['ratio_laperm_1t']:.3f}",
+                f"{r['ratio_reference']:.3f}",
+                "<= 1.0" if r["model"] == "conv13" else "",
+                mark(r["ratio_laperm"] <= 1.0) if r["model"] == "conv13" else "",
+            ]
+            for r in rows
+        ],
+    )
+    goals = [
+        [
+            "Conv13 full sync / single-threaded np.argsort",
+            f"{r['ratio_laperm']:.3f}",
+            "<= 1.0",
+            mark(r["ratio_laperm"] <= 1.0),
+        ]
+        for r in rows
+        if r["model"] == "conv13"
+    ]
     return goals, (
         "One full synchronisation of every permuted tensor (`reconnect.sync_tensor_`, as `LaPerm` calls it) "
         "against a plain single-threaded `numpy.argsort` of the same rows (the practical floor of any "
@@ -68,21 +100,69 @@ def section_overhead(quick: bool) -> tuple[list, str]:
             target = r["targets"].get(k)
             parts, q1, wall = r["parts"][k], r["cpu_q1"], r["wall_median"]
             met = None if target is None else parts <= target
-            lines.append([r["model"], k, f"{q1['adam_steps_per_s']:,.1f}", f"{q1[f'steps_per_s_k{k}']:,.1f}",
-                          f"{q1[f'ratio_k{k}']:.4f}", f"{wall[f'ratio_k{k}']:.4f}", f"{parts:.4f}",
-                          "" if target is None else f"<= {target:g}", mark(met)])
+            lines.append(
+                [
+                    r["model"],
+                    k,
+                    f"{q1['adam_steps_per_s']:,.1f}",
+                    f"{q1[f'steps_per_s_k{k}']:,.1f}",
+                    f"{q1[f'ratio_k{k}']:.4f}",
+                    f"{wall[f'ratio_k{k}']:.4f}",
+                    f"{parts:.4f}",
+                    "" if target is None else f"<= {target:g}",
+                    mark(met),
+                ]
+            )
             if target is not None:
-                goals.append([f"LaPerm(Adam) / Adam step time, {r['model']}, k={k} (from parts; direct CPU q1)",
-                              f"{parts:.4f}; {q1[f'ratio_k{k}']:.4f}", f"<= {target:g}", mark(met)])
-    table = md_table(["model", "k", "Adam steps/s", "LaPerm steps/s", "ratio direct (CPU, q1)",
-                      "ratio direct (wall, median)", "ratio from parts", "target", "met"], lines)
+                goals.append(
+                    [
+                        f"LaPerm(Adam) / Adam step time, {r['model']}, k={k} (from parts; direct CPU q1)",
+                        f"{parts:.4f}; {q1[f'ratio_k{k}']:.4f}",
+                        f"<= {target:g}",
+                        mark(met),
+                    ]
+                )
+    table = md_table(
+        [
+            "model",
+            "k",
+            "Adam steps/s",
+            "LaPerm steps/s",
+            "ratio direct (CPU, q1)",
+            "ratio direct (wall, median)",
+            "ratio from parts",
+            "target",
+            "met",
+        ],
+        lines,
+    )
     detail = md_table(
-        ["model", "init", "batch", "steps per contender", "noise floor: Adam' / Adam (CPU q1; wall median)",
-         "LaPerm plain step (ms)", "LaPerm.step own work (µs)", "one sync (ms)", "sync / plain step"],
-        [[r["model"], f"`{r['init']}`", r["batch"], r["chunk"] * r["rounds"],
-          f"{r['cpu_q1']['control_ratio']:.4f}; {r['wall_median']['control_ratio']:.4f}",
-          f"{r['plain_step_ms']:.3f}", f"{r['per_step_us']:.1f}", f"{r['sync_ms']:.2f}",
-          f"{r['sync_ms'] / r['plain_step_ms']:.2f}"] for r in rows])
+        [
+            "model",
+            "init",
+            "batch",
+            "steps per contender",
+            "noise floor: Adam' / Adam (CPU q1; wall median)",
+            "LaPerm plain step (ms)",
+            "LaPerm.step own work (µs)",
+            "one sync (ms)",
+            "sync / plain step",
+        ],
+        [
+            [
+                r["model"],
+                f"`{r['init']}`",
+                r["batch"],
+                r["chunk"] * r["rounds"],
+                f"{r['cpu_q1']['control_ratio']:.4f}; {r['wall_median']['control_ratio']:.4f}",
+                f"{r['plain_step_ms']:.3f}",
+                f"{r['per_step_us']:.1f}",
+                f"{r['sync_ms']:.2f}",
+                f"{r['sync_ms'] / r['plain_step_ms']:.2f}",
+            ]
+            for r in rows
+        ],
+    )
     return goals, (
         "Time per training step of LaPerm(Adam) over plain Adam (lower is better), same model, data and batch "
         "size (the paper's: 128 for F2 and lenet300, 50 for Conv7), Adam settings and loss as `laperm train` "
@@ -99,23 +179,55 @@ def section_overhead(quick: bool) -> tuple[list, str]:
 def section_memory(quick: bool) -> tuple[list, str]:
     kept = memory.kept_state(quick)
     scratch, peak = memory.subprocess_measurements(quick)
-    t1 = md_table(["init", "model", "storage of sorted θ0", "permuted params", "LaPerm keeps", "ratio", "target",
-                   "met"],
-                  [[r["init"], r["model"], r["storage"], fmt_bytes(r["permuted_bytes"]),
-                    fmt_bytes(r["extra_bytes"]), f"{r['ratio']:.4f}",
-                    "" if r["target"] is None else f"<= {r['target']:g}", mark(r["met"])] for r in kept])
-    t2 = md_table(["after syncing (in turn, one process)", "model", "kernel scratch kept", "transient peak of a sync"],
-                  [[a["init"], a["model"], fmt_bytes(a["kept_bytes"]), fmt_bytes(a["transient_peak_bytes"])]
-                   for a in scratch["after"]])
+    t1 = md_table(
+        ["init", "model", "storage of sorted θ0", "permuted params", "LaPerm keeps", "ratio", "target", "met"],
+        [
+            [
+                r["init"],
+                r["model"],
+                r["storage"],
+                fmt_bytes(r["permuted_bytes"]),
+                fmt_bytes(r["extra_bytes"]),
+                f"{r['ratio']:.4f}",
+                "" if r["target"] is None else f"<= {r['target']:g}",
+                mark(r["met"]),
+            ]
+            for r in kept
+        ],
+    )
+    t2 = md_table(
+        ["after syncing (in turn, one process)", "model", "kernel scratch kept", "transient peak of a sync"],
+        [
+            [a["init"], a["model"], fmt_bytes(a["kept_bytes"]), fmt_bytes(a["transient_peak_bytes"])]
+            for a in scratch["after"]
+        ],
+    )
     adam = next(r for r in peak if r["optimizer"] == "adam")
     lap = next(r for r in peak if r["optimizer"] == "laperm")
     diff = lap["peak_rss_bytes"] - adam["peak_rss_bytes"]
-    t3 = md_table(["run", "model", "peak RSS", "LaPerm - Adam", "of which sorted θ0 (`extra_memory_bytes`)"],
-                  [["Adam", adam["model"], fmt_bytes(adam["peak_rss_bytes"]), "", ""],
-                   ["LaPerm(Adam), k=2", lap["model"], fmt_bytes(lap["peak_rss_bytes"]), fmt_bytes(diff),
-                    fmt_bytes(lap["extra_bytes"])]])
-    goals = [[f"LaPerm's extra memory / permuted bytes, {r['init']} ({r['model']})", f"{r['ratio']:.4f}",
-              f"<= {r['target']:g}", mark(r["met"])] for r in kept if r["target"] is not None]
+    t3 = md_table(
+        ["run", "model", "peak RSS", "LaPerm - Adam", "of which sorted θ0 (`extra_memory_bytes`)"],
+        [
+            ["Adam", adam["model"], fmt_bytes(adam["peak_rss_bytes"]), "", ""],
+            [
+                "LaPerm(Adam), k=2",
+                lap["model"],
+                fmt_bytes(lap["peak_rss_bytes"]),
+                fmt_bytes(diff),
+                fmt_bytes(lap["extra_bytes"]),
+            ],
+        ],
+    )
+    goals = [
+        [
+            f"LaPerm's extra memory / permuted bytes, {r['init']} ({r['model']})",
+            f"{r['ratio']:.4f}",
+            f"<= {r['target']:g}",
+            mark(r["met"]),
+        ]
+        for r in kept
+        if r["target"] is not None
+    ]
     return goals, (
         "**Kept state.** Bytes `LaPerm.extra_memory_bytes()` reports (the sorted θ0: dense, or run-length "
         "encoded for repeated values) over the bytes of the permuted parameters.\n\n"
@@ -137,15 +249,43 @@ def section_memory(quick: bool) -> tuple[list, str]:
 
 def section_engine(quick: bool) -> tuple[list, str]:
     res = engine.run(quick)
-    goals = [[f"{r['runner']} / bare loop, images/s (CPU q1; wall median; whole epochs)",
-              f"{r['ratio']:.3f}; {r['ratio_wall']:.3f}; {r['ratio_epoch']:.3f}", f">= {engine.TARGET}",
-              mark(r["met"])] for r in res["rows"] if r["met"] is not None]
-    table = md_table(["runner", "images/epoch", "images/s (CPU q1)", "ratio (CPU q1)", "ratio (wall median)",
-                      "ratio of whole-epoch times", "target", "met", "whole call (s)"],
-                     [[r["runner"], f"{r['images']:,}", f"{r['images_per_s']:,.0f}", f"{r['ratio']:.3f}",
-                       f"{r['ratio_wall']:.3f}", f"{r['ratio_epoch']:.3f}",
-                       "" if r["met"] is None else f">= {engine.TARGET}", mark(r["met"]),
-                       f"{r['end_to_end_s']:.1f}"] for r in res["rows"]])
+    goals = [
+        [
+            f"{r['runner']} / bare loop, images/s (CPU q1; wall median; whole epochs)",
+            f"{r['ratio']:.3f}; {r['ratio_wall']:.3f}; {r['ratio_epoch']:.3f}",
+            f">= {engine.TARGET}",
+            mark(r["met"]),
+        ]
+        for r in res["rows"]
+        if r["met"] is not None
+    ]
+    table = md_table(
+        [
+            "runner",
+            "images/epoch",
+            "images/s (CPU q1)",
+            "ratio (CPU q1)",
+            "ratio (wall median)",
+            "ratio of whole-epoch times",
+            "target",
+            "met",
+            "whole call (s)",
+        ],
+        [
+            [
+                r["runner"],
+                f"{r['images']:,}",
+                f"{r['images_per_s']:,.0f}",
+                f"{r['ratio']:.3f}",
+                f"{r['ratio_wall']:.3f}",
+                f"{r['ratio_epoch']:.3f}",
+                "" if r["met"] is None else f">= {engine.TARGET}",
+                mark(r["met"]),
+                f"{r['end_to_end_s']:.1f}",
+            ]
+            for r in res["rows"]
+        ],
+    )
     return goals, (
         f"`laperm.train.train` (what `laperm train` runs) against a bare hand-written loop: lenet300, "
         f"LaPerm(Adam) k={engine.K}, batch 128, {res['dataset']}, {res['epochs']} epoch(s) per run, "
@@ -161,13 +301,43 @@ def section_engine(quick: bool) -> tuple[list, str]:
 
 def section_compact(quick: bool) -> tuple[list, str]:
     rows = compact.run(quick)
-    goals = [[f"compact checkpoint / float32 state_dict, {r['case']} (bit-exact: {'yes' if r['bit_exact'] else 'NO'})",
-              f"{r['ratio']:.4f}", f"<= {r['target']:.4g}", mark(r["met"])] for r in rows if r["target"] is not None]
-    table = md_table(["network", "compact file", "float32 state_dict file", "ratio", "1/ratio",
-                      "code bits per permuted weight", "reloads bit-exactly", "target", "met"],
-                     [[r["case"], fmt_bytes(r["bytes"]), fmt_bytes(r["state_dict_bytes"]), f"{r['ratio']:.4f}",
-                       f"{1 / r['ratio']:.1f}", f"{r['bits_per_weight']:.2f}", "yes" if r["bit_exact"] else "NO",
-                       "" if r["target"] is None else f"<= {r['target']:.4g}", mark(r["met"])] for r in rows])
+    goals = [
+        [
+            f"compact checkpoint / float32 state_dict, {r['case']} (bit-exact: {'yes' if r['bit_exact'] else 'NO'})",
+            f"{r['ratio']:.4f}",
+            f"<= {r['target']:.4g}",
+            mark(r["met"]),
+        ]
+        for r in rows
+        if r["target"] is not None
+    ]
+    table = md_table(
+        [
+            "network",
+            "compact file",
+            "float32 state_dict file",
+            "ratio",
+            "1/ratio",
+            "code bits per permuted weight",
+            "reloads bit-exactly",
+            "target",
+            "met",
+        ],
+        [
+            [
+                r["case"],
+                fmt_bytes(r["bytes"]),
+                fmt_bytes(r["state_dict_bytes"]),
+                f"{r['ratio']:.4f}",
+                f"{1 / r['ratio']:.1f}",
+                f"{r['bits_per_weight']:.2f}",
+                "yes" if r["bit_exact"] else "NO",
+                "" if r["target"] is None else f"<= {r['target']:.4g}",
+                mark(r["met"]),
+            ]
+            for r in rows
+        ],
+    )
     return goals, (
         "`laperm export` stores θ0's recipe (model, init, seed) plus, per permuted row, each position's index "
         "among the row's distinct initial values, bit-packed at ceil(log2(distinct values)) bits (1 bit for "
@@ -221,32 +391,34 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(text)
     info["load average at the end"] = load_average()
     info["duration"] = f"{time.perf_counter() - start:.0f} s"
-    doc = "\n".join([
-        "# Benchmarks",
-        "",
-        f"Generated by `{command}` (from the repository root; `--quick` numbers are a smoke run only). "
-        "Regenerate with the same command; absolute times depend on the machine, the ratios are what to "
-        "compare. Everything compared runs side by side in one process, interleaved in random order, and is "
-        "reported as medians or quantiles of many samples (each section says which), because this 2-core "
-        "machine is shared: the load average below shows how busy it was. The training sections use the "
-        "torch threads named below (`--threads`; with torch's default of 2 threads, a training step was up to "
-        "100x slower whenever other processes kept a core busy, OpenMP threads waiting for each other); the "
-        "sync kernel uses every usable core.",
-        "",
-        "What made the targets: the sync kernel (`reconnect.py`: int64 keys, blocked, threaded); and in "
-        "`LaPerm` (`optim.py`) a finite check by `aminmax` instead of `isfinite(p).all()` (~15x faster, one "
-        "host sync per group instead of per tensor), run-length-encoded θ0 expanded with `numpy.repeat`, and "
-        "torch's per-step profiler/hook wrapper (~10 µs) entered only when a hook or the profiler is active.",
-        "",
-        md_table(["", ""], [[k, v] for k, v in info.items()]),
-        "",
-        "## Targets (issue 3)",
-        "",
-        md_table(["what", "measured", "target", "met"], goals),
-        "",
-        *parts,
-        DISTRIBUTED,
-    ])
+    doc = "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"Generated by `{command}` (from the repository root; `--quick` numbers are a smoke run only). "
+            "Regenerate with the same command; absolute times depend on the machine, the ratios are what to "
+            "compare. Everything compared runs side by side in one process, interleaved in random order, and is "
+            "reported as medians or quantiles of many samples (each section says which), because this 2-core "
+            "machine is shared: the load average below shows how busy it was. The training sections use the "
+            "torch threads named below (`--threads`; with torch's default of 2 threads, a training step was up to "
+            "100x slower whenever other processes kept a core busy, OpenMP threads waiting for each other); the "
+            "sync kernel uses every usable core.",
+            "",
+            "What made the targets: the sync kernel (`reconnect.py`: int64 keys, blocked, threaded); and in "
+            "`LaPerm` (`optim.py`) a finite check by `aminmax` instead of `isfinite(p).all()` (~15x faster, one "
+            "host sync per group instead of per tensor), run-length-encoded θ0 expanded with `numpy.repeat`, and "
+            "torch's per-step profiler/hook wrapper (~10 µs) entered only when a hook or the profiler is active.",
+            "",
+            md_table(["", ""], [[k, v] for k, v in info.items()]),
+            "",
+            "## Targets (issue 3)",
+            "",
+            md_table(["what", "measured", "target", "met"], goals),
+            "",
+            *parts,
+            DISTRIBUTED,
+        ]
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(doc)
     print(f"wrote {args.output}")

@@ -52,10 +52,16 @@ def run(quick: bool = False) -> list[dict]:
         weights = sum(e["rows"] * e["cols"] for e in codes)
         reference = export.state_dict_nbytes(final)
         ratio = len(data) / reference
-        rows.append({
-            "case": label, "bytes": len(data), "state_dict_bytes": reference, "ratio": ratio,
-            "bits_per_weight": sum(e["bits"] * e["rows"] * e["cols"] for e in codes) / weights,
-            "bit_exact": exact, "target": target,
-            "met": None if target is None else (ratio <= target and exact),
-        })
+        rows.append(
+            {
+                "case": label,
+                "bytes": len(data),
+                "state_dict_bytes": reference,
+                "ratio": ratio,
+                "bits_per_weight": sum(e["bits"] * e["rows"] * e["cols"] for e in codes) / weights,
+                "bit_exact": exact,
+                "target": target,
+                "met": None if target is None else (ratio <= target and exact),
+            }
+        )
     return rows

@@ -24,9 +24,29 @@ from .common import machine_info
 
 def run_once(nproc: int, epochs: int, out: Path, name: str) -> float:
     """Training images/s of one run, from its metrics.jsonl."""
-    cmd = [sys.executable, "-m", "laperm", "train", "--model", "lenet300", "--epochs", str(epochs),
-           "--batch-size", "128", "--k", "100", "--no-progress", "--out", str(out), "--name", name,
-           "--eval-every", str(epochs), "--nproc", str(nproc)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "laperm",
+        "train",
+        "--model",
+        "lenet300",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "128",
+        "--k",
+        "100",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--eval-every",
+        str(epochs),
+        "--nproc",
+        str(nproc),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     seen = sum(r["images_per_s"] * r["epoch_time_s"] for r in records)
@@ -37,11 +57,17 @@ def run(nproc: int = 2, epochs: int = 1, rounds: int = 2) -> dict[str, float]:
     rates: dict[int, list[float]] = {1: [], nproc: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for n in ((1, nproc) if r % 2 == 0 else (nproc, 1)):  # alternate who goes first
+            for n in (1, nproc) if r % 2 == 0 else (nproc, 1):  # alternate who goes first
                 rates[n].append(run_once(n, epochs, Path(tmp), f"p{n}-r{r}"))
     one, many = statistics.median(rates[1]), statistics.median(rates[nproc])
-    return {"nproc": nproc, "epochs": epochs, "rounds": rounds, "images_per_s_1": one,
-            f"images_per_s_{nproc}": many, "speedup": many / one}
+    return {
+        "nproc": nproc,
+        "epochs": epochs,
+        "rounds": rounds,
+        "images_per_s_1": one,
+        f"images_per_s_{nproc}": many,
+        "speedup": many / one,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args.nproc, args.epochs, args.rounds)
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print(f"lenet300 on MNIST, batch 128 (global), k=100, {args.epochs} epoch(s), median of {args.rounds}:")
-    print(f"  1 process: {res['images_per_s_1']:,.0f} img/s   {args.nproc} processes: "
-          f"{res[f'images_per_s_{args.nproc}']:,.0f} img/s   ratio {res['speedup']:.2f}x")
+    print(
+        f"  1 process: {res['images_per_s_1']:,.0f} img/s   {args.nproc} processes: "
+        f"{res[f'images_per_s_{args.nproc}']:,.0f} img/s   ratio {res['speedup']:.2f}x"
+    )
     return 0
 
 

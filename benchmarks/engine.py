@@ -89,8 +89,16 @@ class StepClock:
 
 
 def _config(out: Path, quick: bool, progress: bool, epochs: int):
-    layers = {"model": "lenet300", "epochs": epochs, "out": str(out), "name": f"engine-{int(progress)}",
-              "progress": progress, "device": "cpu", "lr_schedule": "constant", "k": K}
+    layers = {
+        "model": "lenet300",
+        "epochs": epochs,
+        "out": str(out),
+        "name": f"engine-{int(progress)}",
+        "progress": progress,
+        "device": "cpu",
+        "lr_schedule": "constant",
+        "k": K,
+    }
     if quick:
         layers.update(dataset="synthetic", val_size=64)
     return resolve_config(layers)
@@ -107,8 +115,10 @@ def engine_run(out: Path, quick: bool, progress: bool, epochs: int) -> dict:
         return clock.attach(model), masks
 
     start = time.perf_counter()
-    with mock.patch.object(trainer_module, "build_model", build_and_clock), \
-            _progress_to_fake_tty() if progress else contextlib.nullcontext():
+    with (
+        mock.patch.object(trainer_module, "build_model", build_and_clock),
+        _progress_to_fake_tty() if progress else contextlib.nullcontext(),
+    ):
         engine_module.train(cfg, overwrite=True, log=lambda line: None)
     total = time.perf_counter() - start
     records = read_metrics(out / cfg.run_name() / "metrics.jsonl")
@@ -137,7 +147,7 @@ class BareLoop:
         for _ in range(self.cfg.epochs):
             order = torch.randperm(n, generator=g)
             for i in range(0, n, bs):
-                rows = order[i:i + bs]
+                rows = order[i : i + bs]
                 loss = F.cross_entropy(model(self.x[rows]), self.y[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -166,12 +176,15 @@ def run(quick: bool = False) -> dict:
     bare = BareLoop(quick, epochs)
     with tempfile.TemporaryDirectory(prefix="laperm-bench-") as tmp:
         out = Path(tmp)
-        samples = interleave({
-            "bare loop": bare.run,
-            "bare loop, again (noise floor)": bare.run,
-            "laperm train --no-progress": lambda: engine_run(out, quick, False, epochs),
-            "laperm train (progress bar)": lambda: engine_run(out, quick, True, epochs),
-        }, rounds)
+        samples = interleave(
+            {
+                "bare loop": bare.run,
+                "bare loop, again (noise floor)": bare.run,
+                "laperm train --no-progress": lambda: engine_run(out, quick, False, epochs),
+                "laperm train (progress bar)": lambda: engine_run(out, quick, True, epochs),
+            },
+            rounds,
+        )
     images = len(bare.y) * epochs  # the engine trains on the same images
     base = samples["bare loop"]
     t_cpu, t_wall = seconds_per_step(base, 2, 0.25), seconds_per_step(base, 1, 0.5)
@@ -180,11 +193,17 @@ def run(quick: bool = False) -> dict:
         cpu, wall = seconds_per_step(runs, 2, 0.25), seconds_per_step(runs, 1, 0.5)
         ratio = t_cpu / cpu  # throughput ratio: > 1 is faster than the bare loop
         epoch_ratio = median([b["loop_s"] / r["loop_s"] for r, b in zip(runs, base)])
-        rows.append({
-            "runner": name, "images": images, "batch": bare.cfg.batch_size,
-            "images_per_s": bare.cfg.batch_size / cpu,
-            "ratio": ratio, "ratio_wall": t_wall / wall, "ratio_epoch": epoch_ratio,
-            "end_to_end_s": median([r["total_s"] for r in runs]),
-            "met": None if name.startswith("bare") else ratio >= TARGET,
-        })
+        rows.append(
+            {
+                "runner": name,
+                "images": images,
+                "batch": bare.cfg.batch_size,
+                "images_per_s": bare.cfg.batch_size / cpu,
+                "ratio": ratio,
+                "ratio_wall": t_wall / wall,
+                "ratio_epoch": epoch_ratio,
+                "end_to_end_s": median([r["total_s"] for r in runs]),
+                "met": None if name.startswith("bare") else ratio >= TARGET,
+            }
+        )
     return {"epochs": epochs, "rounds": rounds, "dataset": "synthetic" if quick else "mnist", "rows": rows}

@@ -59,9 +59,18 @@ def kept_state(quick: bool = False) -> list[dict]:
         extra = opt.extra_memory_bytes()
         encodings = sorted({st["sorted"].encoding for st in opt.state.values()})
         target = TARGETS.get(label)
-        rows.append({"init": label, "model": resolve_config(layers).model, "storage": "+".join(encodings),
-                     "permuted_bytes": permuted, "extra_bytes": extra, "ratio": extra / permuted,
-                     "target": target, "met": None if target is None else extra / permuted <= target})
+        rows.append(
+            {
+                "init": label,
+                "model": resolve_config(layers).model,
+                "storage": "+".join(encodings),
+                "permuted_bytes": permuted,
+                "extra_bytes": extra,
+                "ratio": extra / permuted,
+                "target": target,
+                "met": None if target is None else extra / permuted <= target,
+            }
+        )
     return rows
 
 
@@ -77,8 +86,9 @@ def _child_scratch(quick: bool) -> dict:
         opt.sync()
         kept, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        out["after"].append({"init": label, "model": resolve_config(layers).model,
-                             "kept_bytes": kept, "transient_peak_bytes": peak})
+        out["after"].append(
+            {"init": label, "model": resolve_config(layers).model, "kept_bytes": kept, "transient_peak_bytes": peak}
+        )
     return out
 
 
@@ -95,16 +105,30 @@ def _child_peak(optimizer: str, model: str, steps: int, batch: int) -> dict:
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     extra = opt.extra_memory_bytes() if isinstance(opt, LaPerm) else 0
-    return {"optimizer": optimizer, "model": model, "steps": steps, "batch": batch,
-            "params": sum(p.numel() for p in net.parameters()),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "extra_bytes": extra}
+    return {
+        "optimizer": optimizer,
+        "model": model,
+        "steps": steps,
+        "batch": batch,
+        "params": sum(p.numel() for p in net.parameters()),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "extra_bytes": extra,
+    }
 
 
 def _spawn(*argss: list[str]) -> list[dict]:
     """Run ``python -m benchmarks.memory ARGS`` for each ARGS, all at once; their JSON results."""
     root = Path(__file__).resolve().parents[1]  # so that `-m benchmarks.memory` resolves from anywhere
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.memory", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=root) for args in argss]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.memory", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        for args in argss
+    ]
     out = []
     for args, proc in zip(argss, procs):
         stdout, stderr = proc.communicate()
@@ -129,8 +153,22 @@ def subprocess_measurements(quick: bool = False) -> tuple[dict, list[dict]]:
     model, steps, batch, repeats = ("f1", 2, 16, 1) if quick else ("conv13", 4, 8, 3)
     threads = ["--threads", str(torch.get_num_threads())]
     opts = ("laperm", "adam")
-    peak_args = [["--child", "peak", "--optimizer", opt, "--model", model, "--steps", str(steps),
-                  "--batch", str(batch), *threads] for opt in opts]
+    peak_args = [
+        [
+            "--child",
+            "peak",
+            "--optimizer",
+            opt,
+            "--model",
+            model,
+            "--steps",
+            str(steps),
+            "--batch",
+            str(batch),
+            *threads,
+        ]
+        for opt in opts
+    ]
     scratch, *first = _spawn(["--child", "scratch", *(["--quick"] if quick else []), *threads], *peak_args)
     runs = [first] + [_spawn(*peak_args) for _ in range(repeats - 1)]
     out = []

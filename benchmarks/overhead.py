@@ -88,7 +88,7 @@ def _batches(batch_size: int, n: int, quick: bool) -> list[tuple[torch.Tensor, t
     mean, std = ds.mean[0], ds.std[0]
     x = (ds.train_x[: batch_size * n].float() / 255 - mean) / std
     y = ds.train_y[: batch_size * n]
-    return [(x[i * batch_size:(i + 1) * batch_size], y[i * batch_size:(i + 1) * batch_size]) for i in range(n)]
+    return [(x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size]) for i in range(n)]
 
 
 class Contender:
@@ -97,8 +97,9 @@ class Contender:
     ``before_chunk(opt)`` runs (untimed) before every chunk.
     """
 
-    def __init__(self, cfg: TrainConfig, batches: list,
-                 before_chunk: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, batches: list, before_chunk: Callable[[torch.optim.Optimizer], None] | None = None
+    ) -> None:
         self.model, _ = build_model(cfg, torch.device("cpu"))
         self.opt = build_optimizer(cfg, self.model)
         spec = models.get_spec(cfg.model)
@@ -149,6 +150,7 @@ class Contender:
 
 def _one_sync_per_chunk(chunk: int) -> Callable[[torch.optim.Optimizer], None]:
     """Set the step counters so that the chunk's middle step ends in a sync."""
+
     def before(opt: torch.optim.Optimizer) -> None:
         for g in opt.param_groups:
             g["laperm_step"] = g["k"] - chunk // 2
@@ -203,16 +205,24 @@ def run_case(case: Case, quick: bool = False) -> dict:
         c.run(min(chunk, 5), record=False)
     interleave({n: (lambda c=c: c.run(chunk)) for n, c in contenders.items()}, rounds)
     big = contenders["one sync per chunk"]
-    row: dict = {"model": case.model, "init": base.init, "batch": case.batch_size, "chunk": chunk,
-                 "rounds": rounds, "targets": case.targets,
-                 "per_step_us": 1e6 * per_step_cost(big.model, base, quick)}
+    row: dict = {
+        "model": case.model,
+        "init": base.init,
+        "batch": case.batch_size,
+        "chunk": chunk,
+        "rounds": rounds,
+        "targets": case.targets,
+        "per_step_us": 1e6 * per_step_cost(big.model, base, quick),
+    }
     for clock in CLOCKS:
         for q, name in ((0.25, "q1"), (0.5, "median")):
             adam = contenders["adam"].per_step(clock, None, q)
-            res = {"adam_steps_per_s": 1 / adam,
-                   "control_ratio": contenders["adam'"].per_step(clock, None, q) / adam,
-                   "no_sync_ratio": big.per_step(clock, None, q) / adam,
-                   "sync_ms": 1e3 * big.sync_cost(clock, q)}
+            res = {
+                "adam_steps_per_s": 1 / adam,
+                "control_ratio": contenders["adam'"].per_step(clock, None, q) / adam,
+                "no_sync_ratio": big.per_step(clock, None, q) / adam,
+                "sync_ms": 1e3 * big.sync_cost(clock, q),
+            }
             for k in KS:
                 t = contenders[k].per_step(clock, k, q) if k in contenders else big.per_step(clock, k, q)
                 res[f"steps_per_s_k{k}"] = 1 / t

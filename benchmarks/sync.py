@@ -118,7 +118,7 @@ def run(quick: bool = False, repeats: int | None = None, names=MODELS) -> list[d
         order = list(methods)
         try:
             for k in range(repeats):
-                for m in order[k % len(order):] + order[: k % len(order)]:
+                for m in order[k % len(order) :] + order[: k % len(order)]:
                     times[m].append(methods[m](number))
         finally:
             reconnect.set_num_threads(saved_threads)
@@ -153,8 +153,10 @@ def machine_info() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':9} {'weights':>11} {'max_row':>7} {'laperm':>9} {'laperm_1t':>9} "
-            f"{'np.argsort':>10} {'reference':>9} | {'laperm/np':>9} {'1t/np':>6} {'ref/np':>6}")
+    head = (
+        f"{'model':9} {'weights':>11} {'max_row':>7} {'laperm':>9} {'laperm_1t':>9} "
+        f"{'np.argsort':>10} {'reference':>9} | {'laperm/np':>9} {'1t/np':>6} {'ref/np':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -173,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in machine_info().items()))
     rows = run(args.quick, args.repeats, args.models.split(","))
-    print(f"times: median of {rows[0]['repeats']} interleaved runs, ms; ratios against "
-          "single-threaded np.argsort of the same rows")
+    print(
+        f"times: median of {rows[0]['repeats']} interleaved runs, ms; ratios against "
+        "single-threaded np.argsort of the same rows"
+    )
     print(format_table(rows))
 
 

@@ -26,14 +26,14 @@ def _split(data: bytes) -> int:
     k = data.find(b"\xff\xda")
     if k < 0:
         raise ValueError("no start-of-scan marker")
-    return k + 2 + int.from_bytes(data[k + 2:k + 4], "big")
+    return k + 2 + int.from_bytes(data[k + 2 : k + 4], "big")
 
 
 def pack(src: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(src) as z:
         members = [(i.filename, z.read(i)) for i in z.infolist() if not i.is_dir()]
-    headers = Counter(data[:_split(data)] for _, data in members)
+    headers = Counter(data[: _split(data)] for _, data in members)
     table = [h for h, _ in headers.most_common()]
     index = {h: i for i, h in enumerate(table)}
     entries, digest = [], hashlib.sha256()
@@ -54,7 +54,7 @@ def unpack(src: Path, dest: Path) -> None:
     raw = (src / "headers.bin").read_bytes()
     table, pos = [], 0
     for n in meta["headers"]:
-        table.append(raw[pos:pos + n])
+        table.append(raw[pos : pos + n])
         pos += n
     digest = hashlib.sha256()
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,17 @@ PACKAGE = SRC / "laperm"
 # higher one; a module's layer is that of the longest entry its dotted name starts with.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("laperm.reconnect",)),
-    ("foundations", ("laperm.initial_values", "laperm.checkpoint", "laperm.distributed", "laperm.init",
-                     "laperm.data", "laperm.export.codec")),
+    (
+        "foundations",
+        (
+            "laperm.initial_values",
+            "laperm.checkpoint",
+            "laperm.distributed",
+            "laperm.init",
+            "laperm.data",
+            "laperm.export.codec",
+        ),
+    ),
     ("components", ("laperm.models", "laperm.optim")),
     ("configuration", ("laperm.config",)),
     ("construction", ("laperm.build", "laperm.rundir")),
@@ -94,8 +103,10 @@ def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
             if target.startswith(module + "."):
                 continue
             if layer_of(target) > layer_of(module):
-                bad.append(f"{module} (layer {LAYERS[layer_of(module)][0]}) imports {target} "
-                           f"(layer {LAYERS[layer_of(target)][0]}) at line {line}")
+                bad.append(
+                    f"{module} (layer {LAYERS[layer_of(module)][0]}) imports {target} "
+                    f"(layer {LAYERS[layer_of(target)][0]}) at line {line}"
+                )
     return bad
 
 
@@ -109,7 +120,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
         state[m] = 1
         for t in edges.get(m, []):
             if state.get(t) == 1:
-                return path[path.index(t):] + [m, t] if t in path else [m, t]
+                return path[path.index(t) :] + [m, t] if t in path else [m, t]
             if t not in state and (found := visit(t, path + [m])) is not None:
                 return found
         state[m] = 2
@@ -133,8 +144,11 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_an_upward_import_and_a_cycle():
     # The old knot: train -> rundir -> export -> train, with rundir <-> export.
-    old = {"laperm.train": {"laperm.rundir": 1}, "laperm.rundir": {"laperm.export": 2},
-           "laperm.export": {"laperm.train": 3, "laperm.rundir": 4}}
+    old = {
+        "laperm.train": {"laperm.rundir": 1},
+        "laperm.rundir": {"laperm.export": 2},
+        "laperm.export": {"laperm.train": 3, "laperm.rundir": 4},
+    }
     cycle = find_cycle(old)
     assert cycle is not None and cycle[0] == cycle[-1]
     assert any("laperm.export (layer files) imports laperm.train" in b for b in upward_imports(old))

@@ -20,8 +20,19 @@ from laperm import checkpoint
 from laperm.cli import main
 from laperm.data.idx import IDX_FILES, write_idx
 
-TINY = ["--dataset", "synthetic", "--val-size", "64", "--epochs", "1", "--batch-size", "64", "--threads", "1",
-        "--no-progress"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--val-size",
+    "64",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -46,24 +57,27 @@ def error_line(capsys, *argv: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--model", "resnet51"], "unknown model 'resnet51'; choose one of: f1, f2, lenet300, conv7"),
-    (["--dataset", "imagenet"], "Unknown dataset 'imagenet'; choose one of mnist, fashion-mnist, idx, cifar10"),
-    (["--preset", "conv99"], "unknown preset 'conv99'; choose one of: conv7, conv2"),
-    (["--epochs", "-3"], "epochs must be a whole number >= 1, got -3"),
-    (["--k", "0"], "k must be a whole number >= 1, got 0"),
-    (["--lr", "nan"], "lr must be a positive number, got nan"),
-    (["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
-    (["--init", "pruned:1.5"], "init 'pruned:1.5' not understood"),
-    (["--lr-schedule", "exp:inf"], "lr_schedule 'exp:inf' not understood"),
-    (["--device", "cuda:banana"], "device 'cuda:banana' not understood"),
-    (["--device", "meta"], "device 'meta' is not supported"),
-    (["--name", "../escape"], "name must be a plain folder name"),
-    (["--threads", "100000"], "threads must be a whole number from 1 to 1024"),
-    (["--val-size", "100000"], "val_size 100000 leaves no training data (512 images)"),
-    (["--augment", "wobble"], "augment:"),
-    (["--model", "conv2", "--dataset", "synthetic"], "model conv2 expects cifar10 images of shape 3x32x32"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model", "resnet51"], "unknown model 'resnet51'; choose one of: f1, f2, lenet300, conv7"),
+        (["--dataset", "imagenet"], "Unknown dataset 'imagenet'; choose one of mnist, fashion-mnist, idx, cifar10"),
+        (["--preset", "conv99"], "unknown preset 'conv99'; choose one of: conv7, conv2"),
+        (["--epochs", "-3"], "epochs must be a whole number >= 1, got -3"),
+        (["--k", "0"], "k must be a whole number >= 1, got 0"),
+        (["--lr", "nan"], "lr must be a positive number, got nan"),
+        (["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
+        (["--init", "pruned:1.5"], "init 'pruned:1.5' not understood"),
+        (["--lr-schedule", "exp:inf"], "lr_schedule 'exp:inf' not understood"),
+        (["--device", "cuda:banana"], "device 'cuda:banana' not understood"),
+        (["--device", "meta"], "device 'meta' is not supported"),
+        (["--name", "../escape"], "name must be a plain folder name"),
+        (["--threads", "100000"], "threads must be a whole number from 1 to 1024"),
+        (["--val-size", "100000"], "val_size 100000 leaves no training data (512 images)"),
+        (["--augment", "wobble"], "augment:"),
+        (["--model", "conv2", "--dataset", "synthetic"], "model conv2 expects cifar10 images of shape 3x32x32"),
+    ],
+)
 def test_bad_values_give_one_line_and_make_no_folder(capsys, tmp_path, argv, expected):
     line = error_line(capsys, "train", *TINY, *argv, "--out", "runs")
     assert expected in line
@@ -90,10 +104,12 @@ def _idx_dir(folder, n=64):
     """A small MNIST-format IDX folder with a SHA256SUMS file."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    arrays = {"train_x": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8),
-              "train_y": (np.arange(n) % 10).astype(np.uint8),
-              "test_x": rng.integers(0, 255, (16, 28, 28), dtype=np.uint8),
-              "test_y": (np.arange(16) % 10).astype(np.uint8)}
+    arrays = {
+        "train_x": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8),
+        "train_y": (np.arange(n) % 10).astype(np.uint8),
+        "test_x": rng.integers(0, 255, (16, 28, 28), dtype=np.uint8),
+        "test_y": (np.arange(16) % 10).astype(np.uint8),
+    }
     sums = []
     for role, base in IDX_FILES.items():
         path = write_idx(arrays[role], folder / base)
@@ -127,7 +143,9 @@ def test_unwritable_output_folder(capsys, tmp_path):
 
 def test_argparse_errors_are_usage_plus_one_line(capsys):
     rc, _, err = cli(capsys, "train", "--epochs", "many")
-    assert rc == 2 and err.strip().splitlines()[-1] == "laperm train: error: argument --epochs: invalid int value: 'many'"
+    assert (
+        rc == 2 and err.strip().splitlines()[-1] == "laperm train: error: argument --epochs: invalid int value: 'many'"
+    )
     rc, _, err = cli(capsys, "train", "--optimizer", "rmsprop")
     assert rc == 2 and "invalid choice: 'rmsprop'" in err and "Traceback" not in err
     rc, _, err = cli(capsys, "frobnicate")
@@ -177,8 +195,10 @@ def test_resume_rebuilds_a_lost_init_pt_and_refuses_a_foreign_one(capsys, tmp_pa
     assert cli(capsys, "verify", str(run))[0] == 0
     # init.pt of another seed: the folder mixes runs.
     other = tmp_path / "other"
-    assert cli(capsys, "train", "--model", "f1", *TINY, "--k", "3", "--seed", "5", "--out", str(other),
-               "--name", "x")[0] == 0
+    assert (
+        cli(capsys, "train", "--model", "f1", *TINY, "--k", "3", "--seed", "5", "--out", str(other), "--name", "x")[0]
+        == 0
+    )
     (run / "init.pt").write_bytes((other / "x" / "init.pt").read_bytes())
     (run / "init.pt.sha256").write_bytes((other / "x" / "init.pt.sha256").read_bytes())
     line = error_line(capsys, "train", "--resume", str(run))

@@ -32,6 +32,8 @@ OUT = Path(tempfile.mkdtemp(prefix="laperm-fuzz-"))
 
 def teardown_module() -> None:
     shutil.rmtree(OUT, ignore_errors=True)  # nothing is written there, but the folder itself must go
+
+
 ACCEPTED = "config accepted (fuzz stub)"
 
 
@@ -41,8 +43,11 @@ def _stub_load_data(cfg, spec):
 
 def run_laperm(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
-    with mock.patch.object(engine, "load_data", _stub_load_data), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        mock.patch.object(engine, "load_data", _stub_load_data),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             rc = main(argv)
         except SystemExit as e:
@@ -61,20 +66,78 @@ def assert_clean_outcome(rc: int, err: str) -> None:
     assert not any(OUT.iterdir()), "nothing may be written before the input is accepted"
 
 
-NASTY = st.sampled_from([
-    "", " ", "0", "-1", "1e400", "-1e400", "nan", "inf", "-inf", "1.5", "99999999999999999999999", "true",
-    "null", "[]", "{}", "\x00", "../x", "a/b", "/", ".", "..", "pruned:2", "pruned:-0.1", "shared:0:1", "shared:nan",
-    "shared:0.1:0", "shared:0.1:1/0", "exp:nan", "exp:-1", "exp:1e308", "step:0:0.5", "step:1:inf",
-    "milestones:", "milestones:1=0", "milestones:-1=0.5", "milestones:5=inf", "cuda", "cuda:7", "cpu:0",
-    "meta", "mps", "xla", "lenet300", "f1", "conv2", "synthetic", "cifar10", "idx", "mnist-paper", "f2",
-    "resnet50", "he-uniform", "constant",
-])
-VALUE = st.one_of(NASTY, st.text(max_size=12), st.integers(-10**25, 10**25).map(str),
-                  st.floats(allow_nan=True, allow_infinity=True).map(repr))
+NASTY = st.sampled_from(
+    [
+        "",
+        " ",
+        "0",
+        "-1",
+        "1e400",
+        "-1e400",
+        "nan",
+        "inf",
+        "-inf",
+        "1.5",
+        "99999999999999999999999",
+        "true",
+        "null",
+        "[]",
+        "{}",
+        "\x00",
+        "../x",
+        "a/b",
+        "/",
+        ".",
+        "..",
+        "pruned:2",
+        "pruned:-0.1",
+        "shared:0:1",
+        "shared:nan",
+        "shared:0.1:0",
+        "shared:0.1:1/0",
+        "exp:nan",
+        "exp:-1",
+        "exp:1e308",
+        "step:0:0.5",
+        "step:1:inf",
+        "milestones:",
+        "milestones:1=0",
+        "milestones:-1=0.5",
+        "milestones:5=inf",
+        "cuda",
+        "cuda:7",
+        "cpu:0",
+        "meta",
+        "mps",
+        "xla",
+        "lenet300",
+        "f1",
+        "conv2",
+        "synthetic",
+        "cifar10",
+        "idx",
+        "mnist-paper",
+        "f2",
+        "resnet50",
+        "he-uniform",
+        "constant",
+    ]
+)
+VALUE = st.one_of(
+    NASTY,
+    st.text(max_size=12),
+    st.integers(-(10**25), 10**25).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
 # Every flag that takes a value, generated from the config's fields, except --out (the test's own
 # folder) and --nproc (a valid value would start worker processes).
-FLAGS = [flag for f in flag_fields() if (flag := flag_name(f)) is not None
-         and not (flag.startswith("--no-") or "bool" in str(f.type)) and f.name not in ("out", "nproc")]
+FLAGS = [
+    flag
+    for f in flag_fields()
+    if (flag := flag_name(f)) is not None
+    and not (flag.startswith("--no-") or "bool" in str(f.type))
+    and f.name not in ("out", "nproc")
+]
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,10 +154,12 @@ def test_fuzz_flags(pairs):
 
 # -- config files ----------------------------------------------------------------------------
 
-SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(), st.text(max_size=10), NASTY)
-VALUES = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                      st.dictionaries(st.text(max_size=5), inner, max_size=3)),
-                      max_leaves=6)
+SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(), st.text(max_size=10), NASTY)
+VALUES = st.recursive(
+    SCALAR,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+    max_leaves=6,
+)
 KEYS = st.one_of(st.sampled_from(sorted(FIELD_NAMES)), st.text(max_size=10))
 CONFIGS = st.dictionaries(KEYS, VALUES, max_size=5)
 

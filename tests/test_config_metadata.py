@@ -34,10 +34,28 @@ def test_every_flag_field_has_its_flag_and_parses_to_the_field():
     for f in flag_fields():
         action = options[flag_name(f)]
         assert action.dest == f.name and action.default is None  # unset flags never override a config file
-    args = parser.parse_args(["--k", "7", "--lr", "0.5", "--no-progress", "--no-permute-biases", "--granularity",
-                              "tensor", "--train-subset", "9"])
-    assert (args.k, args.lr, args.progress, args.permute_biases, args.granularity, args.train_subset) == \
-        (7, 0.5, False, False, "tensor", 9)
+    args = parser.parse_args(
+        [
+            "--k",
+            "7",
+            "--lr",
+            "0.5",
+            "--no-progress",
+            "--no-permute-biases",
+            "--granularity",
+            "tensor",
+            "--train-subset",
+            "9",
+        ]
+    )
+    assert (args.k, args.lr, args.progress, args.permute_biases, args.granularity, args.train_subset) == (
+        7,
+        0.5,
+        False,
+        False,
+        "tensor",
+        9,
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--optimizer", "rmsprop"])  # choices come from the config's own list
 

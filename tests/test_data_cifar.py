@@ -41,8 +41,12 @@ def pickled(tmp_path_factory):
     for i, name in enumerate([*cifar.TRAIN_BATCHES, "test_batch"]):
         n = 4 if name == "test_batch" else 3
         x, y = random_images(n, i), [(i + k) % 10 for k in range(n)]
-        batch = {b"batch_label": name.encode(), b"labels": y, b"data": x.reshape(n, -1),
-                 b"filenames": [b"f%d.png" % k for k in range(n)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": y,
+            b"data": x.reshape(n, -1),
+            b"filenames": [b"f%d.png" % k for k in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
         xs.append(x)
         ys.append(y)
@@ -146,7 +150,9 @@ def test_zip_of_tree_loads(tree):
     root, archive, expected = tree
     assert_matches(load_dataset("cifar10", data_dir=archive), *expected["train"], *expected["test"])
     # a folder that contains the zip works too
-    assert_matches(load_dataset("cifar10", data_dir=archive.parent, cache_dir=False), *expected["train"], *expected["test"])
+    assert_matches(
+        load_dataset("cifar10", data_dir=archive.parent, cache_dir=False), *expected["train"], *expected["test"]
+    )
 
 
 def test_zip_checked_against_sha256sums(tree, tmp_path):

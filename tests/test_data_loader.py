@@ -111,7 +111,9 @@ def test_seeded_order_is_deterministic():
     x, y = tiny()
     a, b = BatchLoader(x, y, 8, shuffle=True, seed=7), BatchLoader(x, y, 8, shuffle=True, seed=7)
     assert torch.equal(labels(a), labels(b)) and torch.equal(labels(a), labels(b))
-    assert not torch.equal(labels(BatchLoader(x, y, 8, shuffle=True, seed=8)), labels(BatchLoader(x, y, 8, shuffle=True, seed=7)))
+    assert not torch.equal(
+        labels(BatchLoader(x, y, 8, shuffle=True, seed=8)), labels(BatchLoader(x, y, 8, shuffle=True, seed=7))
+    )
     c = BatchLoader(x, y, 8, shuffle=True, seed=7)
     c.set_epoch(1)  # jumping to epoch 1 reproduces it without replaying epoch 0
     d = BatchLoader(x, y, 8, shuffle=True, seed=7)
@@ -132,9 +134,18 @@ def run_epoch(loader):
 
 def test_resume_mid_epoch_is_bit_exact():
     ds = synthetic_dataset(n_train=60, n_test=8, shape=(3, 16, 16), seed=0)
+
     def make():
-        return BatchLoader(ds.train_x, ds.train_y, 8, shuffle=True, seed=5, mean=ds.mean, std=ds.std,
-                           augment=make_augment("cifar-paper"))
+        return BatchLoader(
+            ds.train_x,
+            ds.train_y,
+            8,
+            shuffle=True,
+            seed=5,
+            mean=ds.mean,
+            std=ds.std,
+            augment=make_augment("cifar-paper"),
+        )
 
     a = make()
     run_epoch(a)
@@ -181,11 +192,18 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x, g: random_hflip(x, g), lambda x, g: random_shift(x, g, 0.1), lambda x, g: random_rotate(x, g, 15),
-    lambda x, g: random_zoom(x, g, 0.1), make_augment("mnist-paper"), make_augment("cifar-paper"),
-    make_augment("cifar-resnet"),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x, g: random_hflip(x, g),
+        lambda x, g: random_shift(x, g, 0.1),
+        lambda x, g: random_rotate(x, g, 15),
+        lambda x, g: random_zoom(x, g, 0.1),
+        make_augment("mnist-paper"),
+        make_augment("cifar-paper"),
+        make_augment("cifar-resnet"),
+    ],
+)
 def test_augment_shape_and_determinism(fn):
     x = torch.rand(6, 3, 12, 10)
     out = fn(x, gen(1))

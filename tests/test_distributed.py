@@ -10,14 +10,27 @@ import torch
 from laperm import checkpoint, distributed
 from laperm.data import BatchLoader, synthetic_dataset
 
-COMMON = ["train", "--dataset", "synthetic", "--model", "lenet300", "--k", "5", "--val-size", "64",
-          "--batch-size", "32", "--no-progress"]
+COMMON = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--model",
+    "lenet300",
+    "--k",
+    "5",
+    "--val-size",
+    "64",
+    "--batch-size",
+    "32",
+    "--no-progress",
+]
 
 
 def laperm(*args, env=None, timeout=240):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "laperm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "laperm", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +85,19 @@ def test_distributed_resume_is_exact(runs, tmp_path):
 
 
 def test_a_dying_rank_brings_the_job_down(tmp_path):
-    res = laperm(*COMMON, "--epochs", "2", "--out", str(tmp_path), "--name", "d", "--nproc", "2",
-                 env={"LAPERM_TEST_FAULT": "kill@step:4", "LAPERM_TEST_FAULT_RANK": "1"}, timeout=180)
+    res = laperm(
+        *COMMON,
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "d",
+        "--nproc",
+        "2",
+        env={"LAPERM_TEST_FAULT": "kill@step:4", "LAPERM_TEST_FAULT_RANK": "1"},
+        timeout=180,
+    )
     assert res.returncode != 0
     assert "laperm: error: distributed training failed" in res.stderr
     assert "Traceback" not in res.stderr.split("laperm: error")[-1]

@@ -18,8 +18,24 @@ def run_cli(*args: str) -> int:
 
 
 def test_train_synthetic_run_folder_and_verify(tmp_path, capsys):
-    code = run_cli("train", "--dataset", "synthetic", "--model", "lenet300", "--epochs", "3", "--k", "5",
-                   "--val-size", "64", "--out", str(tmp_path), "--name", "run", "--no-progress")
+    code = run_cli(
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "lenet300",
+        "--epochs",
+        "3",
+        "--k",
+        "5",
+        "--val-size",
+        "64",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--no-progress",
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     run = tmp_path / "run"
@@ -46,8 +62,27 @@ def test_train_synthetic_run_folder_and_verify(tmp_path, capsys):
 
 
 def test_verify_detects_a_tampered_run(tmp_path, capsys):
-    assert run_cli("train", "--dataset", "synthetic", "--model", "f1", "--epochs", "1", "--k", "2",
-                   "--val-size", "0", "--out", str(tmp_path), "--name", "r", "--no-progress") == 0
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "f1",
+            "--epochs",
+            "1",
+            "--k",
+            "2",
+            "--val-size",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+            "--no-progress",
+        )
+        == 0
+    )
     run = tmp_path / "r"
     final = checkpoint.load(run / "final.pt")
     w = final["model"]["fc.weight"] if "fc.weight" in final["model"] else next(iter(final["model"].values()))
@@ -59,9 +94,29 @@ def test_verify_detects_a_tampered_run(tmp_path, capsys):
 
 
 def test_adam_baseline_keeps_a_fixed_pruning_mask(tmp_path):
-    assert run_cli("train", "--dataset", "synthetic", "--model", "lenet300", "--optimizer", "adam",
-                   "--init", "pruned:0.6", "--epochs", "1", "--val-size", "0", "--out", str(tmp_path),
-                   "--name", "b", "--no-progress") == 0
+    assert (
+        run_cli(
+            "train",
+            "--dataset",
+            "synthetic",
+            "--model",
+            "lenet300",
+            "--optimizer",
+            "adam",
+            "--init",
+            "pruned:0.6",
+            "--epochs",
+            "1",
+            "--val-size",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "b",
+            "--no-progress",
+        )
+        == 0
+    )
     init = checkpoint.load(tmp_path / "b" / "init.pt")["state"]
     final = checkpoint.load(tmp_path / "b" / "final.pt")["model"]
     for name in ("fc2.weight", "fc3.weight"):
@@ -73,7 +128,8 @@ def test_adam_baseline_keeps_a_fixed_pruning_mask(tmp_path):
 
 
 def test_drop_in_example_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "drop_in.py")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "drop_in.py")], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "every row is a permutation" in out.stdout

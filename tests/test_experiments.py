@@ -21,13 +21,24 @@ def _write_run(folder: Path, name: str, tags: dict, summary: dict | None, record
         (d / "summary.json").write_text(json.dumps(summary))
     for fname, text in extra.items():
         (d / fname.replace("_", ".")).write_text(text)
-    return {"folder": name, "tags": tags, "budget": "paper", "hook": None,
-            "command": f"laperm train --preset {tags['model']} --seed {tags['seed']} --out results/x"}
+    return {
+        "folder": name,
+        "tags": tags,
+        "budget": "paper",
+        "hook": None,
+        "command": f"laperm train --preset {tags['model']} --seed {tags['seed']} --out results/x",
+    }
 
 
 def _summary(sel, final, best):
-    return {"selected_test_acc": sel, "final_test_acc": final, "best_test_acc": best, "epochs": 10,
-            "train_time_s": 60.0, "torch": "2.x"}
+    return {
+        "selected_test_acc": sel,
+        "final_test_acc": final,
+        "best_test_acc": best,
+        "epochs": 10,
+        "train_time_s": 60.0,
+        "torch": "2.x",
+    }
 
 
 @pytest.fixture
@@ -37,23 +48,47 @@ def stored(tmp_path: Path) -> Path:
     runs = {}
     recs = [{"epoch": 1, "test_acc": 0.5, "val_acc": 0.5}, {"epoch": 2, "test_acc": 0.8, "val_acc": 0.7}]
     for seed, (sel, final, best) in enumerate([(0.82, 0.81, 0.84), (0.84, 0.83, 0.86)]):
-        e = _write_run(res / "agnostic", f"f1-{seed}", {"model": "f1", "method": "LaPerm", "seed": seed,
-                                                           "init": "shared"}, _summary(sel, final, best), recs)
+        e = _write_run(
+            res / "agnostic",
+            f"f1-{seed}",
+            {"model": "f1", "method": "LaPerm", "seed": seed, "init": "shared"},
+            _summary(sel, final, best),
+            recs,
+        )
         runs[e["folder"]] = e
     (res / "agnostic" / "experiment.json").write_text(json.dumps({"runs": runs}))
-    e = _write_run(res / "dense", "conv7-l", {"model": "conv7", "method": "laperm", "seed": 0, "budget": "reduced"},
-                   None, recs + [{"epoch": 3, "train_loss": 1.0}])
+    e = _write_run(
+        res / "dense",
+        "conv7-l",
+        {"model": "conv7", "method": "laperm", "seed": 0, "budget": "reduced"},
+        None,
+        recs + [{"epoch": 3, "train_loss": 1.0}],
+    )
     (res / "dense" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
     rb = [{"epoch": 1, "trained": 0.9, "rebuilt": 0.45, "rebuilt_fresh": 0.3, "random_perm": 0.1}]
-    e = _write_run(res / "rebuild", "lenet", {"model": "lenet300", "seed": 0}, _summary(0.9, 0.9, 0.9), recs,
-                   rebuild_jsonl=json.dumps(rb[0]) + "\n")
+    e = _write_run(
+        res / "rebuild",
+        "lenet",
+        {"model": "lenet300", "seed": 0},
+        _summary(0.9, 0.9, 0.9),
+        recs,
+        rebuild_jsonl=json.dumps(rb[0]) + "\n",
+    )
     (res / "rebuild" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
-    dyn = {"syncs": [{"step": 2, "moved": {"fc.weight": 0.5}, "moved_total": 0.5},
-                     {"step": 4, "moved": {"fc.weight": 0.0}, "moved_total": 0.0}]}
-    e = _write_run(res / "dynamics", "f1", {"model": "f1", "seed": 0}, _summary(0.8, 0.8, 0.8), recs,
-                   dynamics_json=json.dumps(dyn))
-    np.savez(res / "dynamics" / "f1" / "snapshots.npz", steps=np.array([0, 2, 4]),
-             **{"fc.weight": np.zeros((3, 10, 784), np.float16)})
+    dyn = {
+        "syncs": [
+            {"step": 2, "moved": {"fc.weight": 0.5}, "moved_total": 0.5},
+            {"step": 4, "moved": {"fc.weight": 0.0}, "moved_total": 0.0},
+        ]
+    }
+    e = _write_run(
+        res / "dynamics", "f1", {"model": "f1", "seed": 0}, _summary(0.8, 0.8, 0.8), recs, dynamics_json=json.dumps(dyn)
+    )
+    np.savez(
+        res / "dynamics" / "f1" / "snapshots.npz",
+        steps=np.array([0, 2, 4]),
+        **{"fc.weight": np.zeros((3, 10, 784), np.float16)},
+    )
     (res / "dynamics" / "experiment.json").write_text(json.dumps({"runs": {e["folder"]: e}}))
     (res / "notes").mkdir()
     (res / "notes" / "agnostic.md").write_text("Hand-written reading.")
@@ -65,10 +100,14 @@ def test_report_from_stored_metrics(stored: Path, tmp_path: Path):
     assert main(["report", "--results", str(stored), "--docs", str(docs)]) == 0
     text = (docs / "results.md").read_text()
     # F1: mean ± sample std of the two seeds, each selection rule in its own column
-    assert "| F1 {0, 0.08}, p=40% | MNIST | 85.46% (authors' code here: 83.75%) | 83.00 ± 1.41% | 82.00 ± 1.41% " \
-           "| 85.00 ± 1.41% | – | 10; paper budget | 2 |" in text
+    assert (
+        "| F1 {0, 0.08}, p=40% | MNIST | 85.46% (authors' code here: 83.75%) | 83.00 ± 1.41% | 82.00 ± 1.41% "
+        "| 85.00 ± 1.41% | – | 10; paper budget | 2 |" in text
+    )
     assert "Hand-written reading." in text
-    assert "2 (unfinished: last evaluated epoch)" in text  # the unfinished conv7 run is labelled, with its last evaluated epoch
+    assert (
+        "2 (unfinished: last evaluated epoch)" in text
+    )  # the unfinished conv7 run is labelled, with its last evaluated epoch
     assert "| lenet300 | 1 | 90.00% | 45.00% | – | 50.0% | 30.00% | 10.00% |" in text  # kept = 45/90
     assert "| Conv4 | CIFAR-10 | 89.17% | not run here" in text
     for fig in ("agnostic.png", "rebuild_lenet300.png", "dynamics.png", "f1_templates.png", "f1_templates.gif"):
@@ -83,11 +122,17 @@ def test_fmt_acc_and_mean_std():
 
 def test_quick_experiment_end_to_end_and_resumable(tmp_path: Path, monkeypatch):
     """A two-run experiment on synthetic data: trains, writes analysis files, skips finished runs."""
-    common = dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=4,
-                  init="shared:0.08:0.6", lr=0.01)
-    runs = [Run(dict(common, seed=0), {"model": "f1", "method": "LaPerm", "seed": 0}, hook="dynamics"),
-            Run(dict(common, optimizer="adam", init="he-uniform", seed=0),
-                {"model": "f1", "method": "Adam", "seed": 0}, hook="rebuild")]
+    common = dict(
+        model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=4, init="shared:0.08:0.6", lr=0.01
+    )
+    runs = [
+        Run(dict(common, seed=0), {"model": "f1", "method": "LaPerm", "seed": 0}, hook="dynamics"),
+        Run(
+            dict(common, optimizer="adam", init="he-uniform", seed=0),
+            {"model": "f1", "method": "Adam", "seed": 0},
+            hook="rebuild",
+        ),
+    ]
     monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment("tiny", 1, "test", lambda b, s: runs))
     log: list[str] = []
     entries = base.run_experiment("tiny", out=tmp_path, threads=1, log=log.append)
@@ -119,8 +164,10 @@ def test_run_list_and_unknown_experiment(capsys):
 
 def test_command_for_round_trips_flags():
     run = Run({"preset": "f2", "k": 20, "permute_biases": False, "k_schedule": {0: 1}})
-    assert base.command_for(run, Path("results/k")) == \
-        "laperm train --preset f2 --k 20 --no-permute-biases --out results/k"
+    assert (
+        base.command_for(run, Path("results/k"))
+        == "laperm train --preset f2 --k 20 --no-permute-biases --out results/k"
+    )
 
 
 def test_evaluate_unfinished_reads_the_newest_checkpoint(tmp_path: Path):
@@ -128,9 +175,22 @@ def test_evaluate_unfinished_reads_the_newest_checkpoint(tmp_path: Path):
     from laperm.experiments.partial import evaluate_unfinished
     from laperm.train import train
 
-    cfg = resolve_config(dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=4,
-                              init="shared:0.08:0.6", lr=0.01, out=str(tmp_path), name="r", progress=False,
-                              threads=1))
+    cfg = resolve_config(
+        dict(
+            model="f1",
+            dataset="synthetic",
+            epochs=2,
+            batch_size=64,
+            val_size=64,
+            k=4,
+            init="shared:0.08:0.6",
+            lr=0.01,
+            out=str(tmp_path),
+            name="r",
+            progress=False,
+            threads=1,
+        )
+    )
     summary = train(cfg, log=lambda *_: None)
     run_dir = tmp_path / "r"
     assert evaluate_unfinished(run_dir) is None  # finished: nothing to do
@@ -147,10 +207,18 @@ def test_report_compares_stopped_gpu_runs_at_the_epoch_both_reached(tmp_path: Pa
     curve = {"laperm": [0.40, 0.50, 0.60], "adam": [0.45, 0.58, 0.64, 0.70, 0.72]}
     runs = {}
     for method, accs in curve.items():
-        recs = [{"epoch": i + 1, "test_acc": a, "val_acc": a + (0.2 if i == 1 else 0), "images_per_s": 5000.0}
-                for i, a in enumerate(accs)]
-        e = _write_run(res / "full", f"conv2-{method}", {"model": "conv2", "method": method, "budget": "full",
-                                                         "seed": 0}, None, recs, config_yaml="epochs: 125\n")
+        recs = [
+            {"epoch": i + 1, "test_acc": a, "val_acc": a + (0.2 if i == 1 else 0), "images_per_s": 5000.0}
+            for i, a in enumerate(accs)
+        ]
+        e = _write_run(
+            res / "full",
+            f"conv2-{method}",
+            {"model": "conv2", "method": method, "budget": "full", "seed": 0},
+            None,
+            recs,
+            config_yaml="epochs: 125\n",
+        )
         runs[e["folder"]] = e
     (res / "full" / "experiment.json").write_text(json.dumps({"runs": runs}))
     (res / "full" / "hardware.txt").write_text("name, memory.total [MiB]\nNVIDIA H100 80GB HBM3, 81559 MiB\n")
@@ -172,15 +240,21 @@ def test_added_seeds_never_replace_the_preregistered_mean(tmp_path: Path):
     res = tmp_path / "results"
     runs = {}
     for seed, acc in enumerate([0.80, 0.82, 0.84, 0.90, 0.90]):
-        e = _write_run(res / "agnostic", f"f1-{seed}", {"model": "f1", "method": "LaPerm", "seed": seed,
-                                                           "init": "shared"}, _summary(acc, acc, acc), [])
+        e = _write_run(
+            res / "agnostic",
+            f"f1-{seed}",
+            {"model": "f1", "method": "LaPerm", "seed": seed, "init": "shared"},
+            _summary(acc, acc, acc),
+            [],
+        )
         runs[e["folder"]] = e
     (res / "agnostic" / "experiment.json").write_text(json.dumps({"runs": runs}))
     report.write_report(res, tmp_path / "docs")
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "| F1 {0, 0.08}, p=40% [seeds 0–2] | MNIST | 85.46% (authors' code here: 83.75%) | 82.00 ± 2.00% |" in text
-    assert "| F1 {0, 0.08}, p=40% [all seeds 0–4] | MNIST | 85.46% (authors' code here: 83.75%) | 85.20 ± 4.60% |" \
-        in text
+    assert (
+        "| F1 {0, 0.08}, p=40% [all seeds 0–4] | MNIST | 85.46% (authors' code here: 83.75%) | 85.20 ± 4.60% |" in text
+    )
 
 
 def test_rebuild_schedule_thins_out_long_runs():
@@ -198,7 +272,9 @@ def test_cifar_jpeg_pack_round_trip_is_byte_identical(tmp_path: Path):
 
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("pack", Path(__file__).parent.parent / "scripts" / "cifar_jpeg_pack.py")
+    spec = importlib.util.spec_from_file_location(
+        "pack", Path(__file__).parent.parent / "scripts" / "cifar_jpeg_pack.py"
+    )
     pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack)
     rng = np.random.default_rng(0)
@@ -208,7 +284,8 @@ def test_cifar_jpeg_pack_round_trip_is_byte_identical(tmp_path: Path):
         for i in range(12):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                buf, "JPEG", quality=75 if i % 3 else 90)  # two quality levels: two distinct headers
+                buf, "JPEG", quality=75 if i % 3 else 90
+            )  # two quality levels: two distinct headers
             files[f"train/cat/{i:04d}.jpg"] = buf.getvalue()
             z.writestr(f"train/cat/{i:04d}.jpg", buf.getvalue())
     pack.pack(src, tmp_path / "packed")
@@ -240,11 +317,28 @@ def test_engine_callbacks_see_the_optimizer_and_the_weights_in_the_right_state(t
             record["spy"] = 1
 
     # 7 steps per epoch and k=3: the epoch ends are never sync steps
-    cfg = resolve_config(dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=3,
-                              threads=1, progress=False, out=str(tmp_path), name="r"))
+    cfg = resolve_config(
+        dict(
+            model="f1",
+            dataset="synthetic",
+            epochs=2,
+            batch_size=64,
+            val_size=64,
+            k=3,
+            threads=1,
+            progress=False,
+            out=str(tmp_path),
+            name="r",
+        )
+    )
     train(cfg, callbacks=Spy(), log=lambda m: None)
-    assert events == [("optimizer", "LaPerm"), ("before", 1, False), ("epoch", 1, True, True),
-                      ("before", 2, False), ("epoch", 2, True, True)]
+    assert events == [
+        ("optimizer", "LaPerm"),
+        ("before", 1, False),
+        ("epoch", 1, True, True),
+        ("before", 2, False),
+        ("epoch", 2, True, True),
+    ]
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["spy"] for r in recs] == [1, 1]
     with pytest.raises(TypeError):
@@ -253,10 +347,23 @@ def test_engine_callbacks_see_the_optimizer_and_the_weights_in_the_right_state(t
 
 @pytest.mark.parametrize("rule", ["overwrite", "latent"])
 def test_inner_probe_records_inner_accuracy_and_class_recall(tmp_path: Path, monkeypatch, rule):
-    common = dict(model="f1", dataset="synthetic", epochs=2, batch_size=64, val_size=64, k=3, lr=0.01,
-                  init="shared:0.08:0.6", sync_rule=rule, seed=0)
-    monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment(
-        "tiny", 1, "test", lambda b, s: [Run(common, {"model": "f1", "seed": 0}, hook="inner")]))
+    common = dict(
+        model="f1",
+        dataset="synthetic",
+        epochs=2,
+        batch_size=64,
+        val_size=64,
+        k=3,
+        lr=0.01,
+        init="shared:0.08:0.6",
+        sync_rule=rule,
+        seed=0,
+    )
+    monkeypatch.setitem(
+        base.EXPERIMENTS,
+        "tiny",
+        Experiment("tiny", 1, "test", lambda b, s: [Run(common, {"model": "f1", "seed": 0}, hook="inner")]),
+    )
     (entry,) = base.run_experiment("tiny", out=tmp_path, threads=1, log=lambda m: None)
     recs = [json.loads(x) for x in (tmp_path / "tiny" / entry["folder"] / "metrics.jsonl").read_text().splitlines()]
     for r in recs:

@@ -144,7 +144,7 @@ def test_damaged_files_give_clear_errors(tmp_path, f2, capsys):
     e = next(e for e in header["tensors"] if e["kind"] == "codes" and e["name"] == "fc3.weight")
     body = bytearray(data[:-32])
     start = len(data) - 32 - len(blobs) + e["offset"]
-    body[start:start + e["nbytes"]] = b"\xff" * e["nbytes"]  # every position gets the value v
+    body[start : start + e["nbytes"]] = b"\xff" * e["nbytes"]  # every position gets the value v
     forged = bytes(body) + __import__("hashlib").sha256(bytes(body)).digest()
     with pytest.raises(CompactFormatError, match="fc3.weight: decoded rows are not permutations"):
         export.decode_compact(forged)
@@ -156,8 +156,29 @@ def test_damaged_files_give_clear_errors(tmp_path, f2, capsys):
 
 
 def test_cli_export_check_and_verify(tmp_path, capsys):
-    assert cli.main(["train", "--dataset", "synthetic", "--preset", "f1", "--epochs", "1", "--k", "2",
-                     "--val-size", "64", "--out", str(tmp_path), "--name", "r", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "synthetic",
+                "--preset",
+                "f1",
+                "--epochs",
+                "1",
+                "--k",
+                "2",
+                "--val-size",
+                "64",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "r",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "r"
     capsys.readouterr()
     assert cli.main(["export", str(run), "--check"]) == 0

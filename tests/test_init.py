@@ -106,8 +106,12 @@ def test_he_uniform_bound_property(out_ch, groups, per_group, k, seed):
 
 def small_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2),
-        nn.Flatten(), nn.Linear(4 * 7 * 7, 10),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 2),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 7, 10),
     )
 
 
@@ -216,8 +220,12 @@ def test_random_prune_other_errors():
 
 def f2_like() -> nn.Sequential:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 128, bias=False), nn.ReLU(),
-        nn.Linear(128, 64, bias=False), nn.ReLU(), nn.Linear(64, 10, bias=False),
+        nn.Flatten(),
+        nn.Linear(784, 128, bias=False),
+        nn.ReLU(),
+        nn.Linear(128, 64, bias=False),
+        nn.ReLU(),
+        nn.Linear(64, 10, bias=False),
     )
 
 

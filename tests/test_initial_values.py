@@ -12,8 +12,14 @@ from laperm import LaPerm, init, models, reconnect
 from laperm.initial_values import SortedRows
 
 
-@given(rows=st.integers(1, 6), n=st.integers(1, 40), zeros=st.floats(0, 1), shared=st.booleans(),
-       encoding=st.sampled_from(["auto", "dense", "rle"]), seed=st.integers(0, 10_000))
+@given(
+    rows=st.integers(1, 6),
+    n=st.integers(1, 40),
+    zeros=st.floats(0, 1),
+    shared=st.booleans(),
+    encoding=st.sampled_from(["auto", "dense", "rle"]),
+    seed=st.integers(0, 10_000),
+)
 def test_round_trip_is_bit_exact(rows, n, zeros, shared, encoding, seed):
     g = torch.Generator().manual_seed(seed)
     t = torch.full((rows, n), 0.08) if shared else torch.randn(rows, n, generator=g)

@@ -30,10 +30,28 @@ def test_logit_scale_from_files_and_flags(capsys):
 
 def test_fields_added_later_keep_run_names():
     base = TrainConfig(preset="f2")
-    payload = {k: v for k, v in base.to_dict().items()
-               if k not in {"out", "name", "progress", "data_dir", "device", "threads", "preset", "checkpoint_steps",
-                            "nproc", "check_replicas", "eval_steps", "logit_scale", "sync_rule"}}
+    payload = {
+        k: v
+        for k, v in base.to_dict().items()
+        if k
+        not in {
+            "out",
+            "name",
+            "progress",
+            "data_dir",
+            "device",
+            "threads",
+            "preset",
+            "checkpoint_steps",
+            "nproc",
+            "check_replicas",
+            "eval_steps",
+            "logit_scale",
+            "sync_rule",
+        }
+    }
     import hashlib
+
     old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
     assert base.digest() == old  # runs made before the field existed keep their folder names
     assert TrainConfig(preset="f2", logit_scale=100.0).digest() != old
@@ -43,9 +61,29 @@ def test_fields_added_later_keep_run_names():
 def _train(tmp_path, capsys, name, scale):
     # F1 has no bias: logits are linear in the weights.  An lr this small leaves the weights at
     # their init, so the two runs see the same net and differ in the training objective alone.
-    rc, out, _ = run_cli(capsys, "train", "--dataset", "synthetic", "--model", "f1", "--optimizer", "sgd",
-                         "--lr", "1e-12", "--epochs", "1", "--val-size", "0", "--logit-scale", str(scale),
-                         "--out", str(tmp_path), "--name", name, "--no-progress")
+    rc, out, _ = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        "synthetic",
+        "--model",
+        "f1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e-12",
+        "--epochs",
+        "1",
+        "--val-size",
+        "0",
+        "--logit-scale",
+        str(scale),
+        "--out",
+        str(tmp_path),
+        "--name",
+        name,
+        "--no-progress",
+    )
     assert rc == 0, out
     return read_metrics(tmp_path / name / "metrics.jsonl")[-1], tmp_path / name
 

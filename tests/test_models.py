@@ -70,8 +70,11 @@ def test_generic_resnet_depth():
 def test_conv7_spatial_sizes():
     m = model("conv7")
     sizes = []
-    hooks = [c.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
-             for c in m.modules() if isinstance(c, nn.Conv2d)]
+    hooks = [
+        c.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+        for c in m.modules()
+        if isinstance(c, nn.Conv2d)
+    ]
     try:
         m.eval()
         with torch.no_grad():

@@ -166,9 +166,26 @@ def test_cuda_matches_cpu(dtype):
 F32 = np.finfo(np.float32)
 # Values that stress the key mapping: ties, both zeros, subnormals, extremes.
 SPECIAL = np.array(
-    [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, F32.smallest_subnormal, -F32.smallest_subnormal,
-     2 * F32.smallest_subnormal, -3 * F32.smallest_subnormal, F32.smallest_normal,
-     -F32.smallest_normal, F32.max, -F32.max, 1e-30, -1e-30, 3e38, -3e38],
+    [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        -0.5,
+        F32.smallest_subnormal,
+        -F32.smallest_subnormal,
+        2 * F32.smallest_subnormal,
+        -3 * F32.smallest_subnormal,
+        F32.smallest_normal,
+        -F32.smallest_normal,
+        F32.max,
+        -F32.max,
+        1e-30,
+        -1e-30,
+        3e38,
+        -3e38,
+    ],
     dtype=np.float32,
 )
 
@@ -199,12 +216,16 @@ def float32_rows(draw):
     """Finite float32 row matrices, mostly tie-heavy; some of length 1 or > 65,536."""
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    shape = draw(st.sampled_from([
-        (draw(st.integers(1, 6)), draw(st.integers(1, 40))),
-        (draw(st.integers(1, 40)), 1),
-        (draw(st.integers(1, 3)), draw(st.integers(65_537, 70_000))),
-        (draw(st.integers(20, 60)), draw(st.integers(1000, 4608))),
-    ]))
+    shape = draw(
+        st.sampled_from(
+            [
+                (draw(st.integers(1, 6)), draw(st.integers(1, 40))),
+                (draw(st.integers(1, 40)), 1),
+                (draw(st.integers(1, 3)), draw(st.integers(65_537, 70_000))),
+                (draw(st.integers(20, 60)), draw(st.integers(1000, 4608))),
+            ]
+        )
+    )
     normal = rng.standard_normal(draw(st.integers(1, 50))).astype(np.float32)
     pool = np.concatenate([SPECIAL, normal])
     x = rng.choice(pool, size=shape)

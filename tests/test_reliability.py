@@ -20,9 +20,29 @@ from laperm.cli import main
 from laperm.engine.guards import row_fingerprint as _row_fingerprint
 
 # A tiny f2 run: 14 steps per epoch, 3 epochs, a sync every 5 steps, a checkpoint every 4 steps.
-ARGS = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs", "3", "--k", "5",
-        "--batch-size", "32", "--checkpoint-steps", "4", "--augment", "mnist-paper", "--lr-schedule", "exp:0.8",
-        "--threads", "1", "--no-progress"]
+ARGS = [
+    "--model",
+    "f2",
+    "--dataset",
+    "synthetic",
+    "--val-size",
+    "64",
+    "--epochs",
+    "3",
+    "--k",
+    "5",
+    "--batch-size",
+    "32",
+    "--checkpoint-steps",
+    "4",
+    "--augment",
+    "mnist-paper",
+    "--lr-schedule",
+    "exp:0.8",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 TIMING = {"epoch_time_s", "images_per_s", "train_time_s"}
 
 
@@ -40,8 +60,11 @@ def one_error_line(err: str) -> str:
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def weights(run, name="final.pt"):
@@ -110,8 +133,9 @@ def test_sigint_saves_and_resume_is_bit_identical_with_consistent_progress(refer
     rc, out, err = cli(capsys, "train", *ARGS, "--out", str(tmp_path), "--name", "run")
     run = tmp_path / "run"
     assert rc == 3
-    assert one_error_line(err) == (f"laperm: error: stopped by SIGINT at step 17; checkpoint saved. "
-                                   f"Continue with: laperm train --resume {run}")
+    assert one_error_line(err) == (
+        f"laperm: error: stopped by SIGINT at step 17; checkpoint saved. Continue with: laperm train --resume {run}"
+    )
     assert checkpoint.list_checkpoints(run / "checkpoints")[0].name == "ckpt-000000017.pt"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -124,8 +148,10 @@ def test_sigint_saves_and_resume_is_bit_identical_with_consistent_progress(refer
     assert rc == 0, err
     assert "from ckpt-000000017.pt: step 17, epoch 2 at batch 3/14" in out
     # The bar of the resumed epoch starts at batch 3 and ends at 14; the next one is complete.
-    assert RecordingBar.bars == [{"desc": "epoch 2/3", "initial": 3, "total": 14, "final": 14},
-                                 {"desc": "epoch 3/3", "initial": 0, "total": 14, "final": 14}]
+    assert RecordingBar.bars == [
+        {"desc": "epoch 2/3", "initial": 3, "total": 14, "final": 14},
+        {"desc": "epoch 3/3", "initial": 0, "total": 14, "final": 14},
+    ]
     assert same_weights(weights(reference), weights(run))
     assert same_weights(weights(reference, "best.pt"), weights(run, "best.pt"))
     assert metrics(reference) == metrics(run)
@@ -133,9 +159,27 @@ def test_sigint_saves_and_resume_is_bit_identical_with_consistent_progress(refer
 
 def test_conv_net_with_dropout_resumes_bit_identically(tmp_path, capsys, monkeypatch):
     """Dropout draws from the global RNG: its state must travel in the checkpoint."""
-    args = ["--model", "conv7", "--dataset", "synthetic", "--val-size", "64", "--train-subset", "96",
-            "--epochs", "2", "--k", "2", "--batch-size", "32", "--threads", "1", "--no-progress",
-            "--out", str(tmp_path)]
+    args = [
+        "--model",
+        "conv7",
+        "--dataset",
+        "synthetic",
+        "--val-size",
+        "64",
+        "--train-subset",
+        "96",
+        "--epochs",
+        "2",
+        "--k",
+        "2",
+        "--batch-size",
+        "32",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli(capsys, "train", *args, "--name", "ref")[0] == 0
     monkeypatch.setenv(checkpoint.FAULT_ENV, "term@step:4")
     assert cli(capsys, "train", *args, "--name", "run")[0] == 3
@@ -278,8 +322,9 @@ def test_nan_is_never_checkpointed_and_resume_with_lower_lr_recovers(tmp_path, c
 def test_diverging_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
     # Fine in epoch 1, lr 1e-3 * 1e29 from epoch 2 on: activations overflow, the loss turns inf/NaN.
     args = [a for a in ARGS if a not in ("--lr-schedule", "exp:0.8")]
-    rc, _, err = cli(capsys, "train", *args, "--lr-schedule", "milestones:1=1e29", "--out", str(tmp_path),
-                     "--name", "run")
+    rc, _, err = cli(
+        capsys, "train", *args, "--lr-schedule", "milestones:1=1e29", "--out", str(tmp_path), "--name", "run"
+    )
     line = one_error_line(err)
     assert rc == 2 and ("NaN or inf" in line or "the training loss became" in line)
     assert "is kept" in line and "--lr 0.0001" in line
@@ -288,8 +333,12 @@ def test_diverging_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
     for p in kept:
         saved = checkpoint.load(p)
         assert all(torch.isfinite(t).all() for t in saved["model"].values())
-        assert all(torch.isfinite(t).all() for st in saved["optimizer"]["base"]["state"].values()
-                   for t in st.values() if t.is_floating_point())
+        assert all(
+            torch.isfinite(t).all()
+            for st in saved["optimizer"]["base"]["state"].values()
+            for t in st.values()
+            if t.is_floating_point()
+        )
 
 
 # -- invariants ------------------------------------------------------------------------------

@@ -33,9 +33,31 @@ pytestmark = pytest.mark.slow  # SIGKILLed subprocess runs
 
 # f2 (L2, permuted layers), augmentation, an lr schedule and several syncs per epoch;
 # 14 steps per epoch, a step checkpoint every 4 steps.
-ARGS = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs", "3", "--k", "5",
-        "--batch-size", "32", "--checkpoint-steps", "4", "--augment", "mnist-paper", "--lr-schedule", "exp:0.8",
-        "--threads", "1", "--no-progress", "--seed", "7"]
+ARGS = [
+    "--model",
+    "f2",
+    "--dataset",
+    "synthetic",
+    "--val-size",
+    "64",
+    "--epochs",
+    "3",
+    "--k",
+    "5",
+    "--batch-size",
+    "32",
+    "--checkpoint-steps",
+    "4",
+    "--augment",
+    "mnist-paper",
+    "--lr-schedule",
+    "exp:0.8",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--seed",
+    "7",
+]
 TIMING = {"epoch_time_s", "images_per_s", "train_time_s"}
 
 
@@ -51,8 +73,14 @@ def _child(cwd: Path, argv: list[str], fault: str | None, log: Path) -> subproce
     env.pop(checkpoint.FAULT_ENV, None)
     if fault:
         env[checkpoint.FAULT_ENV] = fault
-    return subprocess.Popen([sys.executable, "-m", "laperm.cli", "train", *argv], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "laperm.cli", "train", *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run_child(cwd: Path, argv: list[str], fault: str, log: Path) -> tuple[int, str, str]:
@@ -63,8 +91,11 @@ def _run_child(cwd: Path, argv: list[str], fault: str, log: Path) -> tuple[int, 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (torch.equal would call -0.0 and 0.0 equal)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -94,8 +125,10 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path, capsys, monk
     rc, out, err = _run_child(tmp_path, [*ARGS, "--out", "runs", "--name", "victim"], "kill@step:10", log)
     assert rc == -signal.SIGKILL, err
     assert log.read_text().splitlines()[-1] == "kill@step:10"
-    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == \
-        ["ckpt-000000008.pt", "ckpt-000000004.pt"]
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == [
+        "ckpt-000000008.pt",
+        "ckpt-000000004.pt",
+    ]
 
     # 2. Resume; SIGKILL inside the second checkpoint write, after the payload, before its checksum.
     rc, out, err = _run_child(tmp_path, resume, "kill@sidecar:ckpt-*#2", log)
@@ -118,7 +151,8 @@ def test_sigkill_and_sigterm_then_resume_is_bit_identical(tmp_path, capsys, monk
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err
     assert err.strip().splitlines() == [
-        f"laperm: error: stopped by SIGTERM at step 30; checkpoint saved. Continue with: laperm train --resume {run}"]
+        f"laperm: error: stopped by SIGTERM at step 30; checkpoint saved. Continue with: laperm train --resume {run}"
+    ]
     assert checkpoint.list_checkpoints(run / "checkpoints")[0].name == "ckpt-000000030.pt"
     assert not list((run / "checkpoints").glob(".ckpt-*.tmp")), "stale temporary files are cleaned on resume"
 

@@ -196,8 +196,9 @@ def test_mixed_groups_only_overwrite_groups_leave_the_synced_state():
     model = make_model(6)
     w = [p for p in model.parameters() if p.dim() >= 2]
     b = [p for p in model.parameters() if p.dim() < 2]
-    inner = torch.optim.Adam([{"params": w[:1], "sync_rule": "overwrite"}, {"params": w[1:], "sync_rule": "latent"},
-                              {"params": b}], lr=1e-2)
+    inner = torch.optim.Adam(
+        [{"params": w[:1], "sync_rule": "overwrite"}, {"params": w[1:], "sync_rule": "latent"}, {"params": b}], lr=1e-2
+    )
     opt = LaPerm(inner, k=4)
     theta0 = {p: p.detach().clone() for p in w}
     train_steps(model, opt, batches(6, 3))
@@ -278,8 +279,13 @@ def test_state_dicts_of_the_other_rule_are_refused_and_old_ones_still_load():
     state = overwrite.state_dict()
     assert "latent" not in state
     # A state_dict written before sync_rule existed: no such key in its param groups.
-    old = {**state, "base": {**state["base"], "param_groups": [
-        {k: v for k, v in g.items() if k != "sync_rule"} for g in state["base"]["param_groups"]]}}
+    old = {
+        **state,
+        "base": {
+            **state["base"],
+            "param_groups": [{k: v for k, v in g.items() if k != "sync_rule"} for g in state["base"]["param_groups"]],
+        },
+    }
     fresh = LaPerm(torch.optim.Adam(make_model(1).parameters(), lr=1e-2), k=3)
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["sync_rule"] == "overwrite" and fresh.param_groups[0]["laperm_step"] == 4
@@ -350,9 +356,29 @@ def test_config_field_validation():
     # (run names at the default: tests/test_logit_scale.py::test_fields_added_later_keep_run_names)
 
 
-TINY = ["--model", "f2", "--dataset", "synthetic", "--val-size", "64", "--epochs", "2", "--k", "1",
-        "--batch-size", "32", "--checkpoint-steps", "4", "--logit-scale", "100", "--sync-rule", "latent",
-        "--threads", "1", "--no-progress"]
+TINY = [
+    "--model",
+    "f2",
+    "--dataset",
+    "synthetic",
+    "--val-size",
+    "64",
+    "--epochs",
+    "2",
+    "--k",
+    "1",
+    "--batch-size",
+    "32",
+    "--checkpoint-steps",
+    "4",
+    "--logit-scale",
+    "100",
+    "--sync-rule",
+    "latent",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def one_error_line(err):
@@ -387,6 +413,7 @@ def test_cli_latent_run_resumes_bit_identically_after_sigterm(tmp_path, capsys, 
     for name in ("final.pt", "best.pt"):
         a, b = checkpoint.load(ref / name)["model"], checkpoint.load(run / name)["model"]
         assert a.keys() == b.keys() and all(exactly(a[k], b[k]) for k in a), name
+
     def strip(rs):
         return [{k: v for k, v in r.items() if k not in {"epoch_time_s", "images_per_s"}} for r in rs]
 

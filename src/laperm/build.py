@@ -155,12 +155,31 @@ def build_loaders(cfg: TrainConfig, ds: Dataset, device: torch.device, shard: tu
         # not copied from the host at every step.
         train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
     return Loaders(
-        train=BatchLoader(train_x, train_y, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, Seeds.TRAIN_ORDER),
-                          augment=augment, indices=train_idx, shard=shard, **common),
-        calib=BatchLoader(train_x, train_y, CALIB_BATCH, shuffle=True, seed=derive_seed(cfg.seed, Seeds.CALIB_ORDER),
-                          indices=train_idx, **common),
-        val=(BatchLoader(train_x, train_y, EVAL_BATCH, shuffle=False, indices=val_idx, shard=shard, **common)
-             if len(val_idx) else None),
+        train=BatchLoader(
+            train_x,
+            train_y,
+            cfg.batch_size,
+            shuffle=True,
+            seed=derive_seed(cfg.seed, Seeds.TRAIN_ORDER),
+            augment=augment,
+            indices=train_idx,
+            shard=shard,
+            **common,
+        ),
+        calib=BatchLoader(
+            train_x,
+            train_y,
+            CALIB_BATCH,
+            shuffle=True,
+            seed=derive_seed(cfg.seed, Seeds.CALIB_ORDER),
+            indices=train_idx,
+            **common,
+        ),
+        val=(
+            BatchLoader(train_x, train_y, EVAL_BATCH, shuffle=False, indices=val_idx, shard=shard, **common)
+            if len(val_idx)
+            else None
+        ),
         test=BatchLoader(test_x, test_y, EVAL_BATCH, shuffle=False, shard=shard, **common),
         train_size=len(train_idx),
         val_size=len(val_idx),

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "save", "load", "latest_good",
-           "fault_point"]
+__all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "save", "load", "latest_good", "fault_point"]
 
 
 class CheckpointError(RuntimeError):
@@ -127,8 +126,9 @@ def load(path: str | Path, map_location: Any = "cpu", verify: bool = True, weigh
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
     except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); it is corrupt "
-                              "or holds more than tensors and plain values") from None
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}); it is corrupt or holds more than tensors and plain values"
+        ) from None
 
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.pt$")

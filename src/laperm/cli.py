@@ -57,9 +57,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                 kwargs["type"] = base
         groups[meta["group"]].add_argument(flag, **kwargs)
     g = groups[RUN]
-    g.add_argument("--resume", metavar="RUN_DIR", type=Path,
-                   help="continue an interrupted run folder from its last good checkpoint (bit-identical on CPU); "
-                        "only --lr, --epochs and where/how to run may change")
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        type=Path,
+        help="continue an interrupted run folder from its last good checkpoint (bit-identical on CPU); "
+        "only --lr, --epochs and where/how to run may change",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
 
 
@@ -70,21 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `laperm COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("train", help="train a model (default: LaPerm on the bundled MNIST)",
-                       description="Train a model with LaPerm or a baseline and write a run folder.",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: LaPerm on the bundled MNIST)",
+        description="Train a model with LaPerm or a baseline and write a run folder.",
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_train_flags(p)
-    p = sub.add_parser("verify", help="check that a run's weights are permutations of its initial weights",
-                       description="Check final.pt and best.pt of a run folder against its init.pt, row by row.",
-                       epilog="example:\n  laperm verify runs/lenet300-laperm-seed0-1a2b3c4d",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "verify",
+        help="check that a run's weights are permutations of its initial weights",
+        description="Check final.pt and best.pt of a run folder against its init.pt, row by row.",
+        epilog="example:\n  laperm verify runs/lenet300-laperm-seed0-1a2b3c4d",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", type=Path)
-    sub.add_parser("presets", help="list the paper's setups", description="List the --preset names.",
-                   epilog="example:\n  laperm presets && laperm train --preset f1",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_parser("models", help="list the models", description="List the --model names.",
-                   epilog="example:\n  laperm models && laperm train --model conv7 --epochs 5",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser(
+        "presets",
+        help="list the paper's setups",
+        description="List the --preset names.",
+        epilog="example:\n  laperm presets && laperm train --preset f1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_parser(
+        "models",
+        help="list the models",
+        description="List the --model names.",
+        epilog="example:\n  laperm models && laperm train --model conv7 --epochs 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_export_command(sub)
     from .experiments.cli import register
 
@@ -135,8 +154,9 @@ def launch_local(nproc: int, threads: int | None, argv: list[str]) -> int:
     # The workers' arguments travel in the environment: torchrun's own parser would
     # otherwise take flags such as --nproc for abbreviations of its options.
     os.environ[WORKER_ARGV] = json.dumps(argv)
-    launcher = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-                           "-m", "laperm.cli", WORKER_COMMAND])
+    launcher = parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "laperm.cli", WORKER_COMMAND]
+    )
     try:
         run(launcher)
     except ChildFailedError as e:
@@ -207,9 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     res = export_run(args.run_dir, args.output, which=args.which, with_theta0=args.with_theta0)
     widths = sorted({b for b, _ in res.bits.values()})
     span = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
-    print(f"wrote {res.path}: {res.nbytes:,} bytes = {res.ratio:.4f} x the float32 state_dict "
-          f"({res.state_dict_nbytes:,} bytes); {res.permuted_weights:,} permuted weights at {span} bits "
-          f"(mean {res.mean_bits:.2f}), θ0 {'stored' if args.with_theta0 else 'rebuilt from the seed'}")
+    print(
+        f"wrote {res.path}: {res.nbytes:,} bytes = {res.ratio:.4f} x the float32 state_dict "
+        f"({res.state_dict_nbytes:,} bytes); {res.permuted_weights:,} permuted weights at {span} bits "
+        f"(mean {res.mean_bits:.2f}), θ0 {'stored' if args.with_theta0 else 'rebuilt from the seed'}"
+    )
     if args.check:
         bad = check_against_run(res.path, args.run_dir, args.which)
         if bad:
@@ -222,18 +244,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     SUFFIX = ".laperm"  # laperm.export.SUFFIX (not imported: the parser is built without torch)
     p = sub.add_parser(
-        "export", help="write a compact checkpoint: the θ0 recipe plus per-row permutations",
+        "export",
+        help="write a compact checkpoint: the θ0 recipe plus per-row permutations",
         description="Store a LaPerm-trained network as its initial-weight recipe (model, init, seed)\n"
-                    "plus, per permuted row, bit-packed indices of its initial values (1 bit per weight\n"
-                    "for shared-value rows). Reloads bit-exactly with laperm.export.load_compact.",
-        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "plus, per permuted row, bit-packed indices of its initial values (1 bit per weight\n"
+        "for shared-value rows). Reloads bit-exactly with laperm.export.load_compact.",
+        epilog=EXPORT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dir", type=Path, help="a finished LaPerm run folder")
     p.add_argument("-o", "--output", type=Path, help=f"output file (default RUN_DIR/final{SUFFIX}, or best{SUFFIX})")
     p.add_argument("--which", choices=["final", "best"], default="final", help="which weights (default final)")
-    p.add_argument("--with-theta0", action="store_true",
-                   help="store the initial weights too (bigger; for when the seed cannot rebuild them)")
-    p.add_argument("--check", action="store_true", help="reload the written file and compare it bit for bit "
-                                                         "with the run's weights")
+    p.add_argument(
+        "--with-theta0",
+        action="store_true",
+        help="store the initial weights too (bigger; for when the seed cannot rebuild them)",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="reload the written file and compare it bit for bit with the run's weights"
+    )
     COMMANDS["export"] = cmd_export
 
 
@@ -283,12 +312,25 @@ def _explain(e: Exception) -> tuple[int, str]:
 
     if isinstance(e, TrainingInterrupted):
         return 3, str(e)
-    if isinstance(e, (ConfigError, DataError, RunDirError, CheckpointError, UnknownModelError, LaPermError,
-                      NumericalError, DivergenceError)):
+    if isinstance(
+        e,
+        (
+            ConfigError,
+            DataError,
+            RunDirError,
+            CheckpointError,
+            UnknownModelError,
+            LaPermError,
+            NumericalError,
+            DivergenceError,
+        ),
+    ):
         return 2, str(e)
     if type(e).__module__.startswith("torch.distributed") or type(e).__name__.startswith("Dist"):
-        return 2, (f"distributed communication failed ({type(e).__name__}): another process probably died "
-                   "or timed out; see its messages above")
+        return 2, (
+            f"distributed communication failed ({type(e).__name__}): another process probably died "
+            "or timed out; see its messages above"
+        )
     if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         return 2, f"file system error{where}: {e.strerror or e}; check free space and permissions of --out"

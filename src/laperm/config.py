@@ -54,8 +54,17 @@ SYNC_RULES = optim.SYNC_RULES  # ("overwrite", "latent"): defined by the optimiz
 WHAT, OPTIMISATION, RUN = "what to train", "optimisation", "run"
 
 
-def option(default: Any, help: str = "", *, group: str = RUN, resume: bool = False, named: bool = True,
-           flag: str | None = "", choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+def option(
+    default: Any,
+    help: str = "",
+    *,
+    group: str = RUN,
+    resume: bool = False,
+    named: bool = True,
+    flag: str | None = "",
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
     """A :class:`TrainConfig` field with what the CLI, resume and run names need to know about it.
 
     * ``help``, ``group``, ``choices``, ``metavar``: its ``laperm train`` flag;
@@ -64,8 +73,15 @@ def option(default: Any, help: str = "", *, group: str = RUN, resume: bool = Fal
     * ``named``: whether it changes what is computed, so that it is hashed into the run name
       (only when it differs from its default: adding a field never renames a run).
     """
-    meta = {"help": help, "group": group, "resume": resume, "named": named, "flag": flag, "choices": choices,
-            "metavar": metavar}
+    meta = {
+        "help": help,
+        "group": group,
+        "resume": resume,
+        "named": named,
+        "flag": flag,
+        "choices": choices,
+        "metavar": metavar,
+    }
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -81,8 +97,9 @@ class TrainConfig:
     """
 
     model: str = option("lenet300", "model name (see `laperm models`); default lenet300", group=WHAT)
-    dataset: str | None = option(None, "mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar "
-                                       "(default: the model's)", group=WHAT)
+    dataset: str | None = option(
+        None, "mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar (default: the model's)", group=WHAT
+    )
     optimizer: str = option("laperm", "laperm (default) or a plain baseline", group=OPTIMISATION, choices=OPTIMIZERS)
     inner: str = option("adam", "LaPerm's inner optimizer (default adam)", group=OPTIMISATION, choices=INNER)
     k: int = option(100, "sync period in steps (default 100)", group=OPTIMISATION)
@@ -95,50 +112,77 @@ class TrainConfig:
     momentum: float = option(0.9, "sgd only", group=OPTIMISATION, flag=None)
     # Keras' default, which the paper's runs used
     adam_eps: float = option(1e-7, "Adam's epsilon", group=OPTIMISATION, flag=None)
-    loss_scale: str = option("mean", "sum reproduces the reference's gradient scale", group=OPTIMISATION,
-                             choices=LOSS_SCALES)
+    loss_scale: str = option(
+        "mean", "sum reproduces the reference's gradient scale", group=OPTIMISATION, choices=LOSS_SCALES
+    )
     # Training loss only: cross-entropy of logit_scale * logits (a softmax temperature of 1/logit_scale).
     # Evaluation (accuracy and the reported val/test loss) always uses the plain logits.
-    logit_scale: float = option(1.0, "train on cross-entropy of T*logits (default 1); evaluation uses the plain "
-                                     "logits", group=OPTIMISATION, metavar="T")
+    logit_scale: float = option(
+        1.0,
+        "train on cross-entropy of T*logits (default 1); evaluation uses the plain logits",
+        group=OPTIMISATION,
+        metavar="T",
+    )
     l2: float | None = option(None, "coupled L2 coefficient (default: the paper's for the model)", group=OPTIMISATION)
-    init: str = option("he-uniform", "he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)",
-                       group=WHAT)
-    permute_biases: bool | None = option(None, "permute biases too (default: as the paper does for the model)",
-                                         group=OPTIMISATION)
+    init: str = option(
+        "he-uniform", "he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)", group=WHAT
+    )
+    permute_biases: bool | None = option(
+        None, "permute biases too (default: as the paper does for the model)", group=OPTIMISATION
+    )
     granularity: str = option("row", "unit of permutation", group=OPTIMISATION, choices=GRANULARITIES)
     # overwrite: the paper's rule (a sync overwrites the inner weights); latent: the inner weights are kept
     # apart and the model always sees their synced permutation (a straight-through estimator).
-    sync_rule: str = option("overwrite", "overwrite (default, the paper's: a sync overwrites the inner weights) or "
-                            "latent (the inner weights are kept apart and the model always runs on their synced "
-                            "permutation)", group=OPTIMISATION, metavar="{overwrite,latent}")
+    sync_rule: str = option(
+        "overwrite",
+        "overwrite (default, the paper's: a sync overwrites the inner weights) or "
+        "latent (the inner weights are kept apart and the model always runs on their synced "
+        "permutation)",
+        group=OPTIMISATION,
+        metavar="{overwrite,latent}",
+    )
     augment: str | None = option(None, "none, mnist-paper, cifar-paper, cifar-resnet", group=OPTIMISATION)
     val_size: int = option(5000, "validation images held out of the training set (default 5000)")
     train_subset: int | None = option(None, "train on a seeded random sample of this many images (reduced budgets)")
     seed: int = option(0)
-    data_dir: str | None = option(None, "dataset location (IDX folder; CIFAR-10 tarball, folder or zip)", group=WHAT,
-                                  resume=True, named=False)
+    data_dir: str | None = option(
+        None, "dataset location (IDX folder; CIFAR-10 tarball, folder or zip)", group=WHAT, resume=True, named=False
+    )
     device: str = option("auto", "auto (default), cpu, cuda, cuda:N", resume=True, named=False)
     out: str = option("runs", "parent folder of run folders (default runs)", resume=True, named=False)
     name: str | None = option(None, "run folder name (default: derived from the config)", resume=True, named=False)
-    bn_recalibrate: int = option(0, "recompute BatchNorm statistics on this many batches after each sync used for "
-                                    "evaluation", group=OPTIMISATION, metavar="BATCHES")
+    bn_recalibrate: int = option(
+        0,
+        "recompute BatchNorm statistics on this many batches after each sync used for evaluation",
+        group=OPTIMISATION,
+        metavar="BATCHES",
+    )
     eval_every: int = option(1, resume=True, metavar="EPOCHS")
     checkpoint_every: int = option(1, "checkpoint every N epochs (default 1)", resume=True, metavar="EPOCHS")
-    eval_steps: int | None = option(None, "also evaluate (at a synced state) every STEPS steps, as the reference "
-                                          "does with k", metavar="STEPS")
+    eval_steps: int | None = option(
+        None, "also evaluate (at a synced state) every STEPS steps, as the reference does with k", metavar="STEPS"
+    )
     # checkpoint_steps only decides how often state is saved, never what is computed.
-    checkpoint_steps: int | None = option(None, "also checkpoint every N steps, so a crash in a long epoch loses "
-                                                "little", resume=True, named=False, metavar="STEPS")
+    checkpoint_steps: int | None = option(
+        None,
+        "also checkpoint every N steps, so a crash in a long epoch loses little",
+        resume=True,
+        named=False,
+        metavar="STEPS",
+    )
     keep_checkpoints: int = option(2, "checkpoints kept", resume=True, flag=None)
     threads: int | None = option(None, "torch CPU threads", resume=True, named=False)
     progress: bool = option(True, "no progress bar", resume=True, named=False)
-    nproc: int = option(1, "data-parallel processes on this machine (DDP via torchrun; gloo on CPU, NCCL on GPU); "
-                           "the global batch stays --batch-size", metavar="N")
-    check_replicas: bool = option(True, "distributed: skip comparing the ranks' weights after each sync",
-                                  resume=True)
-    preset: str | None = option(None, "a paper setup (see `laperm presets`); flags override it", group=WHAT,
-                                named=False)
+    nproc: int = option(
+        1,
+        "data-parallel processes on this machine (DDP via torchrun; gloo on CPU, NCCL on GPU); "
+        "the global batch stays --batch-size",
+        metavar="N",
+    )
+    check_replicas: bool = option(True, "distributed: skip comparing the ranks' weights after each sync", resume=True)
+    preset: str | None = option(
+        None, "a paper setup (see `laperm presets`); flags override it", group=WHAT, named=False
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,8 +216,10 @@ class TrainConfig:
             _positive_int(self, "eval_steps")
         _positive_int(self, "nproc")
         if self.batch_size % self.nproc:
-            raise ConfigError(f"batch_size {self.batch_size} must be divisible by nproc {self.nproc} "
-                              "(the global batch is split evenly across processes)")
+            raise ConfigError(
+                f"batch_size {self.batch_size} must be divisible by nproc {self.nproc} "
+                "(the global batch is split evenly across processes)"
+            )
         if not isinstance(self.check_replicas, bool):
             raise ConfigError(f"check_replicas must be true or false, got {self.check_replicas!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -185,15 +231,19 @@ class TrainConfig:
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.sync_rule not in SYNC_RULES:
-            raise ConfigError(f"sync_rule must be 'overwrite' (the paper's) or 'latent' (inner weights kept, the "
-                              f"model always synced), got {self.sync_rule!r}; use --sync-rule overwrite or latent")
+            raise ConfigError(
+                f"sync_rule must be 'overwrite' (the paper's) or 'latent' (inner weights kept, the "
+                f"model always synced), got {self.sync_rule!r}; use --sync-rule overwrite or latent"
+            )
         for name in ("lr", "adam_eps"):
             v = getattr(self, name)
             if not _is_number(v) or not _finite(v) or v <= 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
         if not _is_number(self.logit_scale) or not _finite(self.logit_scale) or self.logit_scale <= 0:
-            raise ConfigError(f"logit_scale must be a positive finite number (the training loss uses "
-                              f"cross-entropy of logit_scale * logits), got {self.logit_scale!r}")
+            raise ConfigError(
+                f"logit_scale must be a positive finite number (the training loss uses "
+                f"cross-entropy of logit_scale * logits), got {self.logit_scale!r}"
+            )
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.l2 is not None and (not _is_number(self.l2) or not 0 <= self.l2 < 1):
@@ -305,8 +355,7 @@ def lr_factor(schedule: str, epoch: int) -> float:
     except (ValueError, OverflowError):
         pass
     raise ConfigError(
-        f"lr_schedule {schedule!r} not understood; use constant, exp:0.95, step:10:0.6 "
-        "or milestones:80=0.1,120=0.01"
+        f"lr_schedule {schedule!r} not understood; use constant, exp:0.95, step:10:0.6 or milestones:80=0.1,120=0.01"
     )
 
 
@@ -392,11 +441,27 @@ def _fraction(text: str) -> float:
 # -- presets (docs/algorithm.md §5) ---------------------------------------------------------------
 
 _MNIST_PAPER = dict(lr=1e-3, lr_schedule="exp:0.95", adam_eps=1e-7, loss_scale="sum")
-_CIFAR_CONV = dict(dataset="cifar10", batch_size=50, epochs=125, lr_schedule="step:10:0.6", k=1000,
-                   augment="cifar-paper", adam_eps=1e-7, loss_scale="sum")
-_RESNET = dict(model="resnet50", dataset="cifar10", batch_size=50, epochs=200, k=400,
-               lr_schedule="milestones:80=0.1,120=0.01,160=0.001,180=0.0005",
-               augment="cifar-resnet", adam_eps=1e-7, loss_scale="sum")
+_CIFAR_CONV = dict(
+    dataset="cifar10",
+    batch_size=50,
+    epochs=125,
+    lr_schedule="step:10:0.6",
+    k=1000,
+    augment="cifar-paper",
+    adam_eps=1e-7,
+    loss_scale="sum",
+)
+_RESNET = dict(
+    model="resnet50",
+    dataset="cifar10",
+    batch_size=50,
+    epochs=200,
+    k=400,
+    lr_schedule="milestones:80=0.1,120=0.01,160=0.001,180=0.0005",
+    augment="cifar-resnet",
+    adam_eps=1e-7,
+    loss_scale="sum",
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "conv7": dict(model="conv7", batch_size=50, epochs=45, k=1200, augment="mnist-paper", **_MNIST_PAPER),
@@ -409,8 +474,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet50-p70": dict(_RESNET, k=800, init="pruned:0.7"),
     # The reference notebook evaluates every 250 steps (right after each sync): eval_steps.
     "f1": dict(model="f1", batch_size=128, epochs=10, k=250, eval_steps=250, init="shared:0.08:0.6", **_MNIST_PAPER),
-    "f2": dict(model="f2", batch_size=128, epochs=25, k=250, eval_steps=250, init="shared:0.03:1/15,1/7,1/3",
-               **_MNIST_PAPER),
+    "f2": dict(
+        model="f2", batch_size=128, epochs=25, k=250, eval_steps=250, init="shared:0.03:1/15,1/7,1/3", **_MNIST_PAPER
+    ),
 }
 PRESET_NOTES = {
     "conv7": "MNIST Conv7, README 99.72%",
@@ -433,11 +499,35 @@ FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 # The fields the first release hashed into run names even at their defaults. Frozen: the names
 # of the runs under results/ depend on it. Fields added since are hashed only when not at
 # their default (TrainConfig.digest).
-ALWAYS_HASHED = frozenset({
-    "model", "dataset", "optimizer", "inner", "k", "k_schedule", "epochs", "batch_size", "lr", "lr_schedule",
-    "momentum", "adam_eps", "loss_scale", "l2", "init", "permute_biases", "granularity", "augment", "val_size",
-    "train_subset", "seed", "bn_recalibrate", "eval_every", "checkpoint_every", "keep_checkpoints",
-})
+ALWAYS_HASHED = frozenset(
+    {
+        "model",
+        "dataset",
+        "optimizer",
+        "inner",
+        "k",
+        "k_schedule",
+        "epochs",
+        "batch_size",
+        "lr",
+        "lr_schedule",
+        "momentum",
+        "adam_eps",
+        "loss_scale",
+        "l2",
+        "init",
+        "permute_biases",
+        "granularity",
+        "augment",
+        "val_size",
+        "train_subset",
+        "seed",
+        "bn_recalibrate",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+    }
+)
 
 
 def flag_name(f: dataclasses.Field[Any]) -> str | None:
@@ -542,12 +632,14 @@ def _coerce_k_schedule(values: dict[str, Any]) -> None:
     ks = values.get("k_schedule")
     if not isinstance(ks, dict):
         return
+
     def whole(v: Any) -> int:
         if _is_int(v):
             return v
         if isinstance(v, str) and v.strip().isdigit():
             return int(v)
         raise ValueError
+
     try:
         values["k_schedule"] = {whole(e): whole(k) for e, k in ks.items()}
     except ValueError:

@@ -316,9 +316,7 @@ def _resolve_keep(
         ratios = [lookup[n] for n in names]
     elif isinstance(keep, Sequence) and not isinstance(keep, (str, bytes)):
         if len(keep) != len(names):
-            raise ValueError(
-                f"keep has {len(keep)} entries but the model has {len(names)} prunable layers: {names}"
-            )
+            raise ValueError(f"keep has {len(keep)} entries but the model has {len(names)} prunable layers: {names}")
         ratios = list(keep)
     else:
         ratios = [keep] * len(names)

@@ -106,8 +106,13 @@ class SortedRows:
                 return None
             return t.to(device=device, dtype=dtype if cast else None)
 
-        return SortedRows(self.shape, move(self.dense_values, True), move(self.run_values, True),
-                          move(self.run_counts, False), move(self.run_rows, False))
+        return SortedRows(
+            self.shape,
+            move(self.dense_values, True),
+            move(self.run_values, True),
+            move(self.run_counts, False),
+            move(self.run_rows, False),
+        )
 
     def state(self) -> dict[str, Any]:
         """Plain tensors and ints, for ``state_dict``."""
@@ -126,4 +131,3 @@ class SortedRows:
         if int(counts.sum()) != shape[0] * shape[1]:
             raise ValueError(f"run-length counts add up to {int(counts.sum())}, expected {shape[0] * shape[1]}")
         return cls(shape, run_values=state["values"], run_counts=counts, run_rows=state["rows"])
-

@@ -131,9 +131,7 @@ class LaPerm(torch.optim.Optimizer):
         _check_k(k)
         _check_rule(sync_rule)
         if granularity not in reconnect.GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {reconnect.GRANULARITIES}, got {granularity!r}"
-            )
+            raise ValueError(f"granularity must be one of {reconnect.GRANULARITIES}, got {granularity!r}")
         # Optimizer.__init__ would copy the param groups; we share them instead
         # (as timm's Lookahead does) and set up only what the base class needs.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -147,8 +145,9 @@ class LaPerm(torch.optim.Optimizer):
         self._zero_grad_profile_name = f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"
 
         self.base_optimizer = base_optimizer
-        self.defaults = dict(base_optimizer.defaults, k=k, granularity=granularity, sync_rule=sync_rule,
-                             **_GROUP_DEFAULTS)
+        self.defaults = dict(
+            base_optimizer.defaults, k=k, granularity=granularity, sync_rule=sync_rule, **_GROUP_DEFAULTS
+        )
         self.check_finite = check_finite
         if storage not in ("auto", "dense", "rle"):
             raise ValueError(f"storage must be auto, dense or rle, got {storage!r}")
@@ -328,8 +327,12 @@ class LaPerm(torch.optim.Optimizer):
                 for _, pairs in self._latent:
                     for p, z in pairs:
                         p.copy_(z)
-            synced = [p for i, group in enumerate(self.param_groups)
-                      if from_latent or i not in latent for p in self._sync_group(group)]
+            synced = [
+                p
+                for i, group in enumerate(self.param_groups)
+                if from_latent or i not in latent
+                for p in self._sync_group(group)
+            ]
         self._synced = True
         return synced
 
@@ -484,8 +487,10 @@ class LaPerm(torch.optim.Optimizer):
 
     def extra_memory_bytes(self) -> int:
         """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0, and latent weights)."""
-        return sum(st["sorted"].nbytes() + (st["latent"].numel() * st["latent"].element_size() if "latent" in st else 0)
-                   for st in self.state.values())
+        return sum(
+            st["sorted"].nbytes() + (st["latent"].numel() * st["latent"].element_size() if "latent" in st else 0)
+            for st in self.state.values()
+        )
 
     def verify(self) -> None:
         """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row."""
@@ -493,9 +498,7 @@ class LaPerm(torch.optim.Optimizer):
             raise LaPermError("weights are between syncs; call sync() before verify()")
         for p, st in self.state.items():
             if not reconnect.rows_match(reconnect.to_rows(p, st["layout"]), st["sorted"].dense()):
-                raise LaPermError(
-                    f"parameter {st['name']} is not a row-wise permutation of its initial values"
-                )
+                raise LaPermError(f"parameter {st['name']} is not a row-wise permutation of its initial values")
 
     # -- state ------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -547,8 +550,10 @@ class LaPerm(torch.optim.Optimizer):
         for i, z in latent.items():
             t = saved_latent[i]
             if not isinstance(t, Tensor) or tuple(t.shape) != tuple(z.shape):
-                raise LaPermError(f"saved latent weights of {self.state[params[i]]['name']} are damaged "
-                                  f"(expected a tensor of shape {tuple(z.shape)})")
+                raise LaPermError(
+                    f"saved latent weights of {self.state[params[i]]['name']} are damaged "
+                    f"(expected a tensor of shape {tuple(z.shape)})"
+                )
         self.base_optimizer.load_state_dict(state_dict["base"])
         for group in self.param_groups:
             group.setdefault("sync_rule", "overwrite")
@@ -576,8 +581,10 @@ class LaPerm(torch.optim.Optimizer):
         ks = sorted({g["k"] for g in self.param_groups})
         n = sum(p.numel() for p in self.state)
         rule = ", sync_rule=latent" if self._latent else ""
-        return (f"LaPerm(k={ks if len(ks) > 1 else ks[0]}{rule}, permuted={n:,} weights, "
-                f"inner={type(self.base_optimizer).__name__})")
+        return (
+            f"LaPerm(k={ks if len(ks) > 1 else ks[0]}{rule}, permuted={n:,} weights, "
+            f"inner={type(self.base_optimizer).__name__})"
+        )
 
 
 class _HookHandle:
@@ -592,9 +599,11 @@ class _HookHandle:
 def _observed() -> bool:
     """True when a global optimizer step hook is registered or the autograd profiler is on."""
     # (if a torch version renames these registries, always take the observed path)
-    return (bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True))
-            or bool(getattr(_torch_optimizer, "_global_optimizer_post_hooks", True))
-            or torch.autograd._profiler_enabled())
+    return (
+        bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True))
+        or bool(getattr(_torch_optimizer, "_global_optimizer_post_hooks", True))
+        or torch.autograd._profiler_enabled()
+    )
 
 
 def _check_rule(rule: Any) -> None:
@@ -660,8 +669,7 @@ def laperm_param_groups(
             elif p.dim() == 1:
                 add(("bias",), name, p, permute=permute_biases)
             elif isinstance(module, _CONV_T):
-                add(("convT", module.groups), name, p, permute=True, transposed=True,
-                    unit_groups=module.groups)
+                add(("convT", module.groups), name, p, permute=True, transposed=True, unit_groups=module.groups)
             else:
                 add(("weight",), name, p, permute=None)
     return list(groups.values())
@@ -683,4 +691,3 @@ def permuted_layouts(
             if LaPerm._permuted(full, p):
                 out[name] = LaPerm._layout(full, p)
     return out
-

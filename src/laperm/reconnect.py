@@ -75,17 +75,13 @@ class RowLayout:
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
-            )
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
 
     def is_view(self, t: Tensor) -> bool:
         """True when :func:`to_rows` returns a view that writes through to ``t``."""
-        return t.is_contiguous() and not (
-            self.granularity == "row" and self.transposed and t.dim() >= 2
-        )
+        return t.is_contiguous() and not (self.granularity == "row" and self.transposed and t.dim() >= 2)
 
 
 def to_rows(t: Tensor, layout: RowLayout = RowLayout()) -> Tensor:
@@ -164,8 +160,7 @@ def sync_rows_(rows: Tensor, sorted_vals: Tensor) -> Tensor:
     """
     if rows.shape != sorted_vals.shape:
         raise ValueError(
-            f"row matrix shape {tuple(rows.shape)} does not match the stored sorted "
-            f"values {tuple(sorted_vals.shape)}"
+            f"row matrix shape {tuple(rows.shape)} does not match the stored sorted values {tuple(sorted_vals.shape)}"
         )
     path = _cpu_path(rows)
     if path is None or (rows.requires_grad and torch.is_grad_enabled()):
@@ -212,9 +207,7 @@ def sync_tensor_(t: Tensor, sorted_vals: Tensor, layout: RowLayout = RowLayout()
     return t
 
 
-def rebuild_by_rank(
-    target: Tensor, values: Tensor, layout: RowLayout = RowLayout()
-) -> Tensor:
+def rebuild_by_rank(target: Tensor, values: Tensor, layout: RowLayout = RowLayout()) -> Tensor:
     """A new tensor shaped like ``target`` holding ``values``' entries at ``target``'s ranks.
 
     Row by row, the ``r``-th smallest value of ``values`` is placed where
@@ -222,9 +215,7 @@ def rebuild_by_rank(
     is exactly one LaPerm sync of a trained net against its initial weights.
     """
     if target.shape != values.shape:
-        raise ValueError(
-            f"target shape {tuple(target.shape)} != values shape {tuple(values.shape)}"
-        )
+        raise ValueError(f"target shape {tuple(target.shape)} != values shape {tuple(values.shape)}")
     out = target.detach().clone()
     return sync_tensor_(out, sorted_rows(values, layout), layout)
 

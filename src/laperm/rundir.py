@@ -35,8 +35,18 @@ import yaml
 from . import checkpoint
 from .config import FIELD_NAMES
 
-__all__ = ["RunDirError", "check_run_dir", "prepare_run_dir", "read_run_config", "write_config", "MetricsLog",
-           "read_jsonl", "read_metrics", "read_json", "locked"]
+__all__ = [
+    "RunDirError",
+    "check_run_dir",
+    "prepare_run_dir",
+    "read_run_config",
+    "write_config",
+    "MetricsLog",
+    "read_jsonl",
+    "read_metrics",
+    "read_json",
+    "locked",
+]
 
 
 class RunDirError(RuntimeError):
@@ -59,8 +69,9 @@ def locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RunDirError(f"run folder {path} is in use by another laperm process; "
-                              "wait for it to finish or stop it first") from None
+            raise RunDirError(
+                f"run folder {path} is in use by another laperm process; wait for it to finish or stop it first"
+            ) from None
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -116,7 +127,9 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
         checkpoint.atomic_write_bytes(probe, b"ok")  # the same path real writes take (and their test faults)
         probe.unlink()
     except OSError as e:
-        raise RunDirError(f"cannot write to the output folder {path}: {e.strerror or e}; choose another --out") from None
+        raise RunDirError(
+            f"cannot write to the output folder {path}: {e.strerror or e}; choose another --out"
+        ) from None
     return path
 
 

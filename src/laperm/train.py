@@ -26,7 +26,22 @@ from .engine import (
 )
 
 __all__ = [
-    "train", "Callbacks", "Trainer", "TrainingState", "RunState", "TrainingInterrupted", "NumericalError",
-    "InvariantError", "resolve_device", "evaluate", "build_model", "build_optimizer", "load_data",
-    "recalibrate_bn", "synced_state", "SyncChecker", "CKPT_FORMAT", "CKPT_KEYS",
+    "train",
+    "Callbacks",
+    "Trainer",
+    "TrainingState",
+    "RunState",
+    "TrainingInterrupted",
+    "NumericalError",
+    "InvariantError",
+    "resolve_device",
+    "evaluate",
+    "build_model",
+    "build_optimizer",
+    "load_data",
+    "recalibrate_bn",
+    "synced_state",
+    "SyncChecker",
+    "CKPT_FORMAT",
+    "CKPT_KEYS",
 ]

@@ -45,8 +45,14 @@ def layout_records(optimizer: LaPerm) -> list[dict[str, Any]]:
     out = []
     for p in optimizer.state:
         layout = optimizer.layout_of(p)
-        out.append({"name": optimizer.name_of(p), "granularity": layout.granularity,
-                    "transposed": layout.transposed, "groups": layout.groups})
+        out.append(
+            {
+                "name": optimizer.name_of(p),
+                "granularity": layout.granularity,
+                "transposed": layout.transposed,
+                "groups": layout.groups,
+            }
+        )
     return out
 
 
@@ -73,9 +79,12 @@ def verify_weights(init: dict[str, Any], weights: dict[str, torch.Tensor]) -> tu
 
 def _load_init(run_dir: Path) -> dict[str, Any]:
     init = checkpoint.load(run_dir / rundir.INIT)
-    if not (isinstance(init, dict) and isinstance(init.get("state"), dict)
-            and isinstance(init.get("permuted", []), list)
-            and all(isinstance(r, dict) and set(LAYOUT_FIELDS) <= r.keys() for r in init.get("permuted", []))):
+    if not (
+        isinstance(init, dict)
+        and isinstance(init.get("state"), dict)
+        and isinstance(init.get("permuted", []), list)
+        and all(isinstance(r, dict) and set(LAYOUT_FIELDS) <= r.keys() for r in init.get("permuted", []))
+    ):
         raise RunDirError(f"{run_dir / rundir.INIT} is not a laperm init record (damaged or from another tool)")
     if not init.get("permuted"):
         raise RunDirError(f"{run_dir} was trained without LaPerm ({init.get('optimizer')}); nothing to verify")

@@ -127,7 +127,7 @@ def dynamics_figure(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, A
 def _template_image(w: np.ndarray) -> np.ndarray:
     """Ten 784-weight rows -> one 2x5 mosaic of 28x28 images."""
     tiles = w.reshape(-1, 28, 28)
-    rows = [np.concatenate(list(tiles[r * 5:(r + 1) * 5]), axis=1) for r in range(2)]
+    rows = [np.concatenate(list(tiles[r * 5 : (r + 1) * 5]), axis=1) for r in range(2)]
     return np.concatenate(rows, axis=0)
 
 
@@ -169,8 +169,11 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    for key, label in (("train_acc", "train (inner weights)"), ("val_acc", "validation (synced)"),
-                       ("test_acc", "test (synced)")):
+    for key, label in (
+        ("train_acc", "train (inner weights)"),
+        ("val_acc", "validation (synced)"),
+        ("test_acc", "test (synced)"),
+    ):
         if records and key in records[0]:
             ax2.plot(epochs, [100 * r[key] for r in records], label=label)
     ax2.set_xlabel("epoch")

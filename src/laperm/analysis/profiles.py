@@ -46,7 +46,9 @@ def profile_drift(trained: Tensor, init: Tensor, layout: RowLayout = RowLayout()
     return float((a - b).norm() / norm) if norm > 0 else float((a - b).norm())
 
 
-def profile_quantiles(t: Tensor, layout: RowLayout = RowLayout(), units: int = 8, points: int = 64) -> list[list[float]]:
+def profile_quantiles(
+    t: Tensor, layout: RowLayout = RowLayout(), units: int = 8, points: int = 64
+) -> list[list[float]]:
     """Up to ``units`` evenly chosen profiles, each resampled at ``points`` quantiles (for plots)."""
     s = profile_matrix(t, layout)
     rows = torch.linspace(0, s.shape[0] - 1, min(units, s.shape[0])).round().long()

@@ -25,7 +25,9 @@ from ..reconnect import RowLayout, from_rows_, rebuild_by_rank, to_rows
 __all__ = ["permutable_layouts", "rebuild_state", "random_permutation_state"]
 
 
-def permutable_layouts(model: nn.Module, permute_biases: bool = False, granularity: str = "row") -> dict[str, RowLayout]:
+def permutable_layouts(
+    model: nn.Module, permute_biases: bool = False, granularity: str = "row"
+) -> dict[str, RowLayout]:
     """``{parameter name: RowLayout}`` of the tensors LaPerm permutes in ``model``.
 
     The optimizer's own rule (:func:`laperm.optim.permuted_layouts`), so analyses and

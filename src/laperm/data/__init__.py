@@ -5,14 +5,14 @@ into normalised float batches ``(x/255 - mean)/std`` on the target device.
 """
 
 from .augment import (
-                      PRESETS,
-                      Augment,
-                      make_augment,
-                      random_affine,
-                      random_hflip,
-                      random_rotate,
-                      random_shift,
-                      random_zoom,
+    PRESETS,
+    Augment,
+    make_augment,
+    random_affine,
+    random_hflip,
+    random_rotate,
+    random_shift,
+    random_zoom,
 )
 from .cache import default_cache_dir
 from .cifar import CIFAR10_CLASSES, download_cifar10, load_cifar10, locate_cifar10
@@ -25,9 +25,31 @@ from .split import random_subset, train_val_split
 from .synthetic import synthetic_dataset
 
 __all__ = [
-    "Augment", "BatchLoader", "CIFAR10_CLASSES", "DATASETS", "DataError", "Dataset", "PRESETS",
-    "channel_stats", "default_cache_dir", "derive_seed", "download_cifar10", "load_cifar10", "load_dataset",
-    "load_idx_dir", "locate_cifar10", "make_augment", "normalize", "parse_idx", "random_affine", "random_hflip",
-    "random_rotate", "random_shift", "random_subset", "random_zoom", "synthetic_dataset", "train_val_split",
+    "Augment",
+    "BatchLoader",
+    "CIFAR10_CLASSES",
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "PRESETS",
+    "channel_stats",
+    "default_cache_dir",
+    "derive_seed",
+    "download_cifar10",
+    "load_cifar10",
+    "load_dataset",
+    "load_idx_dir",
+    "locate_cifar10",
+    "make_augment",
+    "normalize",
+    "parse_idx",
+    "random_affine",
+    "random_hflip",
+    "random_rotate",
+    "random_shift",
+    "random_subset",
+    "random_zoom",
+    "synthetic_dataset",
+    "train_val_split",
     "write_idx",
 ]

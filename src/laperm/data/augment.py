@@ -38,8 +38,15 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def random_affine(x: torch.Tensor, generator: torch.Generator, *, degrees: float = 0.0, shift: float = 0.0,
-                  zoom: float = 0.0, fill: str = "nearest") -> torch.Tensor:
+def random_affine(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    degrees: float = 0.0,
+    shift: float = 0.0,
+    zoom: float = 0.0,
+    fill: str = "nearest",
+) -> torch.Tensor:
     """Random rotation, shift and zoom per image, combined into one resampling pass."""
     _check(x)
     if fill not in _PADDING:
@@ -52,10 +59,13 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, *, degrees: float
     cos, sin = angle.cos(), angle.sin()
     # Output -> input map R(angle)·diag(zx, zy) in pixel units, rewritten for
     # affine_grid's [-1, 1] coordinates (the h/w factors keep non-square images undistorted).
-    theta = torch.stack([
-        torch.stack([cos * zx, -sin * zy * h / w, tx], dim=1),
-        torch.stack([sin * zx * w / h, cos * zy, ty], dim=1),
-    ], dim=1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * zx, -sin * zy * h / w, tx], dim=1),
+            torch.stack([sin * zx * w / h, cos * zy, ty], dim=1),
+        ],
+        dim=1,
+    )
     grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=_PADDING[fill], align_corners=False)
 
@@ -65,7 +75,9 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_frac: float, f
     return random_affine(x, generator, shift=max_frac, fill=fill)
 
 
-def random_rotate(x: torch.Tensor, generator: torch.Generator, max_degrees: float, fill: str = "nearest") -> torch.Tensor:
+def random_rotate(
+    x: torch.Tensor, generator: torch.Generator, max_degrees: float, fill: str = "nearest"
+) -> torch.Tensor:
     """Rotate by an angle drawn from [-max_degrees, max_degrees] (Keras ``rotation_range``)."""
     return random_affine(x, generator, degrees=max_degrees, fill=fill)
 
@@ -119,6 +131,8 @@ def make_augment(spec: str | dict | Augment | None) -> Augment | None:
     if isinstance(spec, dict):
         unknown = set(spec) - set(Augment.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown augmentation keys {sorted(unknown)}; allowed: {list(Augment.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown augmentation keys {sorted(unknown)}; allowed: {list(Augment.__dataclass_fields__)}"
+            )
         return Augment(**spec)
     raise TypeError(f"augmentation spec must be a preset name, a dict or None, got {type(spec).__name__}")

@@ -49,8 +49,14 @@ def load_cached(path: Path) -> Dataset | None:
     try:
         d = torch.load(path, weights_only=True)  # weights_only: never run pickled code
         return Dataset(
-            name=d["name"], train_x=d["train_x"], train_y=d["train_y"], test_x=d["test_x"],
-            test_y=d["test_y"], classes=list(d["classes"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+            name=d["name"],
+            train_x=d["train_x"],
+            train_y=d["train_y"],
+            test_x=d["test_x"],
+            test_y=d["test_y"],
+            classes=list(d["classes"]),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
         )
     except Exception as exc:  # a damaged cache must never stop training: just rebuild it
         warnings.warn(f"ignoring unreadable dataset cache {path}: {exc}", stacklevel=3)
@@ -60,8 +66,14 @@ def load_cached(path: Path) -> Dataset | None:
 def save_cached(path: Path, ds: Dataset) -> None:
     """Write atomically (temp file + ``os.replace``) so concurrent readers never see half a file."""
     payload = {
-        "name": ds.name, "train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x,
-        "test_y": ds.test_y, "classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std),
+        "name": ds.name,
+        "train_x": ds.train_x,
+        "train_y": ds.train_y,
+        "test_x": ds.test_x,
+        "test_y": ds.test_y,
+        "classes": list(ds.classes),
+        "mean": list(ds.mean),
+        "std": list(ds.std),
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,4 +87,6 @@ def save_cached(path: Path, ds: Dataset) -> None:
             os.unlink(tmp)
             raise
     except OSError as exc:  # read-only home etc.: caching is an optimisation, not a requirement
-        warnings.warn(f"could not write dataset cache {path}: {exc}; set LAPERM_CACHE to a writable directory", stacklevel=3)
+        warnings.warn(
+            f"could not write dataset cache {path}: {exc}; set LAPERM_CACHE to a writable directory", stacklevel=3
+        )

@@ -67,8 +67,12 @@ class Source:
 def default_search_dirs() -> list[Path]:
     """Folders tried when neither ``data_dir`` nor ``$LAPERM_CIFAR10`` is given."""
     cwd = Path.cwd()
-    return [Path(os.path.normpath(cwd / ".." / "shared" / "data" / "cifar10")), cwd / "shared" / "data" / "cifar10",
-            cwd / "data" / "cifar10", cache.default_cache_dir() / "cifar10"]
+    return [
+        Path(os.path.normpath(cwd / ".." / "shared" / "data" / "cifar10")),
+        cwd / "shared" / "data" / "cifar10",
+        cwd / "data" / "cifar10",
+        cache.default_cache_dir() / "cifar10",
+    ]
 
 
 def find_source(path: Path) -> Source | None:
@@ -115,8 +119,12 @@ def source_files(source: Source) -> list[Path]:
     if source.kind == "batches":
         return [source.path / n for n in [*TRAIN_BATCHES, "test_batch"]]
     if source.kind == "tree":
-        return [p for split in ("train", "test") for p in (source.path / split).rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES]
+        return [
+            p
+            for split in ("train", "test")
+            for p in (source.path / split).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
     return [source.path]
 
 
@@ -126,8 +134,13 @@ def source_files(source: Source) -> list[Path]:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds numpy arrays: a data file must not be able to run code."""
 
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # Python 3 protocol-2 bytes
-                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # Python 3 protocol-2 bytes
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
@@ -185,7 +198,9 @@ def _check_sha256sums(path: Path) -> None:
 
 def _read_tarball(path: Path, verify: bool) -> Dataset:
     if verify and path.name == TARBALL and md5sum(path) != CIFAR10_MD5:
-        raise DataError(f"Checksum mismatch for {path} (md5 is not {CIFAR10_MD5}); re-download {TARBALL} or pass verify=False for a custom archive.")
+        raise DataError(
+            f"Checksum mismatch for {path} (md5 is not {CIFAR10_MD5}); re-download {TARBALL} or pass verify=False for a custom archive."
+        )
     batches = {}
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -215,14 +230,18 @@ def _decode_tree(entries: list[tuple[str, str, str, object]], read: Callable[[ob
     entries.sort(key=lambda e: (e[0], e[1], e[2]))  # deterministic order, independent of the archive
     classes = sorted({c for s, c, _, _ in entries if s == "train"})
     if classes != CIFAR10_CLASSES:
-        raise DataError(f"{where} has train class folders {classes} but CIFAR-10 needs {CIFAR10_CLASSES}; point --data-dir at the CIFAR-10 image folders.")
+        raise DataError(
+            f"{where} has train class folders {classes} but CIFAR-10 needs {CIFAR10_CLASSES}; point --data-dir at the CIFAR-10 image folders."
+        )
     label = {c: i for i, c in enumerate(classes)}
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "test"):
         items = [e for e in entries if e[0] == split]
         unknown = {c for _, c, _, _ in items} - set(classes)
         if not items or unknown:
-            raise DataError(f"{where} has no {split} images or unknown {split} classes {sorted(unknown)}; provide train/<class>/ and test/<class>/ folders.")
+            raise DataError(
+                f"{where} has no {split} images or unknown {split} classes {sorted(unknown)}; provide train/<class>/ and test/<class>/ folders."
+            )
         x = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
         for i, (_, _, name, handle) in enumerate(items):
             try:
@@ -231,7 +250,9 @@ def _decode_tree(entries: list[tuple[str, str, str, object]], read: Callable[[ob
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise DataError(f"Cannot decode image {name} in {where} ({exc}); replace or remove the file.") from None
             if arr.shape != (32, 32, 3):
-                raise DataError(f"Image {name} in {where} is {arr.shape[1]}×{arr.shape[0]}, not 32×32; CIFAR-10 images must be 32×32.")
+                raise DataError(
+                    f"Image {name} in {where} is {arr.shape[1]}×{arr.shape[0]}, not 32×32; CIFAR-10 images must be 32×32."
+                )
             x[i] = arr
         y = np.array([label[c] for _, c, _, _ in items], dtype=np.int64)
         out[split] = (x.transpose(0, 3, 1, 2), y)  # HWC -> CHW
@@ -257,7 +278,9 @@ def _read_zip(path: Path) -> Dataset:
                     entries.append((*sc, info.filename, info))
             return _decode_tree(entries, zf.read, str(path))
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise DataError(f"{path} is not a readable zip archive ({exc}); re-download it or pass another --data-dir.") from None
+        raise DataError(
+            f"{path} is not a readable zip archive ({exc}); re-download it or pass another --data-dir."
+        ) from None
 
 
 # ---------------------------------------------------------------- assembling
@@ -267,9 +290,14 @@ def _make_dataset(train_x, train_y, test_x, test_y) -> Dataset:
     train_x = torch.from_numpy(np.ascontiguousarray(train_x))
     mean, std = channel_stats(train_x)  # from the data actually loaded (JPEG copies differ slightly)
     return Dataset(
-        name="cifar10", train_x=train_x, train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)), test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
-        classes=list(CIFAR10_CLASSES), mean=mean, std=std,
+        name="cifar10",
+        train_x=train_x,
+        train_y=torch.from_numpy(np.asarray(train_y, dtype=np.int64)),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(np.asarray(test_y, dtype=np.int64)),
+        classes=list(CIFAR10_CLASSES),
+        mean=mean,
+        std=std,
     )
 
 
@@ -277,13 +305,18 @@ def decode_source(source: Source, verify: bool = True) -> Dataset:
     """Decode ``source`` from scratch (no cache)."""
     if verify and source.path.is_file():
         _check_sha256sums(source.path)
-    readers = {"tarball": lambda p: _read_tarball(p, verify), "batches": _read_batches_dir,
-               "tree": _read_tree, "zip": _read_zip}
+    readers = {
+        "tarball": lambda p: _read_tarball(p, verify),
+        "batches": _read_batches_dir,
+        "tree": _read_tree,
+        "zip": _read_zip,
+    }
     return readers[source.kind](source.path)
 
 
-def load_cifar10(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | bool | None = None,
-                 verify: bool = True) -> Dataset:
+def load_cifar10(
+    data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | bool | None = None, verify: bool = True
+) -> Dataset:
     """Locate, decode (first time only) and return CIFAR-10.
 
     ``cache_dir=None`` uses :func:`~laperm.data.cache.default_cache_dir`;
@@ -315,10 +348,14 @@ def download_cifar10(dest: str | os.PathLike | None = None, url: str = CIFAR10_U
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, f, 1 << 20)
         if md5sum(Path(tmp)) != CIFAR10_MD5:
-            raise DataError(f"Downloaded {url} but its md5 is not {CIFAR10_MD5}; retry later or download {TARBALL} by hand.")
+            raise DataError(
+                f"Downloaded {url} but its md5 is not {CIFAR10_MD5}; retry later or download {TARBALL} by hand."
+            )
         os.replace(tmp, target)
     except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts are OSErrors
-        raise DataError(f"Could not download CIFAR-10 from {url} ({exc}); check the internet connection, or fetch {TARBALL} elsewhere and pass --data-dir or set {ENV_VAR}.") from None
+        raise DataError(
+            f"Could not download CIFAR-10 from {url} ({exc}); check the internet connection, or fetch {TARBALL} elsewhere and pass --data-dir or set {ENV_VAR}."
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -34,8 +34,16 @@ IDX_FILES = {
 
 MNIST_DIR = Path(__file__).resolve().parent / "mnist"
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 
@@ -46,7 +54,9 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     so truncated or corrupt files fail loudly instead of giving garbage.
     """
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{name} is not an IDX file (bad magic number); re-download it or point --data-dir at a valid MNIST-format directory.")
+        raise DataError(
+            f"{name} is not an IDX file (bad magic number); re-download it or point --data-dir at a valid MNIST-format directory."
+        )
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -88,7 +98,9 @@ def load_idx_dir(directory: str | Path, name: str, classes: list[str] | None = N
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"{directory} is not a directory; pass --data-dir pointing to a directory with the four MNIST-format IDX files.")
+        raise DataError(
+            f"{directory} is not a directory; pass --data-dir pointing to a directory with the four MNIST-format IDX files."
+        )
     sums_file = directory / "SHA256SUMS"
     sums = read_sha256sums(sums_file) if verify and sums_file.is_file() else {}
     arrays = {}
@@ -107,7 +119,9 @@ def load_idx_dir(directory: str | Path, name: str, classes: list[str] | None = N
     num_classes = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0))) + 1
     classes = classes or [str(i) for i in range(num_classes)]
     if num_classes > len(classes):
-        raise DataError(f"Labels in {directory} go up to {num_classes - 1} but {name} has {len(classes)} classes; check the files.")
+        raise DataError(
+            f"Labels in {directory} go up to {num_classes - 1} but {name} has {len(classes)} classes; check the files."
+        )
     # torch.from_numpy shares memory; the arrays are fresh copies, so that is safe.
     return Dataset(
         name=name,

@@ -13,8 +13,13 @@ from .synthetic import synthetic_dataset
 DATASETS = ("mnist", "fashion-mnist", "idx", "cifar10", "synthetic", "synthetic-cifar")
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | bool | None = None, verify: bool = True, **options) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | bool | None = None,
+    verify: bool = True,
+    **options,
+) -> Dataset:
     """Load a dataset by name.
 
     * ``"mnist"``: the bundled files, or an MNIST-format IDX folder ``data_dir``.

@@ -14,7 +14,9 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """uint8 (or 0..1 float) images -> float32 ``(x / 255 - mean) / std``, per channel."""
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
@@ -52,11 +54,22 @@ class BatchLoader:
     batches one process would.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu", indices: torch.Tensor | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        device: str | torch.device = "cpu",
+        indices: torch.Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise TypeError(f"x must be uint8 N×C×H×W, got {x.dtype} with shape {tuple(x.shape)}")
         if len(x) != len(y):
@@ -134,13 +147,22 @@ class BatchLoader:
 
     def state_dict(self) -> dict:
         """Position (``epoch``, ``batch``) plus the settings that must match on resume."""
-        return {"epoch": self.epoch, "batch": self._batch, "seed": self.seed, "n": self.n,
-                "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return {
+            "epoch": self.epoch,
+            "batch": self._batch,
+            "seed": self.seed,
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "n", "batch_size", "shuffle", "drop_last"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: loader state has {key}={state[key]!r} but this loader has {getattr(self, key)!r}")
+                raise ValueError(
+                    f"cannot resume: loader state has {key}={state[key]!r} but this loader has {getattr(self, key)!r}"
+                )
         if not 0 <= state["batch"] <= len(self):
             raise ValueError(f"cannot resume at batch {state['batch']}: an epoch has {len(self)} batches")
         self.epoch, self._batch, self._resume = int(state["epoch"]), int(state["batch"]), int(state["batch"])

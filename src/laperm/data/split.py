@@ -20,7 +20,9 @@ def train_val_split(n: int, val_size: int | float, seed: int) -> tuple[torch.Ten
         raise ValueError(f"val_size must be an int count or a float fraction, got {val_size!r}")
     if isinstance(val_size, numbers.Integral):
         if not 0 <= val_size < n:
-            raise ValueError(f"val_size={val_size} must satisfy 0 <= val_size < n={n} (the training part may not be empty)")
+            raise ValueError(
+                f"val_size={val_size} must satisfy 0 <= val_size < n={n} (the training part may not be empty)"
+            )
         k = int(val_size)
     else:
         if not 0.0 <= val_size < 1.0:

@@ -8,8 +8,15 @@ import torch.nn.functional as F
 from .dataset import Dataset, channel_stats
 
 
-def synthetic_dataset(n_train: int = 512, n_test: int = 256, shape: tuple[int, int, int] = (1, 28, 28),
-                      num_classes: int = 10, seed: int = 0, noise: float = 0.3, name: str = "synthetic") -> Dataset:
+def synthetic_dataset(
+    n_train: int = 512,
+    n_test: int = 256,
+    shape: tuple[int, int, int] = (1, 28, 28),
+    num_classes: int = 10,
+    seed: int = 0,
+    noise: float = 0.3,
+    name: str = "synthetic",
+) -> Dataset:
     """Images = a smooth class-specific pattern + Gaussian pixel noise, stored as uint8.
 
     Each class has a random prototype (a coarse random grid upsampled
@@ -35,5 +42,13 @@ def synthetic_dataset(n_train: int = 512, n_test: int = 256, shape: tuple[int, i
     train_x, train_y = sample(n_train)
     test_x, test_y = sample(n_test)
     mean, std = channel_stats(train_x)
-    return Dataset(name=name, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                   classes=[str(i) for i in range(num_classes)], mean=mean, std=std)
+    return Dataset(
+        name=name,
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        classes=[str(i) for i in range(num_classes)],
+        mean=mean,
+        std=std,
+    )

@@ -21,7 +21,23 @@ from .state import RunState, TrainingState
 from .trainer import Trainer
 
 __all__ = [
-    "train", "Trainer", "Callbacks", "TrainingState", "RunState", "Evaluator", "evaluate", "recalibrate_bn",
-    "synced_state", "batchnorm_modules", "SyncChecker", "StopFlag", "row_fingerprint", "first_nonfinite",
-    "TrainingInterrupted", "NumericalError", "InvariantError", "CKPT_FORMAT", "CKPT_KEYS",
+    "train",
+    "Trainer",
+    "Callbacks",
+    "TrainingState",
+    "RunState",
+    "Evaluator",
+    "evaluate",
+    "recalibrate_bn",
+    "synced_state",
+    "batchnorm_modules",
+    "SyncChecker",
+    "StopFlag",
+    "row_fingerprint",
+    "first_nonfinite",
+    "TrainingInterrupted",
+    "NumericalError",
+    "InvariantError",
+    "CKPT_FORMAT",
+    "CKPT_KEYS",
 ]

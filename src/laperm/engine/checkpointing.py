@@ -20,8 +20,18 @@ from ..config import RESUME_CHANGEABLE, ConfigError, TrainConfig, lr_factor
 from ..optim import LaPerm
 from .state import TrainingState
 
-__all__ = ["CKPT_FORMAT", "CKPT_KEYS", "Key", "find_resume_checkpoint", "resume_config", "reconcile_init",
-           "reconcile_best", "apply_changes", "rng_state", "restore_rng"]
+__all__ = [
+    "CKPT_FORMAT",
+    "CKPT_KEYS",
+    "Key",
+    "find_resume_checkpoint",
+    "resume_config",
+    "reconcile_init",
+    "reconcile_best",
+    "apply_changes",
+    "rng_state",
+    "restore_rng",
+]
 
 CKPT_FORMAT = "laperm-train/1"
 
@@ -38,8 +48,9 @@ class Key:
 CKPT_KEYS = (Key.FORMAT, Key.CONFIG, Key.MODEL, Key.OPTIMIZER, Key.SCHEDULER, Key.LOADER, Key.RNG, Key.RUN)
 
 
-def find_resume_checkpoint(run_dir: Path, main: bool, log: Callable[[str], None],
-                           barrier: Callable[[], None]) -> tuple[Path | None, dict[str, Any] | None]:
+def find_resume_checkpoint(
+    run_dir: Path, main: bool, log: Callable[[str], None], barrier: Callable[[], None]
+) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest good checkpoint of ``run_dir`` (path, contents), or (None, None) to start afresh.
 
     Rank 0 sets damaged checkpoints newer than the one used aside (renamed, never tried
@@ -73,14 +84,15 @@ def resume_config(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> Tra
     changed = [f for f in new if new[f] != old[f] and f not in RESUME_CHANGEABLE]
     if changed:
         what = ", ".join(f"{f} ({old[f]!r} -> {new[f]!r})" for f in changed)
-        raise ConfigError(f"cannot change {what} when resuming {run_dir}; only "
-                          f"{', '.join(sorted(RESUME_CHANGEABLE))} may change. Start a new run instead")
+        raise ConfigError(
+            f"cannot change {what} when resuming {run_dir}; only "
+            f"{', '.join(sorted(RESUME_CHANGEABLE))} may change. Start a new run instead"
+        )
     return cfg
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def restore_rng(rng: dict[str, Any], device: torch.device, rank: int, world: int, distributed: bool) -> None:
@@ -103,8 +115,9 @@ def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | 
     return None
 
 
-def reconcile_init(run_dir: Path, init_record: dict[str, Any], laperm: LaPerm | None,
-                   log: Callable[[str], None]) -> None:
+def reconcile_init(
+    run_dir: Path, init_record: dict[str, Any], laperm: LaPerm | None, log: Callable[[str], None]
+) -> None:
     """On resume: init.pt must exist and agree with the checkpoint's θ0; rebuild it from the seed if lost."""
     path = run_dir / rundir.INIT
     try:
@@ -114,18 +127,23 @@ def reconcile_init(run_dir: Path, init_record: dict[str, Any], laperm: LaPerm | 
             raise checkpoint.CheckpointError(f"{path} is not an init record")
     except checkpoint.CheckpointError as e:
         if laperm is not None and _theta0_mismatch(init_record["state"], laperm) is not None:
-            raise rundir.RunDirError(f"{e}, and the config's seed does not rebuild the checkpoint's initial "
-                                     "weights; the run cannot be verified. Start a new run") from None
+            raise rundir.RunDirError(
+                f"{e}, and the config's seed does not rebuild the checkpoint's initial "
+                "weights; the run cannot be verified. Start a new run"
+            ) from None
         log(f"warning: {e}; rebuilt init.pt from the seed (it matches the checkpoint's initial weights)")
         checkpoint.save(init_record, path)
         return
     if laperm is not None and (bad := _theta0_mismatch(state, laperm)) is not None:
-        raise rundir.RunDirError(f"init.pt and the newest checkpoint disagree about the initial values of {bad}; "
-                                 "the run folder mixes files of different runs. Start a new run")
+        raise rundir.RunDirError(
+            f"init.pt and the newest checkpoint disagree about the initial values of {bad}; "
+            "the run folder mixes files of different runs. Start a new run"
+        )
 
 
-def reconcile_best(run_dir: Path, state: TrainingState, best_state: dict[str, torch.Tensor] | None,
-                   log: Callable[[str], None]) -> None:
+def reconcile_best(
+    run_dir: Path, state: TrainingState, best_state: dict[str, torch.Tensor] | None, log: Callable[[str], None]
+) -> None:
     """On resume: make best.pt the model the checkpoint selected (a crash may have left a later or broken one)."""
     path = run_dir / rundir.BEST
     if state.best.get("sha256") is not None and best_state is not None:
@@ -139,8 +157,14 @@ def reconcile_best(run_dir: Path, state: TrainingState, best_state: dict[str, to
         Path(f"{path}.sha256").unlink(missing_ok=True)
 
 
-def apply_changes(cfg: TrainConfig, old: dict[str, Any], state: TrainingState, opt: torch.optim.Optimizer,
-                  sched: torch.optim.lr_scheduler.LambdaLR, log: Callable[[str], None]) -> None:
+def apply_changes(
+    cfg: TrainConfig,
+    old: dict[str, Any],
+    state: TrainingState,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    log: Callable[[str], None],
+) -> None:
     """Apply a new lr / epochs given on resume, and record them (they end up in summary.json)."""
     if old.get("lr") != cfg.lr:
         # LambdaLR keeps the base lr in its state; replace it and the current lr of each group.

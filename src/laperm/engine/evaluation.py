@@ -76,7 +76,9 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> None:
 
 
 @contextlib.contextmanager
-def synced_state(opt: torch.optim.Optimizer, model: nn.Module, calib: BatchLoader | None, batches: int) -> Iterator[None]:
+def synced_state(
+    opt: torch.optim.Optimizer, model: nn.Module, calib: BatchLoader | None, batches: int
+) -> Iterator[None]:
     """Weights synced (and BN recalibrated) inside; training state restored on exit."""
     if not isinstance(opt, LaPerm):
         yield
@@ -99,9 +101,18 @@ class Evaluator:
     ``best.pt``) and the last synced weights (for the ``reconnected`` metric).
     """
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, val: BatchLoader | None, test: BatchLoader,
-                 calib: BatchLoader, bn_batches: int, best_path: Path, callbacks: Callbacks,
-                 d: distributed.Dist) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        val: BatchLoader | None,
+        test: BatchLoader,
+        calib: BatchLoader,
+        bn_batches: int,
+        best_path: Path,
+        callbacks: Callbacks,
+        d: distributed.Dist,
+    ) -> None:
         self.model, self.opt, self.val, self.test, self.calib = model, opt, val, test, calib
         self.bn_batches, self.best_path, self.callbacks, self.d = bn_batches, best_path, callbacks, d
         self.best_model: dict[str, torch.Tensor] | None = None  # a copy of best.pt's weights
@@ -126,10 +137,16 @@ class Evaluator:
         digest = None
         if self.d.is_main:
             self.best_model = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            digest = checkpoint.save({"model": self.best_model, "epoch": record["epoch"], "step": state.step,
-                                      "synced": True}, self.best_path)
-        state.best = {"epoch": record["epoch"], "step": state.step, "val_acc": record["val_acc"],
-                      "test_acc": record["test_acc"], "sha256": digest}
+            digest = checkpoint.save(
+                {"model": self.best_model, "epoch": record["epoch"], "step": state.step, "synced": True}, self.best_path
+            )
+        state.best = {
+            "epoch": record["epoch"],
+            "step": state.step,
+            "val_acc": record["val_acc"],
+            "test_acc": record["test_acc"],
+            "sha256": digest,
+        }
 
     def measure_reconnected(self, record: dict[str, Any]) -> None:
         """``record["reconnected"]``: the fraction of permuted weights that moved since the last epoch's sync."""
@@ -141,8 +158,12 @@ class Evaluator:
             record["reconnected"] = moved / sum(t.numel() for t in current.values())
         self.prev_synced = current
 
-    def load_state(self, best_model: dict[str, torch.Tensor] | None, prev_synced: dict[str, torch.Tensor] | None,
-                   device: torch.device) -> None:
+    def load_state(
+        self,
+        best_model: dict[str, torch.Tensor] | None,
+        prev_synced: dict[str, torch.Tensor] | None,
+        device: torch.device,
+    ) -> None:
         self.best_model = best_model
         # checkpoints load onto the CPU; prev_synced is compared with live weights
         self.prev_synced = None if prev_synced is None else {n: t.to(device) for n, t in prev_synced.items()}

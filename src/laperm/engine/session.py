@@ -61,8 +61,15 @@ def _quiet(message: str) -> None:
     """The log of ranks other than 0 (rank 0 speaks for the job)."""
 
 
-def _checked_run(cfg: TrainConfig, d: distributed.Dist, device: torch.device, resume: bool, overwrite: bool,
-                 log: Callable[[str], None], callbacks: Callbacks) -> dict[str, Any]:
+def _checked_run(
+    cfg: TrainConfig,
+    d: distributed.Dist,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    log: Callable[[str], None],
+    callbacks: Callbacks,
+) -> dict[str, Any]:
     """Validate what needs no writing, then take the run folder (and its lock) and train."""
     if not d.is_main:
         log = _quiet
@@ -74,7 +81,9 @@ def _checked_run(cfg: TrainConfig, d: distributed.Dist, device: torch.device, re
     spec = models.get_spec(cfg.model)
     ds = build.load_data(cfg, spec)
     if cfg.val_size >= len(ds.train_y):
-        raise ConfigError(f"val_size {cfg.val_size} leaves no training data ({len(ds.train_y)} images); lower --val-size")
+        raise ConfigError(
+            f"val_size {cfg.val_size} leaves no training data ({len(ds.train_y)} images); lower --val-size"
+        )
     build.build_augment(cfg)  # a bad --augment fails here, before the folder exists
     if d.is_main:
         run_dir = rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
@@ -91,8 +100,17 @@ def _checked_run(cfg: TrainConfig, d: distributed.Dist, device: torch.device, re
             ) from None
 
 
-def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, spec: models.ModelSpec,
-         ds: Dataset, log: Callable[[str], None], callbacks: Callbacks, d: distributed.Dist) -> dict[str, Any]:
+def _run(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    device: torch.device,
+    spec: models.ModelSpec,
+    ds: Dataset,
+    log: Callable[[str], None],
+    callbacks: Callbacks,
+    d: distributed.Dist,
+) -> dict[str, Any]:
     """Find the checkpoint to resume (or write the config), build the loaders and fit."""
     resumed: tuple[Path | None, dict[str, Any] | None] = (None, None)
     if resume:

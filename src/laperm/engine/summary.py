@@ -22,8 +22,11 @@ __all__ = ["epoch_record", "epoch_line", "describe_optimizer", "hardware", "buil
 def epoch_record(st: TrainingState, lr: float) -> dict[str, Any]:
     """The training half of an epoch's metrics.jsonl line (evaluation adds the rest)."""
     return {
-        "epoch": st.epoch, "step": st.step, "lr": lr,
-        "train_loss": st.loss_sum / max(st.seen, 1), "train_acc": st.correct / max(st.seen, 1),
+        "epoch": st.epoch,
+        "step": st.step,
+        "lr": lr,
+        "train_loss": st.loss_sum / max(st.seen, 1),
+        "train_acc": st.correct / max(st.seen, 1),
         "epoch_time_s": round(st.epoch_time, 3),
         "images_per_s": round(st.seen / max(st.epoch_time, 1e-9), 1),
     }
@@ -62,15 +65,26 @@ def build_summary(run: Any, final_test: float, final_val: float | None) -> dict[
     cfg, st = run.cfg, run.state
     evaluated = [r for r in [*run.metrics.records, *st.step_evals] if "test_acc" in r]
     summary = {
-        "run": cfg.run_name(), "run_dir": str(run.run_dir), "model": cfg.model, "dataset": run.ds.name,
-        "optimizer": cfg.optimizer, "init": cfg.init, "seed": cfg.seed, "epochs": cfg.epochs,
-        "steps": st.step, "final_test_acc": final_test, "final_val_acc": final_val,
-        "selected_epoch": st.best.get("epoch"), "selected_val_acc": st.best.get("val_acc"),
+        "run": cfg.run_name(),
+        "run_dir": str(run.run_dir),
+        "model": cfg.model,
+        "dataset": run.ds.name,
+        "optimizer": cfg.optimizer,
+        "init": cfg.init,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "steps": st.step,
+        "final_test_acc": final_test,
+        "final_val_acc": final_val,
+        "selected_epoch": st.best.get("epoch"),
+        "selected_val_acc": st.best.get("val_acc"),
         "selected_test_acc": st.best.get("test_acc"),
         # the final model is evaluated too
         "best_test_acc": max([final_test, *(r["test_acc"] for r in evaluated)]),
         "evaluations": len(evaluated),
-        "train_time_s": round(st.elapsed, 1), "device": str(run.device), "hardware": hardware(run.device),
+        "train_time_s": round(st.elapsed, 1),
+        "device": str(run.device),
+        "hardware": hardware(run.device),
         "torch": torch.__version__,
         "verified": None,
     }

@@ -44,9 +44,19 @@ FLUSH_EVERY = 25  # steps between host syncs of the running loss (the display, t
 class Trainer:
     """One run: built from a config, a run folder and (on resume) a checkpoint; :meth:`fit` trains it."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device, spec: ModelSpec, ds: Dataset,
-                 loaders: Loaders, log: Callable[[str], None], callbacks: Callbacks, d: distributed.Dist,
-                 resumed: tuple[Path | None, dict[str, Any] | None] = (None, None)) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        device: torch.device,
+        spec: ModelSpec,
+        ds: Dataset,
+        loaders: Loaders,
+        log: Callable[[str], None],
+        callbacks: Callbacks,
+        d: distributed.Dist,
+        resumed: tuple[Path | None, dict[str, Any] | None] = (None, None),
+    ) -> None:
         self.cfg, self.run_dir, self.device, self.spec, self.ds = cfg, run_dir, device, spec, ds
         self.loaders, self.log, self.callbacks, self.d = loaders, log, callbacks, d
         self.main = d.is_main  # only rank 0 writes files
@@ -58,8 +68,17 @@ class Trainer:
         # checkpoints: the float sums must group identically in a resumed run).
         self.loss_acc = torch.zeros((), dtype=torch.float64, device=device)
         self.correct_acc = torch.zeros((), dtype=torch.int64, device=device)
-        self.evaluator = Evaluator(self.model, self.opt, loaders.val, loaders.test, loaders.calib,
-                                   cfg.bn_recalibrate, run_dir / rundir.BEST, callbacks, d)
+        self.evaluator = Evaluator(
+            self.model,
+            self.opt,
+            loaders.val,
+            loaders.test,
+            loaders.calib,
+            cfg.bn_recalibrate,
+            run_dir / rundir.BEST,
+            callbacks,
+            d,
+        )
         if saved is not None:
             self._restore(saved)
         self.metrics = rundir.MetricsLog(run_dir / rundir.METRICS if self.main else None, self.state.records)
@@ -81,18 +100,28 @@ class Trainer:
         # every registry model has l2_parameters() (models.registry); nn.Module's typing cannot say so
         self.l2_params = cast(Any, self.model).l2_parameters() if self.l2 else []
         # Baselines on a pruned/shared init keep the pruned weights at zero (a fixed mask).
-        self.fixed = ([(p, masks[n]) for n, p in self.model.named_parameters() if n in masks]
-                      if self.laperm is None else [])
+        self.fixed = (
+            [(p, masks[n]) for n, p in self.model.named_parameters() if n in masks] if self.laperm is None else []
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: lr_factor(cfg.lr_schedule, e))
-        self.init_record = {"state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                            "permuted": layout_records(self.laperm) if self.laperm else [],
-                            "optimizer": cfg.optimizer, "seed": cfg.seed, "model": cfg.model, "init": cfg.init}
+        self.init_record = {
+            "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "permuted": layout_records(self.laperm) if self.laperm else [],
+            "optimizer": cfg.optimizer,
+            "seed": cfg.seed,
+            "model": cfg.model,
+            "init": cfg.init,
+        }
         if self.last_saved is None and self.main:
             checkpoint.save(self.init_record, self.run_dir / rundir.INIT)
         # Data parallel: DDP averages gradients; the weights and the sync stay local and identical.
         self.forward: nn.Module = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-            if self.d.enabled else self.model)
+            nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if self.d.enabled
+            else self.model
+        )
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -126,9 +155,12 @@ class Trainer:
 
     def _log_resume(self) -> None:
         pos, name, st = self.loaders.train.state_dict()["batch"], getattr(self.last_saved, "name", "?"), self.state
-        self.log(f"resuming {self.run_dir} from {name}: step {st.step}, epoch {st.epoch + 1} "
-                 f"at batch {pos}/{len(self.loaders.train)}" if pos else
-                 f"resuming {self.run_dir} from {name}: step {st.step}, {st.epoch} epochs done")
+        self.log(
+            f"resuming {self.run_dir} from {name}: step {st.step}, epoch {st.epoch + 1} "
+            f"at batch {pos}/{len(self.loaders.train)}"
+            if pos
+            else f"resuming {self.run_dir} from {name}: step {st.step}, {st.epoch} epochs done"
+        )
 
     def save_checkpoint(self) -> None:
         """Check for NaN first (one O(n) pass: a NaN never reaches a checkpoint), then write one."""
@@ -145,12 +177,18 @@ class Trainer:
         if not self.main:
             return
         payload = {
-            Key.FORMAT: ckpt.CKPT_FORMAT, Key.CONFIG: self.cfg.to_dict(), Key.MODEL: self.model.state_dict(),
-            Key.OPTIMIZER: self.opt.state_dict(), Key.SCHEDULER: self.sched.state_dict(),
-            Key.LOADER: self.loaders.train.state_dict(), Key.CALIB_LOADER: self.loaders.calib.state_dict(),
-            Key.RNG: rng, Key.RUN: st.state_dict(),
+            Key.FORMAT: ckpt.CKPT_FORMAT,
+            Key.CONFIG: self.cfg.to_dict(),
+            Key.MODEL: self.model.state_dict(),
+            Key.OPTIMIZER: self.opt.state_dict(),
+            Key.SCHEDULER: self.sched.state_dict(),
+            Key.LOADER: self.loaders.train.state_dict(),
+            Key.CALIB_LOADER: self.loaders.calib.state_dict(),
+            Key.RNG: rng,
+            Key.RUN: st.state_dict(),
             Key.ACC: (float(self.loss_acc), int(self.correct_acc)),
-            Key.PREV_SYNCED: self.evaluator.prev_synced, Key.BEST_MODEL: self.evaluator.best_model,
+            Key.PREV_SYNCED: self.evaluator.prev_synced,
+            Key.BEST_MODEL: self.evaluator.best_model,
         }
         ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         path = checkpoint.checkpoint_path(ckpt_dir, st.step)
@@ -166,10 +204,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, end with a permanent sync; returns the summary."""
         cfg = self.cfg
-        self.log(f"{cfg.run_name()}: {cfg.model} on {self.ds.name} ({self.loaders.train_size:,} train / "
-                 f"{self.loaders.val_size:,} val / {len(self.ds.test_y):,} test), "
-                 f"{report.describe_optimizer(cfg, self.opt)}, {parse_init(cfg.init).describe()}, "
-                 f"{cfg.epochs} epochs x {len(self.loaders.train)} steps, device {self.device}")
+        self.log(
+            f"{cfg.run_name()}: {cfg.model} on {self.ds.name} ({self.loaders.train_size:,} train / "
+            f"{self.loaders.val_size:,} val / {len(self.ds.test_y):,} test), "
+            f"{report.describe_optimizer(cfg, self.opt)}, {parse_init(cfg.init).describe()}, "
+            f"{cfg.epochs} epochs x {len(self.loaders.train)} steps, device {self.device}"
+        )
         self.model.train()
         with StopFlag() as self.stop:
             while self.state.epoch < cfg.epochs:
@@ -186,8 +226,15 @@ class Trainer:
         loader.set_epoch(epoch)
         self.pos = loader.state_dict()["batch"]  # > 0 when resuming mid-epoch
         self.start = time.perf_counter()
-        self.bar = tqdm(total=len(loader), initial=self.pos, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                        leave=False, disable=None if cfg.progress and self.main else True, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=len(loader),
+            initial=self.pos,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            leave=False,
+            disable=None if cfg.progress and self.main else True,
+            dynamic_ncols=True,
+        )
         for xb, yb in loader:
             self.train_step(xb, yb)
             self.after_step(epoch)
@@ -249,8 +296,9 @@ class Trainer:
         if flush:
             self.flush()
         # Ranks agree to stop only at flush points, so that they stop at the same step.
-        stopping = ((flush and self.d.any(self.stop.signal is not None)) if self.d.enabled
-                    else self.stop.signal is not None)
+        stopping = (
+            (flush and self.d.any(self.stop.signal is not None)) if self.d.enabled else self.stop.signal is not None
+        )
         # (a step checkpoint on an epoch's last batch is left to the epoch-end one)
         if stopping or (cfg.checkpoint_steps and st.step % cfg.checkpoint_steps == 0 and self.pos < steps):
             st.epoch_time += time.perf_counter() - self.start
@@ -258,8 +306,10 @@ class Trainer:
             self.save_checkpoint()
         if stopping:
             self.bar.close()
-            raise TrainingInterrupted(f"stopped by {self.stop.describe()} at step {st.step}; "
-                                      f"checkpoint saved. Continue with: laperm train --resume {self.run_dir}")
+            raise TrainingInterrupted(
+                f"stopped by {self.stop.describe()} at step {st.step}; "
+                f"checkpoint saved. Continue with: laperm train --resume {self.run_dir}"
+            )
 
     def evaluate_step(self, epoch: int) -> None:
         """An evaluation every ``eval_steps`` steps (the reference evaluates right after each sync)."""
@@ -304,8 +354,11 @@ class Trainer:
         self.metrics.append(record)
         checkpoint.fault_point(f"epoch-end:{st.epoch}")
         st.start_epoch_totals()
-        if (st.epoch % cfg.checkpoint_every == 0 or st.epoch == cfg.epochs
-                or (cfg.checkpoint_steps and st.step % cfg.checkpoint_steps == 0)):
+        if (
+            st.epoch % cfg.checkpoint_every == 0
+            or st.epoch == cfg.epochs
+            or (cfg.checkpoint_steps and st.step % cfg.checkpoint_steps == 0)
+        ):
             self.save_checkpoint()
 
     # -- the end --------------------------------------------------------------------------
@@ -328,8 +381,10 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         """final.pt, the final evaluation, verification and summary.json (rank 0 writes)."""
         if self.main:
-            checkpoint.save({"model": self.model.state_dict(), "epoch": self.state.epoch, "synced": True},
-                            self.run_dir / rundir.FINAL)
+            checkpoint.save(
+                {"model": self.model.state_dict(), "epoch": self.state.epoch, "synced": True},
+                self.run_dir / rundir.FINAL,
+            )
         val = self.loaders.val
         final_val = evaluate(self.model, val, self.d)[1] if val is not None else None
         final_test = evaluate(self.model, self.loaders.test, self.d)[1]

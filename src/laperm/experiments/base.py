@@ -27,6 +27,7 @@ __all__ = ["Run", "Experiment", "EXPERIMENTS", "register", "run_experiment", "lo
 
 BUDGETS = ("quick", "paper")
 
+
 @dataclass
 class Run:
     """One training run of an experiment: config overrides plus tags for the report."""
@@ -123,8 +124,14 @@ def run_experiment(
     for i, run in enumerate(runs, 1):
         cfg = run.config(folder, threads, data_dir)
         run_dir = folder / cfg.run_name()
-        entry: dict[str, Any] = {"folder": cfg.run_name(), "tags": run.tags, "budget": budget, "hook": run.hook,
-                 "command": command_for(run, folder), "experiment_version": exp.version}
+        entry: dict[str, Any] = {
+            "folder": cfg.run_name(),
+            "tags": run.tags,
+            "budget": budget,
+            "hook": run.hook,
+            "command": command_for(run, folder),
+            "experiment_version": exp.version,
+        }
         entries.append(entry)
         done = (run_dir / "summary.json").is_file()
         if not done and not dry_run and run.hook is None:
@@ -158,8 +165,12 @@ def _reuse(root: Path, name: str, run_dir: Path, log: Callable[[str], None]) -> 
 
     for other in sorted(root.glob(f"*/{run_dir.name}/summary.json")):
         src = other.parent
-        if src == run_dir or src.parent.name == name or (src / "rebuild.jsonl").exists() \
-                or (src / "dynamics.json").exists():
+        if (
+            src == run_dir
+            or src.parent.name == name
+            or (src / "rebuild.jsonl").exists()
+            or (src / "dynamics.json").exists()
+        ):
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)

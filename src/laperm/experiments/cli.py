@@ -17,26 +17,40 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add this module's subcommands to ``sub``; return {command: handler}."""
-    p = sub.add_parser("run", help="run a named paper experiment (resumable)",
-                       description="Train the runs of a named experiment that are not finished yet.",
-                       epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run a named paper experiment (resumable)",
+        description="Train the runs of a named experiment that are not finished yet.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("experiment", nargs="?", help="experiment name (see --list)")
     p.add_argument("--list", action="store_true", help="list the experiments")
-    p.add_argument("--budget", choices=["quick", "paper"], default="paper",
-                   help="paper (default): the budget in the experiment's description; quick: a smoke test")
+    p.add_argument(
+        "--budget",
+        choices=["quick", "paper"],
+        default="paper",
+        help="paper (default): the budget in the experiment's description; quick: a smoke test",
+    )
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the experiment's)")
     p.add_argument("--out", default="results", help="results folder (default results)")
     p.add_argument("--only", help="only runs whose tags contain this text, e.g. model=conv7")
     p.add_argument("--threads", type=int, help="torch CPU threads per run")
     p.add_argument("--data-dir", help="dataset location (e.g. the CIFAR-10 zip)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
-    p.add_argument("--evaluate-unfinished", action="store_true",
-                   help="train nothing; evaluate the newest checkpoint of each unfinished run (partial.json)")
-    p = sub.add_parser("report", help="write docs/results.md and figures from stored results",
-                       description="Rebuild the results report and its figures from results/ (no training).",
-                       epilog="examples:\n  laperm report                       # results/ -> docs/results.md, docs/figures/\n"
-                              "  laperm report --results /tmp/r --docs /tmp/d",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--evaluate-unfinished",
+        action="store_true",
+        help="train nothing; evaluate the newest checkpoint of each unfinished run (partial.json)",
+    )
+    p = sub.add_parser(
+        "report",
+        help="write docs/results.md and figures from stored results",
+        description="Rebuild the results report and its figures from results/ (no training).",
+        epilog="examples:\n  laperm report                       # results/ -> docs/results.md, docs/figures/\n"
+        "  laperm report --results /tmp/r --docs /tmp/d",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--results", default="results", help="results folder (default results)")
     p.add_argument("--docs", default="docs", help="where results.md and figures/ go (default docs)")
     return {"run": cmd_run, "report": cmd_report}
@@ -54,9 +68,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ..config import ConfigError
 
         raise ConfigError(f"unknown experiment {args.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    entries = run_experiment(args.experiment, budget=args.budget, seeds=args.seeds, out=args.out, only=args.only,
-                             threads=args.threads, data_dir=args.data_dir,
-                             dry_run=args.dry_run or args.evaluate_unfinished)
+    entries = run_experiment(
+        args.experiment,
+        budget=args.budget,
+        seeds=args.seeds,
+        out=args.out,
+        only=args.only,
+        threads=args.threads,
+        data_dir=args.data_dir,
+        dry_run=args.dry_run or args.evaluate_unfinished,
+    )
     if args.evaluate_unfinished:
         from pathlib import Path
 

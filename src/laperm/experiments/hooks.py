@@ -131,8 +131,10 @@ class DynamicsProbe(Probe):
         atomic_write_text(self.run_dir / "dynamics.json", json.dumps({"syncs": rec.records}) + "\n")
         if rec.snapshots:
             steps = np.array([s for s, _ in rec.snapshots])
-            arrays = {name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
-                      for name in rec.snapshots[0][1]}
+            arrays = {
+                name: np.stack([snap[name].numpy() for _, snap in rec.snapshots]).astype(np.float16)
+                for name in rec.snapshots[0][1]
+            }
             np.savez_compressed(self.run_dir / "snapshots.npz", steps=steps, **arrays)  # type: ignore[arg-type]
 
 
@@ -151,8 +153,15 @@ class InnerProbe(Probe):
 
             ds = build.load_data(self.cfg, get_spec(self.cfg.model))
             self.classes = ds.num_classes
-            self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std,
-                                    device=next(model.parameters()).device)
+            self.test = BatchLoader(
+                ds.test_x,
+                ds.test_y,
+                1000,
+                shuffle=False,
+                mean=ds.mean,
+                std=ds.std,
+                device=next(model.parameters()).device,
+            )
         return self.test
 
     def before_evaluation(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
@@ -179,4 +188,3 @@ class InnerProbe(Probe):
             hits += torch.bincount(y[pred == y], minlength=n)[:n]
         model.train(was)
         record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts, strict=True)]
-

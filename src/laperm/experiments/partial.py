@@ -48,8 +48,13 @@ def evaluate_unfinished(run_dir: str | Path, threads: int | None = None) -> dict
     ds = build.load_data(cfg, spec)
     test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std)
     acc = evaluate(model, test)[1]
-    out = {"epoch": saved["run"]["epoch"], "step": saved["run"]["step"], "test_acc": acc,
-           "synced": cfg.optimizer == "laperm", "bn_recalibrated": False,
-           "note": "unfinished run: its newest checkpoint, synced and evaluated on the test set"}
+    out = {
+        "epoch": saved["run"]["epoch"],
+        "step": saved["run"]["step"],
+        "test_acc": acc,
+        "synced": cfg.optimizer == "laperm",
+        "bn_recalibrated": False,
+        "note": "unfinished run: its newest checkpoint, synced and evaluated on the test set",
+    }
     atomic_write_text(run_dir / "partial.json", json.dumps(out) + "\n")
     return out

@@ -28,8 +28,13 @@ def _quick(budget: str, o: dict[str, Any], epochs: int = 1, subset: int = 2000) 
     """Shrink a run to the smoke-test budget."""
     if budget == "paper":
         return o
-    return dict(o, epochs=min(o.get("epochs", epochs), epochs), train_subset=subset,
-                val_size=min(o.get("val_size", 5000), 1000), eval_every=1)
+    return dict(
+        o,
+        epochs=min(o.get("epochs", epochs), epochs),
+        train_subset=subset,
+        val_size=min(o.get("val_size", 5000), 1000),
+        eval_every=1,
+    )
 
 
 def _runs(budget: str, seeds: list[int], specs: Sequence[tuple[Any, Any]], hook: str | None = None) -> list[Run]:
@@ -38,28 +43,45 @@ def _runs(budget: str, seeds: list[int], specs: Sequence[tuple[Any, Any]], hook:
 
 # -- agnostic: single shared value, F1 and F2 at the paper's budget ------------------------------
 
+
 def _agnostic(budget: str, seeds: list[int]) -> list[Run]:
     ours, paper = "ours: 55k train, 5k validation", "paper: all 60k train, no validation"
     specs = [
         (dict(preset="f1"), dict(model="f1", method="LaPerm", init="shared 0.08, 40% pruned", protocol=ours)),
         (dict(preset="f2"), dict(model="f2", method="LaPerm", init="shared 0.03, ~92.6% pruned", protocol=ours)),
-        (dict(preset="f1", optimizer="adam", init="he-uniform"),
-         dict(model="f1", method="Adam", init="he-uniform dense", protocol=ours)),
-        (dict(preset="f2", optimizer="adam", init="he-uniform"),
-         dict(model="f2", method="Adam", init="he-uniform dense", protocol=ours)),
+        (
+            dict(preset="f1", optimizer="adam", init="he-uniform"),
+            dict(model="f1", method="Adam", init="he-uniform dense", protocol=ours),
+        ),
+        (
+            dict(preset="f2", optimizer="adam", init="he-uniform"),
+            dict(model="f2", method="Adam", init="he-uniform dense", protocol=ours),
+        ),
         # The reference trains on all 60k images and reports the best test accuracy.
-        (dict(preset="f1", val_size=0), dict(model="f1", method="LaPerm", init="shared 0.08, 40% pruned",
-                                             protocol=paper)),
-        (dict(preset="f2", val_size=0), dict(model="f2", method="LaPerm", init="shared 0.03, ~92.6% pruned",
-                                             protocol=paper)),
+        (
+            dict(preset="f1", val_size=0),
+            dict(model="f1", method="LaPerm", init="shared 0.08, 40% pruned", protocol=paper),
+        ),
+        (
+            dict(preset="f2", val_size=0),
+            dict(model="f2", method="LaPerm", init="shared 0.03, ~92.6% pruned", protocol=paper),
+        ),
     ]
     return _runs(budget, seeds, specs)
 
 
-register(Experiment("agnostic", 2, "F1 and F2 with a single shared weight value (paper budget: 10 and 25 "
-                    "epochs, k=250, batch 128, Adam lr 1e-3*0.95^epoch, summed loss, evaluated every 250 steps "
-                    "like the reference), vs Adam on the same "
-                    "dense net and vs chance (10%)", _agnostic, default_seeds=(0, 1, 2)))
+register(
+    Experiment(
+        "agnostic",
+        2,
+        "F1 and F2 with a single shared weight value (paper budget: 10 and 25 "
+        "epochs, k=250, batch 128, Adam lr 1e-3*0.95^epoch, summed loss, evaluated every 250 steps "
+        "like the reference), vs Adam on the same "
+        "dense net and vs chance (10%)",
+        _agnostic,
+        default_seeds=(0, 1, 2),
+    )
+)
 
 
 # -- f2-research: a LaPerm setting that gets F2 past the published protocol's stall ---------------
@@ -106,12 +128,20 @@ def _f2_research(budget: str, seeds: list[int]) -> list[Run]:
     return runs
 
 
-register(Experiment("f2-research", 1, "F2 (same architecture, init values and sparsity): LaPerm settings "
-                    "beyond the published protocol; exploration with one seed, the chosen one with three",
-                    _f2_research, default_seeds=(0, 1, 2)))
+register(
+    Experiment(
+        "f2-research",
+        1,
+        "F2 (same architecture, init values and sparsity): LaPerm settings "
+        "beyond the published protocol; exploration with one seed, the chosen one with three",
+        _f2_research,
+        default_seeds=(0, 1, 2),
+    )
+)
 
 
 # -- k sweep ----------------------------------------------------------------------------------
+
 
 def _k(budget: str, seeds: list[int]) -> list[Run]:
     specs = [(dict(preset="f2", k=k), dict(model="f2", k=k)) for k in K_VALUES]
@@ -119,53 +149,85 @@ def _k(budget: str, seeds: list[int]) -> list[Run]:
     return _runs(budget, seeds, specs)
 
 
-register(Experiment("k", 1, "sync period k in {1, 20, 100, 250, 1000}: F2 (paper preset otherwise) and "
-                    "lenet300 (dense he-uniform, 12 epochs, Adam lr 1e-3*0.9^epoch, batch 128)", _k))
+register(
+    Experiment(
+        "k",
+        1,
+        "sync period k in {1, 20, 100, 250, 1000}: F2 (paper preset otherwise) and "
+        "lenet300 (dense he-uniform, 12 epochs, Adam lr 1e-3*0.9^epoch, batch 128)",
+        _k,
+    )
+)
 
 
 # -- sparse: random pruning, LaPerm (rewiring) vs Adam with a fixed mask -----------------------
+
 
 def _sparse(budget: str, seeds: list[int]) -> list[Run]:
     specs = []
     for p in SPARSITY:
         init = "he-uniform" if p == 0 else f"pruned:{p}"
         for opt in ("laperm", "adam"):
-            specs.append((dict(model="lenet300", optimizer=opt, init=init, epochs=12, k=250),
-                          dict(model="lenet300", method=opt, pruned=p)))
+            specs.append(
+                (
+                    dict(model="lenet300", optimizer=opt, init=init, epochs=12, k=250),
+                    dict(model="lenet300", method=opt, pruned=p),
+                )
+            )
     for p in (0.0, 0.7, 0.5):  # in order of priority
         init = "he-uniform" if p == 0 else f"pruned:{p}"
         for opt in ("laperm", "adam"):
-            specs.append((dict(preset="conv2", optimizer=opt, init=init, **CIFAR_CPU),
-                          dict(model="conv2", method=opt, pruned=p, budget="reduced")))
+            specs.append(
+                (
+                    dict(preset="conv2", optimizer=opt, init=init, **CIFAR_CPU),
+                    dict(model="conv2", method=opt, pruned=p, budget="reduced"),
+                )
+            )
     return _runs(budget, seeds, specs)
 
 
-register(Experiment("sparse", 2, "random pruning p in {0,30,50,70,90}% on lenet300 (12 epochs, k=250) and "
-                    "p in {0,50,70}% on Conv2 (reduced CPU budget: 4 epochs on 10k JPEG CIFAR-10 images, k=200); "
-                    "LaPerm rewires, Adam keeps a fixed mask",
-                    _sparse))
+register(
+    Experiment(
+        "sparse",
+        2,
+        "random pruning p in {0,30,50,70,90}% on lenet300 (12 epochs, k=250) and "
+        "p in {0,50,70}% on Conv2 (reduced CPU budget: 4 epochs on 10k JPEG CIFAR-10 images, k=200); "
+        "LaPerm rewires, Adam keeps a fixed mask",
+        _sparse,
+    )
+)
 
 
 # -- dense: LaPerm vs Adam on the same net, init and budget ----------------------------------
 
+
 def _dense(budget: str, seeds: list[int]) -> list[Run]:
     specs = []
     for opt in ("laperm", "adam"):
-        specs.append((dict(model="lenet300", optimizer=opt, epochs=12, k=250),
-                       dict(model="lenet300", method=opt)))
-        specs.append((dict(preset="conv7", optimizer=opt, **CONV7_CPU),
-                      dict(model="conv7", method=opt, budget="reduced")))
-        specs.append((dict(preset="conv2", optimizer=opt, **CIFAR_CPU),
-                      dict(model="conv2", method=opt, budget="reduced")))
+        specs.append((dict(model="lenet300", optimizer=opt, epochs=12, k=250), dict(model="lenet300", method=opt)))
+        specs.append(
+            (dict(preset="conv7", optimizer=opt, **CONV7_CPU), dict(model="conv7", method=opt, budget="reduced"))
+        )
+        specs.append(
+            (dict(preset="conv2", optimizer=opt, **CIFAR_CPU), dict(model="conv2", method=opt, budget="reduced"))
+        )
     return _runs(budget, seeds, specs)
 
 
-register(Experiment("dense", 2, "dense random init, LaPerm vs Adam: lenet300 (12 epochs), Conv7 (15 epochs on "
-                    "20k images), Conv2 (4 epochs on 10k JPEG CIFAR-10 images); the paper's schedule on a GPU is "
-                    "the `full` experiment", _dense))
+register(
+    Experiment(
+        "dense",
+        2,
+        "dense random init, LaPerm vs Adam: lenet300 (12 epochs), Conv7 (15 epochs on "
+        "20k images), Conv2 (4 epochs on 10k JPEG CIFAR-10 images); the paper's schedule on a GPU is "
+        "the `full` experiment",
+        _dense,
+    )
+)
 
 
 # -- full: the paper's own budget, for a GPU --------------------------------------------------
+
 
 def _full(budget: str, seeds: list[int]) -> list[Run]:
     # BN nets are evaluated with statistics recomputed for the synced weights (20 batches of 256);
@@ -174,19 +236,34 @@ def _full(budget: str, seeds: list[int]) -> list[Run]:
     for model, extra in (("conv2", dict(bn_recalibrate=20)), ("conv7", {})):
         for opt in ("laperm", "adam"):
             # (checkpoints every 5 epochs: a Conv2 checkpoint is ~70 MB and the GPU epoch takes seconds)
-            specs.append((dict(preset=model, optimizer=opt, checkpoint_every=5, **extra),
-                          dict(model=model, method=opt, budget="full")))
+            specs.append(
+                (
+                    dict(preset=model, optimizer=opt, checkpoint_every=5, **extra),
+                    dict(model=model, method=opt, budget="full"),
+                )
+            )
     # Adam runs carry the rebuild analysis: the same training gives the dense baseline and the rebuild curve.
-    return [Run(_quick(budget, dict(o, seed=s)), dict(t, seed=s), "rebuild" if o["optimizer"] == "adam" else None)
-            for o, t in specs for s in seeds]
+    return [
+        Run(_quick(budget, dict(o, seed=s)), dict(t, seed=s), "rebuild" if o["optimizer"] == "adam" else None)
+        for o, t in specs
+        for s in seeds
+    ]
 
 
-register(Experiment("full", 1, "the paper's full budget, meant for a GPU: Conv2 on CIFAR-10 (125 epochs, k=1000) "
-                    "and Conv7 on MNIST (45 epochs, k=1200), LaPerm vs Adam; the Adam runs also rebuild their "
-                    "net from its initial values", _full))
+register(
+    Experiment(
+        "full",
+        1,
+        "the paper's full budget, meant for a GPU: Conv2 on CIFAR-10 (125 epochs, k=1000) "
+        "and Conv7 on MNIST (45 epochs, k=1200), LaPerm vs Adam; the Adam runs also rebuild their "
+        "net from its initial values",
+        _full,
+    )
+)
 
 
 # -- rebuild: Adam-trained nets rebuilt from their initial values at the trained ranks --------
+
 
 def _rebuild(budget: str, seeds: list[int]) -> list[Run]:
     specs = [
@@ -196,13 +273,21 @@ def _rebuild(budget: str, seeds: list[int]) -> list[Run]:
     return _runs(budget, seeds, specs, hook="rebuild")
 
 
-register(Experiment("rebuild", 2, "train with Adam; each epoch rebuild every permutable layer from its initial "
-                    "values at the trained ranks, vs a random permutation of them and vs a fresh init's values "
-                    "(MNIST MLPs here; the Conv7 and CIFAR-10 Conv2 rebuilds ride on the `full` experiment's "
-                    "Adam runs)", _rebuild))
+register(
+    Experiment(
+        "rebuild",
+        2,
+        "train with Adam; each epoch rebuild every permutable layer from its initial "
+        "values at the trained ranks, vs a random permutation of them and vs a fresh init's values "
+        "(MNIST MLPs here; the Conv7 and CIFAR-10 Conv2 rebuilds ride on the `full` experiment's "
+        "Adam runs)",
+        _rebuild,
+    )
+)
 
 
 # -- dynamics: moved fraction per sync, F1 templates --------------------------------------------
+
 
 def _dynamics(budget: str, seeds: list[int]) -> list[Run]:
     specs = [
@@ -213,8 +298,14 @@ def _dynamics(budget: str, seeds: list[int]) -> list[Run]:
     return _runs(budget, seeds, specs, hook="dynamics")
 
 
-register(Experiment("dynamics", 1, "per sync, the fraction of weights that moved in each layer; F1's ten "
-                    "templates as they reconnect", _dynamics))
+register(
+    Experiment(
+        "dynamics",
+        1,
+        "per sync, the fraction of weights that moved in each layer; F1's ten templates as they reconnect",
+        _dynamics,
+    )
+)
 
 
 # -- profiles: computed from finished runs' init.pt and final.pt (no training) -----------------
@@ -254,6 +345,13 @@ def compute_profiles(folder, entries) -> None:
             print(f"profiles: wrote {target}")
 
 
-register(Experiment("profiles", 1, "weight profiles (each unit's sorted weights) of the finished dense, rebuild "
-                    "and agnostic runs vs their init; needs their final.pt/init.pt on disk",
-                    lambda budget, seeds: [], post=compute_profiles))
+register(
+    Experiment(
+        "profiles",
+        1,
+        "weight profiles (each unit's sorted weights) of the finished dense, rebuild "
+        "and agnostic runs vs their init; needs their final.pt/init.pt on disk",
+        lambda budget, seeds: [],
+        post=compute_profiles,
+    )
+)

@@ -135,7 +135,7 @@ def encode_rows(final_rows: Tensor, theta_rows: Tensor) -> tuple[Tensor, int]:
     pos = torch.searchsorted(s, keys).clamp_(max=max(s.shape[1] - 1, 0))
     present = s.gather(1, pos) == keys
     codes = cls.gather(1, pos)
-    same_counts = (present.all(1) & (_histogram(codes) == _histogram(cls)).all(1))
+    same_counts = present.all(1) & (_histogram(codes) == _histogram(cls)).all(1)
     if not bool(same_counts.all()):
         row = int((~same_counts).nonzero()[0, 0])
         raise ValueError(f"row {row} is not a permutation of its initial values")
@@ -174,7 +174,7 @@ def pack_bits(codes: np.ndarray, bits: int) -> bytes:
     shifts = np.arange(bits, dtype=np.uint64)
     out = []
     for a in range(0, codes.size, _PACK_CHUNK):  # a multiple of 8 codes: chunks end on a byte boundary
-        bitmat = ((codes[a:a + _PACK_CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        bitmat = ((codes[a : a + _PACK_CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
         out.append(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
     return b"".join(out)
 
@@ -186,13 +186,13 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
     if len(data) != packed_size(bits, count):
         raise ValueError(f"{len(data)} bytes of codes, expected {packed_size(bits, count)}")
     raw = np.frombuffer(data, np.uint8)
-    weights = (1 << np.arange(bits, dtype=np.int64))
+    weights = 1 << np.arange(bits, dtype=np.int64)
     out = np.empty(count, np.int64)
     step = _PACK_CHUNK * bits // 8  # bytes per chunk of codes
     for i, a in enumerate(range(0, count, _PACK_CHUNK)):
         n = min(_PACK_CHUNK, count - a)
-        bitmat = np.unpackbits(raw[i * step:], count=n * bits, bitorder="little").reshape(n, bits)
-        out[a:a + n] = bitmat @ weights
+        bitmat = np.unpackbits(raw[i * step :], count=n * bits, bitorder="little").reshape(n, bits)
+        out[a : a + n] = bitmat @ weights
     return out
 
 
@@ -288,21 +288,25 @@ def encode_compact(
     entries = []
     for name, t in state_dict.items():
         t = t.detach().cpu()
-        entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."),
-                                 "shape": list(t.shape)}
+        entry: dict[str, Any] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         if name in layouts:
             layout, t0 = layouts[name], theta0[name].detach().cpu()
             if t0.shape != t.shape or t0.dtype != t.dtype:
-                raise ValueError(f"{name}: θ0 is {t0.dtype} {tuple(t0.shape)} but the weights are "
-                                 f"{t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name}: θ0 is {t0.dtype} {tuple(t0.shape)} but the weights are {t.dtype} {tuple(t.shape)}"
+                )
             try:
                 codes, bits = encode_rows(reconnect.to_rows(t, layout), reconnect.to_rows(t0, layout))
             except ValueError as e:
                 raise ValueError(f"{name}: {e} (export synced weights: final.pt or best.pt)") from None
-            entry.update(kind="codes", bits=bits, rows=int(codes.shape[0]), cols=int(codes.shape[1]),
-                         layout={"granularity": layout.granularity, "transposed": layout.transposed,
-                                 "groups": layout.groups},
-                         **add(pack_bits(codes.numpy(), bits)))
+            entry.update(
+                kind="codes",
+                bits=bits,
+                rows=int(codes.shape[0]),
+                cols=int(codes.shape[1]),
+                layout={"granularity": layout.granularity, "transposed": layout.transposed, "groups": layout.groups},
+                **add(pack_bits(codes.numpy(), bits)),
+            )
         else:
             entry.update(kind="plain", **add(_raw(t)))
         entries.append(entry)
@@ -310,8 +314,9 @@ def encode_compact(
     if with_theta0:
         for name in permuted:
             t0 = theta0[name].detach().cpu()
-            stored_theta0.append({"name": name, "dtype": str(t0.dtype).removeprefix("torch."),
-                                  "shape": list(t0.shape), **add(_raw(t0))})
+            stored_theta0.append(
+                {"name": name, "dtype": str(t0.dtype).removeprefix("torch."), "shape": list(t0.shape), **add(_raw(t0))}
+            )
     header = {
         "format": "laperm-compact",
         "version": VERSION,
@@ -344,23 +349,30 @@ def parse_compact(data: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
         raise CompactFormatError(f"{where} is not a laperm compact checkpoint (made by `laperm export`)")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
-        raise CompactFormatError(f"{where} is damaged (checksum mismatch: truncated or modified); "
-                                 "export it again from its run folder")
+        raise CompactFormatError(
+            f"{where} is damaged (checksum mismatch: truncated or modified); export it again from its run folder"
+        )
     if data[len(MAGIC)] != VERSION:
-        raise CompactFormatError(f"{where} is compact format version {data[len(MAGIC)]}; "
-                                 f"this laperm reads version {VERSION}, upgrade laperm")
-    (head_len,) = struct.unpack("<Q", body[len(MAGIC) + 1:fixed])
+        raise CompactFormatError(
+            f"{where} is compact format version {data[len(MAGIC)]}; this laperm reads version {VERSION}, upgrade laperm"
+        )
+    (head_len,) = struct.unpack("<Q", body[len(MAGIC) + 1 : fixed])
     try:
-        header = json.loads(bytes(body[fixed:fixed + head_len]).decode())
+        header = json.loads(bytes(body[fixed : fixed + head_len]).decode())
         if not isinstance(header, dict) or header.get("format") != "laperm-compact":
             raise ValueError("not a laperm-compact header")
     except (UnicodeDecodeError, ValueError) as e:
         raise CompactFormatError(f"{where} has an unreadable header ({e})") from None
-    return header, memoryview(body)[fixed + head_len:]
+    return header, memoryview(body)[fixed + head_len :]
 
 
-def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, where: str = "data",
-                   rebuild: Callable[[Mapping[str, Any]], dict[str, Tensor]] | None = None) -> Decoded:
+def decode_compact(
+    data: bytes,
+    theta0: Mapping[str, Tensor] | None = None,
+    *,
+    where: str = "data",
+    rebuild: Callable[[Mapping[str, Any]], dict[str, Tensor]] | None = None,
+) -> Decoded:
     """Decode bytes made by :func:`encode_compact`; ``theta0`` overrides the stored θ0 or recipe.
 
     ``rebuild`` turns a stored recipe into θ0 (:func:`laperm.export.rebuild_theta0`, which the
@@ -375,7 +387,7 @@ def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, w
             a, n = int(e["offset"]), int(e["nbytes"])
             if a < 0 or n < 0 or a + n > len(blobs):
                 raise ValueError(f"{e['name']} lies outside the file")
-            return bytes(blobs[a:a + n])
+            return bytes(blobs[a : a + n])
 
         if theta0 is None:
             if header.get("theta0"):
@@ -391,7 +403,8 @@ def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, w
             raise CompactFormatError(
                 f"the initial weights θ0 for {where} differ from those it was exported with "
                 f"(exported with torch {header.get('torch')}, this is {torch.__version__}: the seeded "
-                "init may have changed); export again with --with-theta0")
+                "init may have changed); export again with --with-theta0"
+            )
         state: OrderedDict[str, Tensor] = OrderedDict()
         layouts = {}
         for e in entries:

@@ -24,8 +24,17 @@ from ..rundir import RunDirError
 from . import codec
 from .codec import MAGIC, SUFFIX, CompactFormatError, Decoded, encode_compact, state_dict_nbytes, theta0_digest
 
-__all__ = ["rebuild_theta0", "decode_compact", "save_compact", "load_compact", "read_compact", "is_compact_file",
-           "ExportResult", "export_run", "check_against_run"]
+__all__ = [
+    "rebuild_theta0",
+    "decode_compact",
+    "save_compact",
+    "load_compact",
+    "read_compact",
+    "is_compact_file",
+    "ExportResult",
+    "export_run",
+    "check_against_run",
+]
 
 
 def rebuild_theta0(recipe: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -43,8 +52,13 @@ def decode_compact(data: bytes, theta0: Mapping[str, Tensor] | None = None, *, w
     return codec.decode_compact(data, theta0, where=where, rebuild=rebuild_theta0)
 
 
-def save_compact(path: str | Path, state_dict: Mapping[str, Tensor], theta0: Mapping[str, Tensor],
-                 layouts: Mapping[str, RowLayout], **options: Any) -> int:
+def save_compact(
+    path: str | Path,
+    state_dict: Mapping[str, Tensor],
+    theta0: Mapping[str, Tensor],
+    layouts: Mapping[str, RowLayout],
+    **options: Any,
+) -> int:
     """Write :func:`encode_compact`'s bytes atomically to ``path``; returns the file size."""
     data = encode_compact(state_dict, theta0, layouts, **options)
     checkpoint.atomic_write_bytes(path, data)
@@ -104,8 +118,9 @@ class ExportResult:
         return sum(b * n for b, n in self.bits.values()) / max(self.permuted_weights, 1)
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str = "final",
-               with_theta0: bool = False) -> ExportResult:
+def export_run(
+    run_dir: str | Path, out: str | Path | None = None, *, which: str = "final", with_theta0: bool = False
+) -> ExportResult:
     """Write the compact checkpoint of ``RUN_DIR/{which}.pt`` (default ``RUN_DIR/{which}.laperm``).
 
     The written bytes are decoded and compared bit for bit with the weights
@@ -119,8 +134,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str
     if not (isinstance(init, dict) and isinstance(init.get("state"), dict)):
         raise RunDirError(f"{run_dir / 'init.pt'} is not a laperm init record")
     if not init.get("permuted"):
-        raise RunDirError(f"{run_dir} was trained without LaPerm ({init.get('optimizer')}): there are no "
-                          f"permutations to store; use {which}.pt as it is")
+        raise RunDirError(
+            f"{run_dir} was trained without LaPerm ({init.get('optimizer')}): there are no "
+            f"permutations to store; use {which}.pt as it is"
+        )
     if not (run_dir / f"{which}.pt").is_file():
         raise RunDirError(f"{run_dir} has no {which}.pt; finish or --resume the run first")
     saved = checkpoint.load(run_dir / f"{which}.pt")
@@ -134,9 +151,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str
         names = [n for n in state if n in layouts]
         rebuilt = rebuild_theta0(recipe)
         if any(n not in rebuilt for n in names) or theta0_digest(rebuilt, names) != theta0_digest(theta0, names):
-            raise RunDirError(f"the run's recipe (model {recipe['model']}, init {recipe['init']}, seed "
-                              f"{recipe['seed']}) no longer rebuilds its init.pt bit for bit; "
-                              "export with --with-theta0")
+            raise RunDirError(
+                f"the run's recipe (model {recipe['model']}, init {recipe['init']}, seed "
+                f"{recipe['seed']}) no longer rebuilds its init.pt bit for bit; "
+                "export with --with-theta0"
+            )
     try:
         data = encode_compact(state, theta0, layouts, recipe=recipe, with_theta0=with_theta0, config=cfg)
     except ValueError as e:
@@ -144,8 +163,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, which: str
     back = codec.decode_compact(data, theta0).state_dict
     bad = [k for k in state if not codec.same_bits(back[k], state[k].cpu())]
     if bad or list(back) != list(state):
-        raise RunDirError(f"internal error: the compact form of {', '.join(bad) or 'the keys'} does not reload "
-                          "bit-exactly; please report it")
+        raise RunDirError(
+            f"internal error: the compact form of {', '.join(bad) or 'the keys'} does not reload "
+            "bit-exactly; please report it"
+        )
     out = Path(out) if out is not None else run_dir / f"{which}{SUFFIX}"
     checkpoint.atomic_write_bytes(out, data)
     header, _ = codec.parse_compact(data, str(out))

@@ -46,28 +46,79 @@ def _resnet50(**kwargs) -> ResNetV1:
 
 _MNIST, _CIFAR = (1, 28, 28), (3, 32, 32)
 
-MODELS: dict[str, ModelSpec] = {s.name: s for s in [
-    ModelSpec("f1", F1, "mnist", _MNIST, 10, 0.0, True,
-              "Flatten -> Linear(784, 10) without bias (7,840 weights)"),
-    ModelSpec("f2", F2, "mnist", _MNIST, 10, 1e-4, True,
-              "784-128-64-10 ReLU MLP without biases, L2 on the hidden layers (109,184 weights)"),
-    ModelSpec("lenet300", LeNet300, "mnist", _MNIST, 10, 0.0, False,
-              "LeNet-300-100 MLP with biases (266,610 params)"),
-    ModelSpec("conv7", Conv7, "mnist", _MNIST, 10, 0.0, True,
-              "7 convs + dense, no BatchNorm, he-uniform biases (325,578 params)"),
-    ModelSpec("conv2", Conv2, "cifar10", _CIFAR, 10, 1e-4, False,
-              "2 convs (ReLU then BN) + 3 dense layers (4,302,922 trainable)"),
-    ModelSpec("conv4", Conv4, "cifar10", _CIFAR, 10, 1e-4, False,
-              "4 convs (ReLU then BN) + 3 dense layers (2,427,722 trainable)"),
-    ModelSpec("conv13", Conv13, "cifar10", _CIFAR, 10, 1e-4, False,
-              "VGG-16-style 13 convs (ReLU then BN) + 2 dense layers (14,991,946 trainable)"),
-    ModelSpec("resnet", ResNetV1, "cifar10", _CIFAR, 10, 1e-4, False,
-              "CIFAR ResNet v1 of depth 6n+2; pass depth=..."),
-    ModelSpec("resnet20", _resnet20, "cifar10", _CIFAR, 10, 1e-4, False,
-              "CIFAR ResNet v1, depth 20 (n=3)"),
-    ModelSpec("resnet50", _resnet50, "cifar10", _CIFAR, 10, 1e-4, False,
-              "CIFAR ResNet v1, depth 50 (n=8), the paper's 'ResNet50' (760,266 trainable)"),
-]}
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("f1", F1, "mnist", _MNIST, 10, 0.0, True, "Flatten -> Linear(784, 10) without bias (7,840 weights)"),
+        ModelSpec(
+            "f2",
+            F2,
+            "mnist",
+            _MNIST,
+            10,
+            1e-4,
+            True,
+            "784-128-64-10 ReLU MLP without biases, L2 on the hidden layers (109,184 weights)",
+        ),
+        ModelSpec(
+            "lenet300", LeNet300, "mnist", _MNIST, 10, 0.0, False, "LeNet-300-100 MLP with biases (266,610 params)"
+        ),
+        ModelSpec(
+            "conv7",
+            Conv7,
+            "mnist",
+            _MNIST,
+            10,
+            0.0,
+            True,
+            "7 convs + dense, no BatchNorm, he-uniform biases (325,578 params)",
+        ),
+        ModelSpec(
+            "conv2",
+            Conv2,
+            "cifar10",
+            _CIFAR,
+            10,
+            1e-4,
+            False,
+            "2 convs (ReLU then BN) + 3 dense layers (4,302,922 trainable)",
+        ),
+        ModelSpec(
+            "conv4",
+            Conv4,
+            "cifar10",
+            _CIFAR,
+            10,
+            1e-4,
+            False,
+            "4 convs (ReLU then BN) + 3 dense layers (2,427,722 trainable)",
+        ),
+        ModelSpec(
+            "conv13",
+            Conv13,
+            "cifar10",
+            _CIFAR,
+            10,
+            1e-4,
+            False,
+            "VGG-16-style 13 convs (ReLU then BN) + 2 dense layers (14,991,946 trainable)",
+        ),
+        ModelSpec(
+            "resnet", ResNetV1, "cifar10", _CIFAR, 10, 1e-4, False, "CIFAR ResNet v1 of depth 6n+2; pass depth=..."
+        ),
+        ModelSpec("resnet20", _resnet20, "cifar10", _CIFAR, 10, 1e-4, False, "CIFAR ResNet v1, depth 20 (n=3)"),
+        ModelSpec(
+            "resnet50",
+            _resnet50,
+            "cifar10",
+            _CIFAR,
+            10,
+            1e-4,
+            False,
+            "CIFAR ResNet v1, depth 50 (n=8), the paper's 'ResNet50' (760,266 trainable)",
+        ),
+    ]
+}
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -75,9 +126,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name.lower()]
     except (KeyError, AttributeError):
-        raise UnknownModelError(
-            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}"
-        ) from None
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
 def build(

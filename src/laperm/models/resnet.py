@@ -28,8 +28,7 @@ class BasicBlock(nn.Module):
         self.conv2 = Conv2dSame(out_channels, out_channels, 3)
         self.bn2 = keras_batch_norm(out_channels)
         needs_projection = stride != 1 or in_channels != out_channels
-        self.shortcut = (Conv2dSame(in_channels, out_channels, 1, stride=stride)
-                         if needs_projection else nn.Identity())
+        self.shortcut = Conv2dSame(in_channels, out_channels, 1, stride=stride) if needs_projection else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -43,8 +42,7 @@ class ResNetV1(KerasModelMixin, nn.Module):
 
     bias_init = "zeros"
 
-    def __init__(self, depth: int, num_classes: int = 10,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"ResNet v1 depth must be 6n+2 with n >= 1 (20, 32, 44, 50, 56, ...), got {depth}")
@@ -54,8 +52,9 @@ class ResNetV1(KerasModelMixin, nn.Module):
         self.bn = keras_batch_norm(16)
         stages, cin = [], 16
         for s, width in enumerate((16, 32, 64)):
-            blocks = [BasicBlock(cin if b == 0 else width, width, stride=2 if s > 0 and b == 0 else 1)
-                      for b in range(n)]
+            blocks = [
+                BasicBlock(cin if b == 0 else width, width, stride=2 if s > 0 and b == 0 else 1) for b in range(n)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stage1, self.stage2, self.stage3 = stages
