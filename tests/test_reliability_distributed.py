@@ -141,6 +141,8 @@ def test_failure_line_names_the_rank_that_failed_first(tmp_path):
     line = launch.failure_line({0: launch.PEER_LOST_EXIT, 1: 2, 2: 2}, tmp_path)
     assert line.startswith("distributed training failed: ranks 1, 2 exited with code 2 (see the messages above);")
     assert line.endswith(f"continue with: laperm train --resume {tmp_path}")
+    line = launch.failure_line({0: 3, 1: 3}, None)  # e.g. both stopped by a signal, each with its own message
+    assert line == "distributed training failed: ranks 0, 1 exited with code 3 (see the messages above)"
     line = launch.failure_line({0: launch.PEER_LOST_EXIT, 1: launch.PEER_LOST_EXIT}, None)
     assert "lost contact with each other (ranks 0, 1;" in line
 

@@ -173,6 +173,7 @@ def launch_local(nproc: int, threads: int | None, argv: list[str], run_dir: Path
 
     The workers exit if this process dies, however it dies (see :mod:`laperm.launch`).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -194,6 +195,8 @@ def launch_local(nproc: int, threads: int | None, argv: list[str], run_dir: Path
         exitcodes = {r: f.exitcode for r, f in e.failures.items()}
         print(f"laperm: error: {failure_line(exitcodes, run_dir)}", file=sys.stderr)
         return 2
+    except SignalException:  # SIGTERM/SIGINT: torchrun passed it on, the workers saved a checkpoint and said so
+        return 3
     return 0
 
 
@@ -272,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LAPERM_DEBUG"):
             raise
         code, message = _explain(e)
-        if code == PEER_LOST_EXIT and _under_laperm_launcher():
-            return code  # the launcher names the process that failed first, in one line for the whole job
+        if code == PEER_LOST_EXIT:
+            if _under_laperm_launcher():
+                return code  # the launcher names the process that failed first, in one line for the whole job
+            code = 2
         message = " ".join(str(message).splitlines())  # always one line, whatever the exception said
         rank = f" [rank {_rank()}]" if _rank() else ""
         print(f"laperm: error:{rank} {message}", file=sys.stderr)

@@ -141,7 +141,9 @@ def failure_line(exitcodes: dict[int, int], run_dir: Path | None) -> str:
         for r, c in causes.items():
             by_code.setdefault(c, []).append(r)
         what = ", ".join(f"{_ranks(rs)} {_how_it_ended(c)}" for c, rs in by_code.items())
-        line = f"distributed training failed: {what}; the other processes were stopped"
+        line = f"distributed training failed: {what}"
+        if len(causes) < len(exitcodes):
+            line += "; the other processes were stopped"
     else:
         line = ("distributed training failed: the processes lost contact with each other "
                 f"({_ranks(sorted(exitcodes))}; a network failure or a timeout)")
