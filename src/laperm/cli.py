@@ -130,12 +130,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise RunDirError(f"{run_dir / MARKER} is damaged ({e}); restore it or start a new run") from None
         # The saved config, with only what was given now on top (train() refuses result-changing edits).
         cfg = override_config(saved, file_layer, flags)
+        _announce_resume_nproc(run_dir, saved.get("nproc", 1), args.nproc)
     else:
         cfg = resolve_config(file_layer, flags)
     from .distributed import launched_by_torchrun
 
     if cfg.nproc > 1 and not launched_by_torchrun():
-        return launch_local(cfg.nproc, cfg.threads, args.argv)
+        return launch_local(cfg.nproc, cfg.threads, args.argv, Path(cfg.out) / cfg.run_name())
     t0 = time.perf_counter()
     summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
     if _rank() == 0:
@@ -143,10 +144,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_local(nproc: int, threads: int | None, argv: list[str]) -> int:
-    """Run this same command in ``nproc`` processes with torchrun's launcher (one machine)."""
+def _announce_resume_nproc(run_dir: Path, saved: int, requested: int | None) -> None:
+    """Resume with the run's own process count (a different --nproc is refused), and say so once."""
+    from .distributed import launched_by_torchrun
+    from .launch import resume_process_count
+
+    nproc = resume_process_count(run_dir, saved, requested)
+    if nproc > 1 and requested is None and not launched_by_torchrun():
+        print(f"resuming {run_dir} with {nproc} processes, as it ran (--nproc {nproc})", flush=True)
+
+
+def launch_local(nproc: int, threads: int | None, argv: list[str], run_dir: Path | None = None) -> int:
+    """Run this same command in ``nproc`` processes with torchrun's launcher (one machine).
+
+    The workers exit if this process dies, however it dies (see :mod:`laperm.launch`).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from .launch import failure_line, mark_launcher, quiet_launcher_logs
 
     # Share the cores out instead of letting every process use all of them.
     per_proc = threads or max(1, (os.cpu_count() or 1) // nproc)
@@ -154,15 +171,19 @@ def launch_local(nproc: int, threads: int | None, argv: list[str]) -> int:
     # The workers' arguments travel in the environment: torchrun's own parser would
     # otherwise take flags such as --nproc for abbreviations of its options.
     os.environ[WORKER_ARGV] = json.dumps(argv)
+    mark_launcher()
     launcher = parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "laperm.cli", WORKER_COMMAND]
     )
+    quiet_launcher_logs()
     try:
         run(launcher)
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {r} (exit {f.exitcode})" for r, f in sorted(e.failures.items()))
-        print(f"laperm: error: distributed training failed: {failures}; see the messages above", file=sys.stderr)
+        exitcodes = {r: f.exitcode for r, f in e.failures.items()}
+        print(f"laperm: error: {failure_line(exitcodes, run_dir)}", file=sys.stderr)
         return 2
+    except SignalException:  # SIGTERM/SIGINT: torchrun passed it on, the workers saved a checkpoint and said so
+        return 3
     return 0
 
 
@@ -270,12 +291,15 @@ COMMANDS = {"train": cmd_train, "verify": cmd_verify, "presets": cmd_presets, "m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [WORKER_COMMAND] and WORKER_ARGV in os.environ:  # a process started by launch_local
+        from .launch import guard_worker
+
+        guard_worker()  # first of all: never outlive the launcher (e.g. after a kill -9 of its group)
+        argv = json.loads(os.environ[WORKER_ARGV])
+    parser = build_parser()
     if not argv:
         argv = ["train"]  # `laperm` alone runs the main job
-    elif argv == [WORKER_COMMAND] and WORKER_ARGV in os.environ:
-        argv = json.loads(os.environ[WORKER_ARGV])  # a process started by launch_local
     args = parser.parse_args(argv)
     args.argv = list(argv)
     if args.command is None:
@@ -293,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LAPERM_DEBUG"):
             raise
         code, message = _explain(e)
+        if code == PEER_LOST_EXIT:
+            if _under_laperm_launcher():
+                return code  # the launcher names the process that failed first, in one line for the whole job
+            code = 2
         message = " ".join(str(message).splitlines())  # always one line, whatever the exception said
         rank = f" [rank {_rank()}]" if _rank() else ""
         print(f"laperm: error:{rank} {message}", file=sys.stderr)
@@ -326,8 +354,8 @@ def _explain(e: Exception) -> tuple[int, str]:
         ),
     ):
         return 2, str(e)
-    if type(e).__module__.startswith("torch.distributed") or type(e).__name__.startswith("Dist"):
-        return 2, (
+    if _is_communication_error(e):
+        return PEER_LOST_EXIT, (
             f"distributed communication failed ({type(e).__name__}): another process probably died "
             "or timed out; see its messages above"
         )
@@ -335,6 +363,24 @@ def _explain(e: Exception) -> tuple[int, str]:
         where = f" ({e.filename})" if e.filename else ""
         return 2, f"file system error{where}: {e.strerror or e}; check free space and permissions of --out"
     return 1, f"unexpected {type(e).__name__}: {e} (set LAPERM_DEBUG=1 for a traceback and please report it)"
+
+
+PEER_LOST_EXIT = 4  # = laperm.launch.PEER_LOST_EXIT (not imported here: this module loads before torch)
+
+
+def _is_communication_error(e: Exception) -> bool:
+    """torch.distributed's errors, and the plain RuntimeErrors gloo raises when a peer's connection drops."""
+    if type(e).__module__.startswith("torch.distributed") or type(e).__name__.startswith("Dist"):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text)
+
+
+def _under_laperm_launcher() -> bool:
+    """True in a worker whose parent is a live ``laperm train --nproc`` launcher (it reports failures)."""
+    from .launch import LAUNCHER_PID_ENV
+
+    return os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid())
 
 
 if __name__ == "__main__":
