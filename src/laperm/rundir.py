@@ -193,9 +193,9 @@ class VerifyReport:
 def layout_records(optimizer: Any) -> list[dict[str, Any]]:
     """JSON-able description of what a LaPerm optimizer permutes (for init.pt)."""
     return [
-        {"name": st["name"], "granularity": st["layout"].granularity,
-         "transposed": st["layout"].transposed, "groups": st["layout"].groups}
-        for st in optimizer.state.values()
+        {"name": name, "granularity": optimizer.layout_of(p).granularity,
+         "transposed": optimizer.layout_of(p).transposed, "groups": optimizer.layout_of(p).groups}
+        for name, p in optimizer.permuted_parameters()
     ]
 
 

@@ -263,17 +263,16 @@ class SyncChecker:
 
     def __init__(self, opt: LaPerm) -> None:
         self.step = 0
-        self.expected = {p: _row_fingerprint(opt.initial_sorted(p)) for p in opt.state}
+        self.expected = {p: _row_fingerprint(opt.initial_sorted(p)) for _, p in opt.permuted_parameters()}
         opt.register_sync_hook(self)
 
     def __call__(self, opt: LaPerm, params: list[torch.Tensor]) -> None:
         for p in params:
-            st = opt.state[p]
-            got = _row_fingerprint(reconnect.to_rows(p.detach(), st["layout"]))
+            got = _row_fingerprint(reconnect.to_rows(p.detach(), opt.layout_of(p)))
             if not torch.equal(got, self.expected[p]):
                 row = int((got != self.expected[p]).nonzero()[0, 0])
                 raise InvariantError(
-                    f"after the sync at step {self.step}, row {row} of {st['name']} is no longer a permutation "
+                    f"after the sync at step {self.step}, row {row} of {opt.name_of(p)} is no longer a permutation "
                     "of its initial values (LaPerm's invariant is broken); the run is stopped and its "
                     "checkpoints are left as they were"
                 )
@@ -291,7 +290,7 @@ def _first_nonfinite(model: nn.Module, opt: torch.optim.Optimizer | None = None)
                 return f"optimizer state {key!r}"
     for p, z in (opt.latent_weights().items() if isinstance(opt, LaPerm) else ()):
         if not bool(torch.isfinite(z).all()):
-            return f"latent weights of {opt.state[p]['name']}"
+            return f"latent weights of {opt.name_of(p)}"
     return None
 
 
@@ -423,10 +422,10 @@ def _resume_config(cfg: TrainConfig, saved: dict[str, Any], run_dir: Path) -> Tr
 
 def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | None:
     """Name of the first permuted tensor whose θ0 in ``init_state`` differs from ``opt``'s, else None."""
-    for p, st in opt.state.items():
-        t = init_state.get(st["name"])
-        if t is None or not torch.equal(reconnect.sorted_rows(t.to(p.device), st["layout"]), opt.initial_sorted(p)):
-            return st["name"]
+    for name, p in opt.permuted_parameters():
+        t = init_state.get(name)
+        if t is None or not torch.equal(reconnect.sorted_rows(t.to(p.device), opt.layout_of(p)), opt.initial_sorted(p)):
+            return name
     return None
 
 
@@ -856,7 +855,7 @@ def _describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:
         ks = f"k={cfg.k}" + (f" (schedule {cfg.k_schedule})" if cfg.k_schedule else "")
         if cfg.sync_rule != "overwrite":
             ks += f", {cfg.sync_rule} sync rule"
-        return f"LaPerm({cfg.inner}, {ks}, lr {cfg.lr:g} {cfg.lr_schedule}), {sum(p.numel() for p in opt.state):,} weights permuted"
+        return f"LaPerm({cfg.inner}, {ks}, lr {cfg.lr:g} {cfg.lr_schedule}), {sum(p.numel() for _, p in opt.permuted_parameters()):,} weights permuted"
     return f"{cfg.optimizer} (lr {cfg.lr:g} {cfg.lr_schedule})"
 
 
