@@ -17,10 +17,10 @@ every trained row is a permutation of its initial values.
 from __future__ import annotations
 
 import argparse
-import warnings
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,7 +76,8 @@ def full(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(rank: int, world: int, out: str | None, ckpt: str) -> None:
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     model, opt = build(world, device)
     theta0 = full(model)
     train(model, opt, range(SAVE_AT), rank, world, device)
@@ -89,7 +90,7 @@ def run(rank: int, world: int, out: str | None, ckpt: str) -> None:
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
     set_state_dict(resumed, resumed_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     train(resumed, resumed_opt, range(SAVE_AT, STEPS), rank, world, device)
-    exact = all(torch.equal(a, b) for a, b in zip(full(model).values(), full(resumed).values()))
+    exact = all(torch.equal(a, b) for a, b in zip(full(model).values(), full(resumed).values(), strict=True))
 
     opt.sync()  # end in a synced state: each rank syncs its own rows
     opt.verify()  # checks the local rows; the ranks agree on the outcome

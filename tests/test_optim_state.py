@@ -42,7 +42,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
 
 
 def same(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def reference(rule: str, steps: int) -> nn.Module:

@@ -73,6 +73,6 @@ def test_train_tears_down_the_group_it_created_on_a_config_error_after_setup(tmp
                                               "OMP_NUM_THREADS": "1"})
              for r in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert "initialized after the error: False" in out

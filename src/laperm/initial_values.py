@@ -121,7 +121,7 @@ class SortedRows:
         return {SORTED: self.run_values, COUNTS: self.run_counts}
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any], shape: tuple[int, int]) -> "SortedRows":
+    def from_entry(cls, entry: dict[str, Any], shape: tuple[int, int]) -> SortedRows:
         """Rebuild from :meth:`entry`'s tensors (local shards, for sharded parameters) and the rows' shape."""
         values, counts = entry[SORTED], entry.get(COUNTS)
         if not isinstance(values, Tensor) or not (counts is None or isinstance(counts, Tensor)):

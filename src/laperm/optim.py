@@ -249,7 +249,8 @@ class LaPerm(torch.optim.Optimizer):
             raise LaPermError(str(e)) from None
         rows = reconnect.sorted_rows(sharding.local(p), layout)
         # (a sharded parameter's rows are stored dense: run lengths would differ from rank to rank)
-        entry: dict[str, Any] = SortedRows.from_sorted(rows, "dense" if sharding.is_sharded(p) else self.storage).entry()
+        storage = "dense" if sharding.is_sharded(p) else self.storage
+        entry: dict[str, Any] = SortedRows.from_sorted(rows, storage).entry()
         entry[SORTED] = sharding.like(p, entry[SORTED])
         self._entries[p] = entry
         self._meta[p] = _Permuted(layout, name, tuple(sharding.local(p).shape), (rows.shape[0], rows.shape[1]))
@@ -553,7 +554,8 @@ class LaPerm(torch.optim.Optimizer):
 
     def extra_memory_bytes(self) -> int:
         """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0, and latent weights)."""
-        tensors = [sharding.local(v) for p in self._meta for k, v in self._entry(p).items() if k.startswith(LAPERM_PREFIX)]
+        tensors = [sharding.local(v) for p in self._meta
+                   for k, v in self._entry(p).items() if k.startswith(LAPERM_PREFIX)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def verify(self) -> None:
@@ -628,7 +630,7 @@ class LaPerm(torch.optim.Optimizer):
                 "the saved LaPerm state permutes different parameters than this "
                 "optimizer; build the model and param groups as in the saved run"
             )
-        for i, (rule, g) in enumerate(zip(self._rules, sd["param_groups"])):
+        for i, (rule, g) in enumerate(zip(self._rules, sd["param_groups"], strict=False)):
             if g.get("sync_rule", "overwrite") != rule:
                 raise LaPermError(
                     f"the saved LaPerm state has sync_rule {g.get('sync_rule', 'overwrite')!r} in param group "

@@ -11,7 +11,7 @@ one, so it is refused when the optimizer is built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -33,15 +33,16 @@ def is_sharded(t: Any) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """The rows this rank holds: the local shard of a ``DTensor``, else ``t`` itself (writes go through)."""
-    return t.to_local() if is_sharded(t) else t
+    return cast(Any, t).to_local() if is_sharded(t) else t
 
 
 def check_rows_whole(p: Tensor, layout: RowLayout, name: str) -> None:
     """Raise ValueError unless every row of ``p`` (under ``layout``) lies whole on one rank."""
     if not is_sharded(p):
         return
+    placements = cast(Any, p).placements
     rows_on_dim0 = layout.granularity == "row" and not layout.transposed and p.dim() >= 2
-    for placement in p.placements:
+    for placement in placements:
         if isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0 and rows_on_dim0):
             continue
         raise ValueError(
@@ -60,8 +61,8 @@ def like(p: Tensor, rows: Tensor) -> Tensor:
     """
     if not is_sharded(p):
         return rows
-    n = rows.shape[1]
-    return DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False,
+    n, sharded = rows.shape[1], cast(Any, p)
+    return DTensor.from_local(rows, sharded.device_mesh, sharded.placements, run_check=False,
                               shape=torch.Size((p.shape[0], n)), stride=(n, 1))
 
 
