@@ -30,7 +30,8 @@ def simulated_run(layers: dict, seed: int = 0):
     cfg = resolve_config(layers)
     model, _ = build_model(cfg, torch.device("cpu"))
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    layouts = {st["name"]: st["layout"] for st in build_optimizer(cfg, model).state.values()}
+    opt = build_optimizer(cfg, model)
+    layouts = {name: opt.layout_of(p) for name, p in opt.permuted_parameters()}
     g = torch.Generator().manual_seed(seed)
     final = {k: v.clone() for k, v in theta0.items()}
     for name, layout in layouts.items():

@@ -55,9 +55,9 @@ def kept_state(quick: bool = False) -> list[dict]:
     rows = []
     for label, layers in INITS[:3] if quick else INITS:
         opt = _laperm(layers)
-        permuted = sum(p.numel() * p.element_size() for p in opt.state)
+        permuted = sum(p.numel() * p.element_size() for _, p in opt.permuted_parameters())
         extra = opt.extra_memory_bytes()
-        encodings = sorted({st["sorted"].encoding for st in opt.state.values()})
+        encodings = sorted({opt.storage_of(p) for _, p in opt.permuted_parameters()})
         target = TARGETS.get(label)
         rows.append(
             {
@@ -80,7 +80,7 @@ def _child_scratch(quick: bool) -> dict:
     for label, layers in INITS[:3] if quick else INITS:
         opt = _laperm(layers)
         with torch.no_grad():
-            for p in opt.state:  # inner weights a little off θ0, as between syncs
+            for _, p in opt.permuted_parameters():  # inner weights a little off θ0, as between syncs
                 p.add_(torch.randn_like(p), alpha=1e-3)
         tracemalloc.start()
         opt.sync()

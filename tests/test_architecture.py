@@ -20,6 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundations",
         (
             "laperm.initial_values",
+            "laperm.optim_format",
+            "laperm.sharding",
             "laperm.checkpoint",
             "laperm.distributed",
             "laperm.init",

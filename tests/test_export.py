@@ -33,7 +33,8 @@ def trained_like(cfg: TrainConfig, seed: int = 0):
     """(final state, θ0, layouts, recipe) for ``cfg``'s model with randomly permuted rows."""
     model, _ = build_model(cfg, torch.device("cpu"))
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    layouts = {st["name"]: st["layout"] for st in build_optimizer(cfg, model).state.values()}
+    opt = build_optimizer(cfg, model)
+    layouts = {name: opt.layout_of(p) for name, p in opt.permuted_parameters()}
     recipe = {"model": cfg.model, "init": cfg.init, "seed": cfg.seed}
     return permute_rows(theta0, layouts, seed), theta0, layouts, recipe
 
@@ -100,7 +101,7 @@ def test_conv_transpose_layout_after_real_laperm_steps(tmp_path):
         opt.zero_grad()
         model(torch.randn(8, 4, 5, 5)).square().mean().backward()
         opt.step()
-    layouts = {st["name"]: st["layout"] for st in opt.state.values()}
+    layouts = {name: opt.layout_of(p) for name, p in opt.permuted_parameters()}
     assert layouts["0.weight"].transposed and layouts["0.weight"].groups == 2
     final = model.state_dict()
     assert not torch.equal(final["0.weight"], theta0["0.weight"])

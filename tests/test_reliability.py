@@ -335,7 +335,7 @@ def test_diverging_learning_rate_stops_with_a_clear_message(tmp_path, capsys):
         assert all(torch.isfinite(t).all() for t in saved["model"].values())
         assert all(
             torch.isfinite(t).all()
-            for st in saved["optimizer"]["base"]["state"].values()
+            for st in saved["optimizer"]["state"].values()
             for t in st.values()
             if t.is_floating_point()
         )

@@ -251,7 +251,7 @@ def test_state_dict_round_trip_mid_run_continues_bit_identically():
     train_steps(model, opt, data[:7], scale=30.0)  # stop between syncs
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    assert len(opt.state_dict()["latent"]) == 3
+    assert sum("laperm_latent" in st for st in opt.state_dict()["state"].values()) == 3
     train_steps(model, opt, data[7:], scale=30.0)
 
     buf.seek(0)
@@ -277,15 +277,9 @@ def test_state_dicts_of_the_other_rule_are_refused_and_old_ones_still_load():
     overwrite = LaPerm(torch.optim.Adam(model.parameters(), lr=1e-2), k=3)
     train_steps(model, overwrite, batches(1, 4))
     state = overwrite.state_dict()
-    assert "latent" not in state
+    assert not any("laperm_latent" in st for st in state["state"].values())
     # A state_dict written before sync_rule existed: no such key in its param groups.
-    old = {
-        **state,
-        "base": {
-            **state["base"],
-            "param_groups": [{k: v for k, v in g.items() if k != "sync_rule"} for g in state["base"]["param_groups"]],
-        },
-    }
+    old = {**state, "param_groups": [{k: v for k, v in g.items() if k != "sync_rule"} for g in state["param_groups"]]}
     fresh = LaPerm(torch.optim.Adam(make_model(1).parameters(), lr=1e-2), k=3)
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["sync_rule"] == "overwrite" and fresh.param_groups[0]["laperm_step"] == 4
@@ -297,11 +291,14 @@ def test_state_dicts_of_the_other_rule_are_refused_and_old_ones_still_load():
     with pytest.raises(LaPermError, match="sync_rule 'latent'"):
         fresh.load_state_dict(latent.state_dict())
     damaged = latent.state_dict()
-    damaged["latent"] = {i: torch.zeros(1) for i in damaged["latent"]}
+    for entry in damaged["state"].values():
+        if "laperm_latent" in entry:
+            entry["laperm_latent"] = torch.zeros(1)
     with pytest.raises(LaPermError, match="latent weights of .* are damaged"):
         latent.load_state_dict(damaged)
     missing = latent.state_dict()
-    del missing["latent"]
+    for entry in missing["state"].values():
+        entry.pop("laperm_latent", None)
     with pytest.raises(LaPermError, match="latent weights for different parameters"):
         latent.load_state_dict(missing)
 
@@ -399,7 +396,7 @@ def test_cli_latent_run_resumes_bit_identically_after_sigterm(tmp_path, capsys, 
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["verified"]  # laperm verify passed on final.pt and best.pt
     opt_state = checkpoint.load(checkpoint.list_checkpoints(ref / "checkpoints")[0])["optimizer"]
-    assert len(opt_state["latent"]) == 3  # the F2 net's three weight matrices
+    assert sum("laperm_latent" in st for st in opt_state["state"].values()) == 3  # the F2 net's three weight matrices
 
     # SIGTERM (through the real handler) at step 9: epoch 1, between checkpoints.
     monkeypatch.setenv(checkpoint.FAULT_ENV, "term@step:9")

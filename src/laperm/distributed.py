@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .reconnect import float_bits
 
-__all__ = ["Dist", "setup", "DivergenceError", "replica_checksum", "ReplicaCheck"]
+__all__ = ["Dist", "setup", "teardown", "DivergenceError", "replica_checksum", "ReplicaCheck"]
 
 DEFAULT_TIMEOUT_S = 300  # a dead peer fails the job after this long instead of hanging forever
 
@@ -36,6 +36,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # setup() created the process group, so teardown() destroys it
 
     @property
     def enabled(self) -> bool:
@@ -82,26 +83,36 @@ def launched_by_torchrun() -> bool:
 def setup(device: torch.device, timeout_s: int = DEFAULT_TIMEOUT_S) -> tuple[Dist, torch.device]:
     """Join the process group described by torchrun's environment (no-op for one process).
 
-    Uses NCCL on CUDA (one GPU per local rank) and gloo on CPU.
+    Uses NCCL on CUDA (one GPU per local rank) and gloo on CPU.  A process group the
+    caller has already initialised is used as it is, and :func:`teardown` leaves it alone.
     """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():  # the caller's own group
+        return Dist(dist.get_rank(), dist.get_world_size(), local_rank), _rank_device(device, local_rank)
     if not launched_by_torchrun():
         return Dist(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
-    return Dist(rank, world, local_rank), device
+    device = _rank_device(device, local_rank)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return Dist(rank, world, local_rank, owns_group=True), device
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def _rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """One GPU per local rank (and made current); other devices as they are."""
+    if device.type != "cuda":
+        return device
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def teardown(d: Dist) -> None:
+    """Destroy the process group if :func:`setup` created it for ``d`` (never a caller's own)."""
+    if d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

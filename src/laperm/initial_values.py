@@ -20,7 +20,12 @@ from torch import Tensor
 
 from .reconnect import float_bits
 
-__all__ = ["SortedRows"]
+__all__ = ["SortedRows", "SORTED", "COUNTS"]
+
+# Keys of the per-parameter optimizer state: the sorted values (dense rows, or one value per run) and
+# the run lengths (run-length storage only).
+SORTED = "laperm_sorted"
+COUNTS = "laperm_sorted_counts"
 
 # Use run-length encoding only when it is at most this fraction of the dense bytes.
 RLE_MAX_FRACTION = 0.5
@@ -34,7 +39,7 @@ class SortedRows:
     dense_values: Tensor | None = None  # (rows, n), when stored densely
     run_values: Tensor | None = None  # (runs,) value of each run, rows concatenated
     run_counts: Tensor | None = None  # (runs,) int32 length of each run
-    run_rows: Tensor | None = None  # (runs,) int32 row of each run (for checks and stats)
+    run_rows: Tensor | None = None  # (runs,) int32 row of each run (only in laperm 0.1.0 files)
 
     @classmethod
     def from_sorted(cls, sorted_rows: Tensor, encoding: str = "auto") -> SortedRows:
@@ -64,7 +69,6 @@ class SortedRows:
             shape,
             run_values=sorted_rows.reshape(-1)[flat_starts].clone(),
             run_counts=(ends - flat_starts).to(torch.int32),
-            run_rows=(flat_starts // shape[1]).to(torch.int32),
         )
 
     @property
@@ -114,8 +118,29 @@ class SortedRows:
             move(self.run_rows, False),
         )
 
+    def entry(self) -> dict[str, Tensor]:
+        """The tensors an optimizer's per-parameter state keeps (``laperm_sorted``, and the run lengths)."""
+        if self.dense_values is not None:
+            return {SORTED: self.dense_values}
+        assert self.run_values is not None and self.run_counts is not None
+        return {SORTED: self.run_values, COUNTS: self.run_counts}
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], shape: tuple[int, int]) -> SortedRows:
+        """Rebuild from :meth:`entry`'s tensors (local shards, for sharded parameters) and the rows' shape."""
+        values, counts = entry[SORTED], entry.get(COUNTS)
+        if not isinstance(values, Tensor) or not (counts is None or isinstance(counts, Tensor)):
+            raise ValueError(f"{SORTED} and {COUNTS} must be tensors")
+        if counts is None:
+            if tuple(values.shape) != tuple(shape):
+                raise ValueError(f"sorted rows have shape {tuple(values.shape)}, expected {tuple(shape)}")
+            return cls(shape, dense_values=values)
+        if values.shape != counts.shape or int(counts.sum()) != shape[0] * shape[1]:
+            raise ValueError(f"run lengths add up to {int(counts.sum())}, expected {shape[0] * shape[1]}")
+        return cls(shape, run_values=values, run_counts=counts)
+
     def state(self) -> dict[str, Any]:
-        """Plain tensors and ints, for ``state_dict``."""
+        """Plain tensors and ints (laperm 0.1.0's ``state_dict`` layout)."""
         if self.dense_values is not None:
             return {"shape": self.shape, "dense": self.dense_values}
         return {"shape": self.shape, "values": self.run_values, "counts": self.run_counts, "rows": self.run_rows}
@@ -130,4 +155,4 @@ class SortedRows:
         counts = state["counts"]
         if int(counts.sum()) != shape[0] * shape[1]:
             raise ValueError(f"run-length counts add up to {int(counts.sum())}, expected {shape[0] * shape[1]}")
-        return cls(shape, run_values=state["values"], run_counts=counts, run_rows=state["rows"])
+        return cls(shape, run_values=state["values"], run_counts=counts)  # (0.1.0's "rows" are not kept)

@@ -59,14 +59,15 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
-from . import reconnect
-from .initial_values import SortedRows
+from . import reconnect, sharding
+from .initial_values import COUNTS, SORTED, SortedRows
+from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
 from .reconnect import RowLayout
 
 __all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "permuted_layouts", "NORM_LAYERS", "SYNC_RULES"]
@@ -78,6 +79,15 @@ class LaPermError(RuntimeError):
 
 _GROUP_DEFAULTS = {"permute": None, "transposed": False, "unit_groups": 1}
 SYNC_RULES = ("overwrite", "latent")
+
+
+class _Permuted(NamedTuple):
+    """What LaPerm knows of a permuted parameter beyond its state tensors (derived from its group, never saved)."""
+
+    layout: RowLayout
+    name: str
+    shape: tuple[int, ...]  # of the local tensor (this rank's shard)
+    rows: tuple[int, int]  # of the local sorted rows
 
 
 class LaPerm(torch.optim.Optimizer):
@@ -152,17 +162,57 @@ class LaPerm(torch.optim.Optimizer):
         if storage not in ("auto", "dense", "rle"):
             raise ValueError(f"storage must be auto, dense or rle, got {storage!r}")
         self.storage = storage
-        # Per permuted parameter: its sorted initial rows, layout and shape.
-        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        # Per permuted parameter: its laperm_* state tensors (sorted θ0, latent weights), in a dict that
+        # becomes the inner optimizer's own state dict for it once that exists (see `state`), and what
+        # its group says of it.
+        self._entries: dict[Tensor, dict[str, Any]] = {}
+        self._meta: dict[Tensor, _Permuted] = {}
+        self._unattached: set[Tensor] = set()
         self._synced = True
         self._sync_hooks: list[Callable[[LaPerm, list[Tensor]], None]] = []
         # Each group's sync rule as it was added, and for latent groups their (index,
-        # [(param, latent weights), ...]): empty when no group is latent, so the
-        # overwrite path does no extra work.
+        # [(param, its state entry holding the latent weights), ...]): empty when no group is
+        # latent, so the overwrite path does no extra work.
         self._rules: list[str] = []
-        self._latent: list[tuple[int, list[tuple[Tensor, Tensor]]]] = []
+        self._latent: list[tuple[int, list[tuple[Tensor, dict[str, Any]]]]] = []
         for group in self.param_groups:
             self._init_group(group)
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def state(self) -> defaultdict[Tensor, dict[str, Any]]:  # type: ignore[override]
+        """Per-parameter state, shared with the inner optimizer: its entries plus LaPerm's ``laperm_*`` tensors.
+
+        Only tensors and numbers live here, so device walkers (Lightning's, ``optimizer_to``) and
+        ``torch.distributed.checkpoint`` handle it.  LaPerm's tensors join a parameter's entry once the
+        inner optimizer has created it (lazily initialising optimizers such as Adam test for an empty
+        entry), so this is empty until the first step, as ``torch.distributed.checkpoint`` expects.
+        """
+        if self._unattached:
+            self._attach()
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, dict[str, Any]]) -> None:
+        self.base_optimizer.state = value
+        self._unattached = set(self._entries)
+
+    def _attach(self) -> None:
+        """Make each permuted parameter's entry the inner optimizer's state dict for it, where that exists."""
+        inner = self.base_optimizer.state
+        for p in list(self._unattached):
+            theirs = inner.get(p)
+            if theirs is self._entries[p]:
+                self._unattached.discard(p)
+            elif theirs:  # (its laperm_* values, if any, are newer: e.g. moved by a device walker)
+                self._entries[p].update(theirs)
+                inner[p] = self._entries[p]
+                self._unattached.discard(p)
+
+    def _entry(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state dict holding its ``laperm_*`` tensors (the one a walker may have replaced, if so)."""
+        theirs = self.base_optimizer.state.get(p)
+        return theirs if theirs is not None and SORTED in theirs else self._entries[p]
 
     # -- param groups ---------------------------------------------------------
     @property
@@ -182,19 +232,35 @@ class LaPerm(torch.optim.Optimizer):
         pairs = []
         for i, p in enumerate(group["params"]):
             if self._permuted(group, p):
-                layout = self._layout(group, p)
-                self.state[p] = {
-                    "sorted": SortedRows.from_sorted(reconnect.sorted_rows(p, layout), self.storage),
-                    "layout": layout,
-                    "shape": tuple(p.shape),
-                    "name": _param_name(group, i),
-                }
+                entry = self._capture(p, self._layout(group, p), _param_name(group, i))
                 if group["sync_rule"] == "latent":  # z_0 = θ0
-                    self.state[p]["latent"] = p.detach().clone()
-                    pairs.append((p, self.state[p]["latent"]))
+                    entry[LATENT] = p.detach().clone()
+                    pairs.append((p, entry))
         if pairs:
             self._latent.append((len(self._rules), pairs))
         self._rules.append(group["sync_rule"])
+
+    def _capture(self, p: Tensor, layout: RowLayout, name: str) -> dict[str, Any]:
+        """Record ``p``'s sorted θ0 (this rank's rows, for a sharded parameter) and return its state entry."""
+        try:
+            sharding.check_rows_whole(p, layout, name)
+        except ValueError as e:
+            raise LaPermError(str(e)) from None
+        rows = reconnect.sorted_rows(sharding.local(p), layout)
+        # (a sharded parameter's rows are stored dense: run lengths would differ from rank to rank)
+        storage = "dense" if sharding.is_sharded(p) else self.storage
+        entry: dict[str, Any] = SortedRows.from_sorted(rows, storage).entry()
+        entry[SORTED] = sharding.like(p, entry[SORTED])
+        self._entries[p] = entry
+        self._meta[p] = _Permuted(layout, name, tuple(sharding.local(p).shape), (rows.shape[0], rows.shape[1]))
+        self._unattached.add(p)
+        return entry
+
+    def _sorted_rows(self, p: Tensor) -> SortedRows:
+        entry = self._entry(p)
+        return SortedRows.from_entry(
+            {SORTED: sharding.local(entry[SORTED]), COUNTS: entry.get(COUNTS)}, self._meta[p].rows
+        )
 
     @staticmethod
     def _permuted(group: dict[str, Any], p: Tensor) -> bool:
@@ -282,14 +348,14 @@ class LaPerm(torch.optim.Optimizer):
             for i, pairs in self._latent:
                 group = groups[i]
                 due = (group["laperm_step"] + 1) % group["k"] == 0
-                for p, z in pairs:
+                for p, entry in pairs:
                     if not due:
                         keep.append((p, p.detach().clone()))
-                    p.copy_(z)
+                    p.copy_(entry[LATENT])
             self.base_optimizer.step()
             for _, pairs in self._latent:
-                for p, z in pairs:
-                    z.copy_(p)  # the updated latent weights
+                for p, entry in pairs:
+                    entry[LATENT].copy_(p)  # the updated latent weights
         if len(self._latent) < len(groups):
             self._synced = False  # (latent groups alone never leave the synced state)
         try:
@@ -325,8 +391,8 @@ class LaPerm(torch.optim.Optimizer):
             latent = {i for i, _ in self._latent}
             if from_latent:
                 for _, pairs in self._latent:
-                    for p, z in pairs:
-                        p.copy_(z)
+                    for p, entry in pairs:
+                        p.copy_(entry[LATENT])
             synced = [
                 p
                 for i, group in enumerate(self.param_groups)
@@ -373,7 +439,7 @@ class LaPerm(torch.optim.Optimizer):
             self._check_rule_unchanged(next(i for i, g in enumerate(self.param_groups) if g is group))
         todo = []
         for p in group["params"]:
-            st = self.state.get(p)
+            st = self._meta.get(p)
             if st is None:
                 if self._permuted(group, p):
                     raise LaPermError(
@@ -382,21 +448,22 @@ class LaPerm(torch.optim.Optimizer):
                         "LaPerm.add_param_group instead"
                     )
                 continue
-            if tuple(p.shape) != st["shape"]:
+            t = sharding.local(p)  # (a sharded parameter syncs its local rows: no collective)
+            if tuple(t.shape) != st.shape:
                 raise LaPermError(
-                    f"parameter {st['name']} changed shape from {st['shape']} to "
-                    f"{tuple(p.shape)} after LaPerm recorded its initial values; "
+                    f"parameter {st.name} changed shape from {st.shape} to "
+                    f"{tuple(t.shape)} after LaPerm recorded its initial values; "
                     "create the optimizer after the model's final shape is set"
                 )
-            todo.append((p, st))
+            todo.append((p, t, st))
         if self.check_finite:
             self._check_finite(todo)
-        for p, st in todo:
-            reconnect.sync_tensor_(p, st["sorted"].dense(), st["layout"])
-        return [p for p, _ in todo]
+        for p, t, st in todo:
+            reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
+        return [p for p, _, _ in todo]
 
     @staticmethod
-    def _check_finite(todo: list[tuple[Tensor, dict[str, Any]]]) -> None:
+    def _check_finite(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> None:
         """Raise if any of the tensors holds NaN or inf (checked before any of them is synced).
 
         ``aminmax`` is one vectorised pass without a boolean temporary (about
@@ -406,13 +473,13 @@ class LaPerm(torch.optim.Optimizer):
         group on CUDA instead of one per tensor.
         """
         # (float64: tensors of several dtypes can share a group, and a cast never creates an inf)
-        ext = [e.double() for p, _ in todo if p.numel() for e in torch.aminmax(p.detach())]
+        ext = [e.double() for _, t, _ in todo if t.numel() for e in torch.aminmax(t.detach())]
         if not ext or bool(torch.isfinite(torch.stack(ext)).all()):
             return
-        for p, st in todo:  # slow path: name the culprit
-            if not bool(torch.isfinite(p).all()):
+        for _, t, st in todo:  # slow path: name the culprit
+            if not bool(torch.isfinite(t).all()):
                 raise LaPermError(
-                    f"parameter {st['name']} holds NaN or inf at a synchronisation, so its "
+                    f"parameter {st.name} holds NaN or inf at a synchronisation, so its "
                     "ranks are undefined; lower the learning rate or check the loss"
                 )
 
@@ -439,7 +506,7 @@ class LaPerm(torch.optim.Optimizer):
             yield
             return
         latent = {p for _, pairs in self._latent for p, _ in pairs}
-        saved = [(p, p.detach().clone()) for p in self.state if p not in latent]
+        saved = [(p, p.detach().clone()) for p in self._meta if p not in latent]
         try:
             self._sync_all()
             yield
@@ -453,7 +520,7 @@ class LaPerm(torch.optim.Optimizer):
     def inner_weights(self) -> Iterator[None]:
         """Temporarily put the inner weights in place: the latent weights of latent groups (the
         parameters of overwrite groups already are theirs).  Restored on exit."""
-        pairs = [pair for _, group_pairs in self._latent for pair in group_pairs]
+        pairs = [(p, entry[LATENT]) for _, group_pairs in self._latent for p, entry in group_pairs]
         saved = [(p, p.detach().clone()) for p, _ in pairs]
         try:
             with torch.no_grad():
@@ -467,119 +534,159 @@ class LaPerm(torch.optim.Optimizer):
 
     def latent_weights(self) -> dict[Tensor, Tensor]:
         """``{parameter: latent weights}`` of every permuted parameter in a latent group (live tensors)."""
-        return {p: z for _, pairs in self._latent for p, z in pairs}
+        return {p: entry[LATENT] for _, pairs in self._latent for p, entry in pairs}
 
     def permuted_parameters(self) -> list[tuple[str, Tensor]]:
         """``(name, parameter)`` for every parameter that LaPerm permutes."""
-        return [(st["name"], p) for p, st in self.state.items()]
+        return [(st.name, p) for p, st in self._meta.items()]
 
     def layout_of(self, p: Tensor) -> RowLayout:
-        """How the permuted parameter ``p`` is cut into rows (KeyError if ``p`` is not permuted)."""
-        return self.state[p]["layout"]
+        """How permuted parameter ``p`` is cut into rows (KeyError if LaPerm does not permute it)."""
+        return self._meta[p].layout
 
     def name_of(self, p: Tensor) -> str:
-        """The name ``p`` was given in its param group (for messages and records)."""
-        return self.state[p]["name"]
+        """The name errors and run folders use for permuted parameter ``p``."""
+        return self._meta[p].name
+
+    def storage_of(self, p: Tensor) -> str:
+        """How ``p``'s sorted θ0 is kept: ``"dense"`` or ``"rle"`` (run-length encoded)."""
+        return "rle" if COUNTS in self._entry(p) else "dense"
 
     def initial_sorted(self, p: Tensor) -> Tensor:
-        """The sorted initial rows kept for permuted parameter ``p``, as a ``(rows, n)`` matrix."""
-        return self.state[p]["sorted"].dense()
+        """The sorted initial rows kept for permuted parameter ``p``, as a ``(rows, n)`` matrix (local rows)."""
+        return self._sorted_rows(p).dense()
 
     def extra_memory_bytes(self) -> int:
         """Bytes LaPerm keeps beyond the inner optimizer (the stored sorted θ0, and latent weights)."""
-        return sum(
-            st["sorted"].nbytes() + (st["latent"].numel() * st["latent"].element_size() if "latent" in st else 0)
-            for st in self.state.values()
-        )
+        tensors = [
+            sharding.local(v) for p in self._meta for k, v in self._entry(p).items() if k.startswith(LAPERM_PREFIX)
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def verify(self) -> None:
-        """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row."""
+        """Raise :class:`LaPermError` unless every permuted row is a permutation of its θ0 row.
+
+        A sharded parameter is checked on each rank's rows, and the ranks agree on the outcome
+        (one all-reduce), so every rank raises or none does.
+        """
         if not self._synced:
             raise LaPermError("weights are between syncs; call sync() before verify()")
-        for p, st in self.state.items():
-            if not reconnect.rows_match(reconnect.to_rows(p, st["layout"]), st["sorted"].dense()):
-                raise LaPermError(f"parameter {st['name']} is not a row-wise permutation of its initial values")
+        bad = next(
+            (
+                st.name
+                for p, st in self._meta.items()
+                if not reconnect.rows_match(reconnect.to_rows(sharding.local(p), st.layout), self.initial_sorted(p))
+            ),
+            None,
+        )
+        if not sharding.all_ranks_agree(bad is None, list(self._meta)):
+            raise LaPermError(
+                f"parameter {bad or '(on another rank)'} is not a row-wise permutation of its initial values"
+            )
 
     # -- state ------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Inner optimizer state plus sorted θ0, step counts, k, sync rules and latent weights
-        (everything to resume)."""
+        """The layout every torch optimizer uses (see :mod:`laperm.optim_format`): the inner optimizer's
+        state_dict, with each permuted parameter's sorted θ0 (and latent weights) in its entry and LaPerm's
+        options, step counts and synced flag in the param groups: everything to resume."""
+        out = self.base_optimizer.state_dict()
         index = {p: i for i, p in enumerate(self._all_params())}
-        out = {
-            "base": self.base_optimizer.state_dict(),
-            "sorted": {index[p]: st["sorted"].state() for p, st in self.state.items()},
-            "synced": self._synced,
-        }
-        if self._latent:  # (absent otherwise: overwrite-only state_dicts stay as they were)
-            out["latent"] = {index[p]: z for _, pairs in self._latent for p, z in pairs}
+        for p in self._meta:
+            i = index[p]
+            ours = {k: v for k, v in self._entry(p).items() if k.startswith(LAPERM_PREFIX)}
+            out["state"][i] = {**out["state"].get(i, {}), **ours}  # (a new dict: the live entry stays as it is)
+        for group in out["param_groups"]:
+            group.update(laperm_synced=self._synced, laperm_format=FORMAT)
+        out["laperm_format"] = FORMAT
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if not isinstance(state_dict, dict) or not {"base", "sorted"} <= state_dict.keys():
-            raise LaPermError(
-                "not a LaPerm state_dict (expected keys 'base' and 'sorted'); "
-                "was it saved from the inner optimizer instead?"
-            )
+        """Load a state_dict of this layout (from torch.save, DCP, accelerate, ...) or laperm 0.1.0's.
+
+        Everything is checked before anything is loaded: the same permuted parameters, sync rules and
+        shapes as the saved run.
+        """
+        try:
+            sd = upgrade(state_dict)
+        except FormatError as e:
+            raise LaPermError(str(e)) from None
         params = self._all_params()
-        saved = state_dict["sorted"]
-        ours = {i for i, p in enumerate(params) if p in self.state}
-        if set(saved) != ours:
+        self._check_saved(sd, params)
+        inner_state = {
+            i: {k: v for k, v in st.items() if not k.startswith(LAPERM_PREFIX)} for i, st in sd["state"].items()
+        }
+        # (an entry holding only LaPerm's tensors would look initialised to a lazily initialising inner optimizer)
+        self.base_optimizer.load_state_dict(
+            {"state": {i: st for i, st in inner_state.items() if st}, "param_groups": sd["param_groups"]}
+        )
+        for group in self.param_groups:
+            group.setdefault("sync_rule", "overwrite")
+            group.pop("laperm_format", None)
+            group.pop("laperm_synced", None)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                if p in self._meta:
+                    self._load_entry(p, sd["state"][i])
+        self._latent = [(i, [(p, self._entries[p]) for p, _ in pairs]) for i, pairs in self._latent]
+        self._unattached = set(self._entries)
+        self._synced = all(bool(g.get("laperm_synced", False)) for g in sd["param_groups"])
+
+    def _check_saved(self, sd: dict[str, Any], params: list[Tensor]) -> None:
+        """Raise LaPermError unless ``sd`` (format 2, positional) permutes what this optimizer permutes, alike."""
+        state = sd["state"]
+        if {i for i, st in state.items() if SORTED in st} != {i for i, p in enumerate(params) if p in self._meta}:
             raise LaPermError(
                 "the saved LaPerm state permutes different parameters than this "
                 "optimizer; build the model and param groups as in the saved run"
             )
-        # Sync rules and latent weights are checked before anything is loaded.
-        saved_groups = state_dict["base"].get("param_groups", []) if isinstance(state_dict["base"], dict) else []
-        for i, (rule, g) in enumerate(zip(self._rules, saved_groups)):
-            if g.get("sync_rule", "overwrite") != rule:  # (state_dicts before sync_rule: overwrite)
+        for i, (rule, g) in enumerate(zip(self._rules, sd["param_groups"], strict=False)):
+            if g.get("sync_rule", "overwrite") != rule:
                 raise LaPermError(
                     f"the saved LaPerm state has sync_rule {g.get('sync_rule', 'overwrite')!r} in param group "
                     f"{i}, this optimizer {rule!r}; create it with the saved run's sync rule"
                 )
-        index = {p: i for i, p in enumerate(params)}
-        latent = {index[p]: z for _, pairs in self._latent for p, z in pairs}
-        saved_latent = state_dict.get("latent") or {}
-        if set(saved_latent) != set(latent):
+        latent = {p for _, pairs in self._latent for p, _ in pairs}
+        if {i for i, st in state.items() if LATENT in st} != {i for i, p in enumerate(params) if p in latent}:
             raise LaPermError(
                 "the saved LaPerm state has latent weights for different parameters than this "
                 "optimizer's latent groups; build the model and param groups as in the saved run"
             )
-        for i, z in latent.items():
-            t = saved_latent[i]
-            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(z.shape):
+        for i, p in enumerate(params):
+            if p not in self._meta:
+                continue
+            st, meta = state[i], self._meta[p]
+            z = st.get(LATENT)
+            if p in latent and (not isinstance(z, Tensor) or tuple(z.shape) != tuple(p.shape)):
                 raise LaPermError(
-                    f"saved latent weights of {self.state[params[i]]['name']} are damaged "
-                    f"(expected a tensor of shape {tuple(z.shape)})"
+                    f"saved latent weights of {meta.name} are damaged (expected a tensor of shape {tuple(p.shape)})"
                 )
-        self.base_optimizer.load_state_dict(state_dict["base"])
-        for group in self.param_groups:
-            group.setdefault("sync_rule", "overwrite")
-        with torch.no_grad():
-            for i, z in latent.items():
-                z.copy_(saved_latent[i].to(z.device, z.dtype))  # in place: the same tensors stay live
-        for i, stored in saved.items():
-            st = self.state[params[i]]
             try:
-                sorted_rows = SortedRows.from_state(stored)
-            except (KeyError, TypeError, ValueError) as e:
-                raise LaPermError(f"saved initial values of {st['name']} are damaged ({e})") from None
-            if sorted_rows.shape != st["sorted"].shape:
-                raise LaPermError(
-                    f"saved initial values of {st['name']} have shape "
-                    f"{sorted_rows.shape}, expected {st['sorted'].shape}"
-                )
-            st["sorted"] = sorted_rows.to(st["sorted"].device, st["sorted"].dtype)
-        self._synced = bool(state_dict.get("synced", False))
+                SortedRows.from_entry({SORTED: sharding.local(st[SORTED]), COUNTS: st.get(COUNTS)}, meta.rows)
+            except (TypeError, ValueError) as e:
+                raise LaPermError(f"saved initial values of {meta.name} are damaged ({e})") from None
+
+    def _load_entry(self, p: Tensor, saved: dict[str, Any]) -> None:
+        """Replace ``p``'s LaPerm tensors by the saved ones, on ``p``'s device; latent weights in place."""
+        local = sharding.local(p)
+        entry: dict[str, Any] = {SORTED: sharding.like(p, sharding.local(saved[SORTED]).to(local.device, local.dtype))}
+        if COUNTS in saved:
+            entry[COUNTS] = saved[COUNTS].to(local.device)
+        if LATENT in saved:
+            z = self._entries[p][LATENT]
+            if z is not saved[LATENT]:  # (DCP loads into the live tensors themselves)
+                sharding.local(z).copy_(sharding.local(saved[LATENT]))  # in place: the same tensors stay live
+            entry[LATENT] = z
+        self._entries[p] = entry
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     def __repr__(self) -> str:
         ks = sorted({g["k"] for g in self.param_groups})
-        n = sum(p.numel() for p in self.state)
+        n = sum(p.numel() for p in self._meta)
         rule = ", sync_rule=latent" if self._latent else ""
         return (
             f"LaPerm(k={ks if len(ks) > 1 else ks[0]}{rule}, permuted={n:,} weights, "

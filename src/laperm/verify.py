@@ -43,7 +43,7 @@ class VerifyReport:
 def layout_records(optimizer: LaPerm) -> list[dict[str, Any]]:
     """JSON-able description of what a LaPerm optimizer permutes (init.pt's ``permuted``)."""
     out = []
-    for p in optimizer.state:
+    for _, p in optimizer.permuted_parameters():
         layout = optimizer.layout_of(p)
         out.append(
             {

@@ -107,8 +107,7 @@ def restore_rng(rng: dict[str, Any], device: torch.device, rank: int, world: int
 
 def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | None:
     """Name of the first permuted tensor whose θ0 in ``init_state`` differs from ``opt``'s, else None."""
-    for p in opt.state:
-        name = opt.name_of(p)
+    for name, p in opt.permuted_parameters():
         t = init_state.get(name)
         if t is None or not torch.equal(reconnect.sorted_rows(t.to(p.device), opt.layout_of(p)), opt.initial_sorted(p)):
             return name

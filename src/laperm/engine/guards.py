@@ -77,7 +77,7 @@ class SyncChecker:
 
     def __init__(self, opt: LaPerm) -> None:
         self.step = 0
-        self.expected = {p: row_fingerprint(opt.initial_sorted(p)) for p in opt.state}
+        self.expected = {p: row_fingerprint(opt.initial_sorted(p)) for _, p in opt.permuted_parameters()}
         opt.register_sync_hook(self)
 
     def __call__(self, opt: LaPerm, params: list[torch.Tensor]) -> None:

@@ -45,16 +45,16 @@ def train(
     cfg.validate()
     device = build.resolve_device(cfg.device)
     d, device = distributed.setup(device)
-    if d.enabled and cfg.nproc != d.world:
-        cfg = dataclasses.replace(cfg, nproc=d.world).validate()  # e.g. launched by torchrun directly
-    try:
+    try:  # from here on every exit tears down the process group setup() made, and only that one
+        if d.enabled and cfg.nproc != d.world:
+            cfg = dataclasses.replace(cfg, nproc=d.world).validate()  # e.g. launched by torchrun directly
         if on_epoch is not None:
             if callbacks is not None:
                 raise TypeError("pass on_epoch or callbacks, not both")
             callbacks = EpochCallback(on_epoch)
         return _checked_run(cfg, d, device, resume, overwrite, log, callbacks or Callbacks())
     finally:
-        distributed.teardown()
+        distributed.teardown(d)
 
 
 def _quiet(message: str) -> None:

@@ -48,7 +48,7 @@ def describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:
         ks = f"k={cfg.k}" + (f" (schedule {cfg.k_schedule})" if cfg.k_schedule else "")
         if cfg.sync_rule != "overwrite":
             ks += f", {cfg.sync_rule} sync rule"
-        permuted = sum(p.numel() for p in opt.state)
+        permuted = sum(p.numel() for _, p in opt.permuted_parameters())
         return f"LaPerm({cfg.inner}, {ks}, lr {cfg.lr:g} {cfg.lr_schedule}), {permuted:,} weights permuted"
     return f"{cfg.optimizer} (lr {cfg.lr:g} {cfg.lr_schedule})"
 
