@@ -61,6 +61,6 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as state_dir:
         full = train(save_at=10, state_dir=state_dir)  # (step 10 falls between syncs: k=4)
         resumed = train(save_at=10, state_dir=state_dir, resume=True)
-    same = all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+    same = all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters(), strict=True))
     assert same, "the resumed run should end bit-identical to the uninterrupted one"
     print("resumed from save_state at step 10: final weights bit-identical to the uninterrupted run; verified")

@@ -50,7 +50,8 @@ def accuracy(pred: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
 
-def train(output_dir: str, model: nn.Module | None = None, epochs: int = 3, k: int = 3, eval_steps: int | None = 5, save_steps: int | None = 5,
+def train(output_dir: str, model: nn.Module | None = None, epochs: int = 3, k: int = 3,
+          eval_steps: int | None = 5, save_steps: int | None = 5,
           compute_metrics: Any = accuracy) -> tuple[Trainer, LaPermTrainerCallback]:
     """Train the tiny BERT with LaPerm(AdamW); evaluate and save every few steps (None: never)."""
     model = tiny_bert() if model is None else model

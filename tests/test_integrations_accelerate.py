@@ -16,7 +16,7 @@ def test_accelerate_save_state_load_state_resumes_exactly(tmp_path):
     theta0 = {n: p.detach().clone() for n, p in model0.named_parameters()}
     full = ex["train"](save_at=10, state_dir=str(tmp_path))
     resumed = ex["train"](save_at=10, state_dir=str(tmp_path), resume=True)
-    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), n
         if a.dim() >= 2:
             assert is_row_permutation(a, theta0[n]) and not torch.equal(a, theta0[n])

@@ -55,7 +55,7 @@ def test_torch_compile_model_and_whole_step_no_recompile_and_same_weights():
         weights, frames, _ = _train(how)
         # Compiled once, in the first step; the syncs (steps 4, 8, ...) cause no recompilation.
         assert frames[0] >= 1 and frames[-1] == frames[0], (how, frames)
-        assert all(torch.equal(a, b) for a, b in zip(weights, eager)), how
+        assert all(torch.equal(a, b) for a, b in zip(weights, eager, strict=True)), how
 
 
 def test_bf16_autocast_trains_and_keeps_the_invariant():
@@ -73,7 +73,7 @@ def test_bf16_autocast_trains_and_keeps_the_invariant():
         opt.step()
     opt.sync()
     opt.verify()
-    for p, p0 in zip(model.parameters(), theta0):
+    for p, p0 in zip(model.parameters(), theta0, strict=True):
         assert p.dtype == torch.float32  # autocast leaves the master weights (and θ0) in float32
         if p.dim() >= 2:
             assert is_row_permutation(p.cpu(), p0) and not torch.equal(p.cpu(), p0)
@@ -97,7 +97,7 @@ def test_gradscaler_skipped_steps_do_not_count_towards_a_sync():
         scaler.step(opt)
         scaler.update()
         if i == 2:
-            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
             assert scaler.get_scale() == 2.0**9
     # 12 calls, one skipped: 11 LaPerm steps, so the last sync was at step 8, and we are 3 past it.
     assert opt.param_groups[0]["laperm_step"] == 3 * K - 1

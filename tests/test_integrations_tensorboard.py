@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TINY = ["--dataset", "synthetic", "--val-size", "64", "--batch-size", "64", "--threads", "1", "--no-progress",
         "--train-subset", "640", "--k", "3", "--eval-steps", "4"]
