@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("files", ("laperm.export", "laperm.verify")),
     ("analysis", ("laperm.analysis",)),
     ("engine", ("laperm.engine", "laperm.train")),
+    ("integrations", ("laperm.integrations",)),
     ("experiments", ("laperm.experiments",)),
     ("interface", ("laperm.cli", "laperm.__main__", "laperm")),
 ]

@@ -58,6 +58,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         groups[meta["group"]].add_argument(flag, **kwargs)
     g = groups[RUN]
     g.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        metavar="DIR",
+        help="log metrics, lr, reconnected fraction and per-layer weight movement at each sync to "
+        "TensorBoard (default DIR: RUN_DIR/tensorboard; needs the tensorboard package)",
+    )
+    g.add_argument(
         "--resume",
         metavar="RUN_DIR",
         type=Path,
@@ -138,10 +146,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.nproc > 1 and not launched_by_torchrun():
         return launch_local(cfg.nproc, cfg.threads, args.argv, Path(cfg.out) / cfg.run_name())
     t0 = time.perf_counter()
-    summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite)
+    callbacks = _tensorboard(args.tensorboard, cfg) if args.tensorboard is not None else None
+    try:
+        summary = train(cfg, resume=args.resume is not None, overwrite=args.overwrite, callbacks=callbacks)
+    finally:
+        if callbacks is not None:
+            callbacks.close()
     if _rank() == 0:
         print_summary(summary, time.perf_counter() - t0)
     return 0
+
+
+def _tensorboard(log_dir: str, cfg: Any) -> Any:
+    """The TensorBoard logger of ``laperm train --tensorboard [DIR]`` (not a config field: it changes no result)."""
+    from importlib.util import find_spec
+
+    from .config import ConfigError
+
+    if find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'laperm[integrations]'")
+    from .integrations.tensorboard import TensorBoardCallbacks
+
+    return TensorBoardCallbacks(log_dir or Path(cfg.out) / cfg.run_name() / "tensorboard")
 
 
 def _announce_resume_nproc(run_dir: Path, saved: int, requested: int | None) -> None:
