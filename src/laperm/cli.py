@@ -34,8 +34,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="a paper setup (see `laperm presets`); flags override it")
     g.add_argument("--config", type=Path, help="YAML or TOML file of config fields; flags override it")
     g.add_argument("--model", help="model name (see `laperm models`); default lenet300")
-    g.add_argument("--dataset", help="mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar (default: the model's)")
-    g.add_argument("--data-dir", help="dataset location (IDX folder; CIFAR-10 tarball, folder or zip)")
+    g.add_argument("--dataset", help="mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar, text "
+                                     "(default: the model's)")
+    g.add_argument("--data-dir", help="dataset location (IDX folder; CIFAR-10 tarball, folder or zip; for text a "
+                                      "UTF-8 file or folder, default: the Python reference bundled with Python)")
     g.add_argument("--init", help="he-uniform | pruned:P | shared:V:KEEP[,KEEP..] (e.g. shared:0.08:0.6)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["laperm", "adam", "sgd"], help="laperm (default) or a plain baseline")
@@ -193,6 +195,9 @@ def print_summary(s: dict[str, Any], wall: float) -> None:
         line += f", {s['selected_test_acc']:.2%} (selected on validation, epoch {s['selected_epoch']})"
     print(f"{s['model']} on {s['dataset']} with {s['optimizer']}: {line}")
     print(f"best test accuracy over the run {s['best_test_acc']:.2%} (the paper's protocol; not a selection rule)")
+    if s.get("final_test_bpc") is not None:  # a language model (accuracy above: next-character accuracy)
+        val = f"validation {s['final_val_bpc']:.3f}, " if s.get("final_val_bpc") is not None else ""
+        print(f"bits per character (final synced model): {val}test {s['final_test_bpc']:.3f}")
     m, sec = divmod(int(round(wall)), 60)
     print(f"time {m}m {sec:02d}s ({s['train_time_s']:.0f}s training) on {s['device']}; run folder {s['run_dir']}")
     if s.get("verified"):

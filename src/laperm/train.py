@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed, init as winit, models, reconnect, rundir
 from .config import RESUME_CHANGEABLE, ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
 from .data import BatchLoader, Dataset, load_dataset, make_augment, random_subset, train_val_split
+from .data import text as textdata
 from .data.loader import derive_seed
 from .optim import LaPerm, LaPermError, laperm_param_groups
 
@@ -69,8 +70,15 @@ def resolve_device(name: str) -> torch.device:
 # -- building blocks ----------------------------------------------------------------
 
 
-def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset:
+def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset | textdata.TextCorpus:
     name = cfg.dataset or spec.dataset
+    if (name in textdata.TEXT_DATASETS) != (spec.dataset in textdata.TEXT_DATASETS):
+        raise ConfigError(f"model {spec.name} is for {spec.dataset} data, not {name}; pick a matching "
+                          "--model or --dataset (char-gpt for --dataset text)")
+    if name in textdata.TEXT_DATASETS:
+        corpus = textdata.load_text_corpus(cfg.data_dir)
+        textdata.check_length(corpus, spec.input_shape[-1])
+        return corpus
     ds = load_dataset(name, cfg.data_dir)
     if tuple(ds.input_shape) != tuple(spec.input_shape):
         raise ConfigError(
@@ -83,9 +91,11 @@ def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset:
     return ds
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The Keras-initialised model with the configured init applied; returns (model, masks)."""
-    model = models.build(cfg.model, seed=derive_seed(cfg.seed, 1))
+def build_model(cfg: TrainConfig, device: torch.device, **model_options: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The Keras-initialised model with the configured init applied; returns (model, masks).
+
+    ``model_options`` go to the model class (a text model's ``vocab_size``)."""
+    model = models.build(cfg.model, seed=derive_seed(cfg.seed, 1), **model_options)
     spec = parse_init(cfg.init)
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, 2))
     masks: dict[str, torch.Tensor] = {}
@@ -117,7 +127,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, d: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             d: distributed.Dist = distributed.Dist()) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``loader``.
 
     In a distributed run each rank evaluates its shard of every batch and the
@@ -385,7 +396,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, device: torch.device, resume: 
         cfg = _resume_config(cfg, rundir.read_run_config(run_dir), run_dir)
     spec = models.get_spec(cfg.model)
     ds = load_data(cfg, spec)
-    if cfg.val_size >= len(ds.train_y):
+    if isinstance(ds, Dataset) and cfg.val_size >= len(ds.train_y):
         raise ConfigError(f"val_size {cfg.val_size} leaves no training data ({len(ds.train_y)} images); lower --val-size")
     try:
         augment = make_augment(cfg.augment)
@@ -431,7 +442,7 @@ def _theta0_mismatch(init_state: dict[str, torch.Tensor], opt: LaPerm) -> str | 
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, spec: models.ModelSpec,
-         ds: Dataset, augment: Any, log: Callable[[str], None],
+         ds: Dataset | textdata.TextCorpus, augment: Any, log: Callable[[str], None],
          callbacks: Callbacks,
          d: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
@@ -463,30 +474,18 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    # Data: validation split from the training set, optional subset, loaders.
-    n_train = len(ds.train_y)
-    train_idx, val_idx = train_val_split(n_train, cfg.val_size, derive_seed(cfg.seed, 3))
-    if cfg.train_subset:
-        train_idx = random_subset(train_idx, cfg.train_subset, derive_seed(cfg.seed, 8))
-    common = dict(mean=ds.mean, std=ds.std, device=device)
-    shard = (d.rank, d.world)
-    train_x, train_y, test_x, test_y = ds.train_x, ds.train_y, ds.test_x, ds.test_y
-    if device.type == "cuda":
-        # Keep the uint8 images on the GPU (CIFAR-10: 180 MB): batches are gathered there,
-        # not copied from the host at every step.
-        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
-    train_loader = BatchLoader(train_x, train_y, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 4),
-                               augment=augment, indices=train_idx, shard=shard, **common)
-    calib_loader = BatchLoader(train_x, train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 5),
-                               indices=train_idx, **common)
-    eval_bs = 1000
-    val_loader = (BatchLoader(train_x, train_y, eval_bs, shuffle=False, indices=val_idx, shard=shard, **common)
-                  if len(val_idx) else None)
-    test_loader = BatchLoader(test_x, test_y, eval_bs, shuffle=False, shard=shard, **common)
+    text = isinstance(ds, textdata.TextCorpus)
+    model_options: dict[str, Any] = {}
+    if isinstance(ds, textdata.TextCorpus):  # character windows: contiguous 90/5/5 splits, vocab stored with the run
+        loaders, sizes = _text_loaders(cfg, ds, spec, run_dir, device, d, resume)
+        model_options["vocab_size"] = len(ds.vocab)
+    else:
+        loaders, sizes = _image_loaders(cfg, ds, augment, device, d)
+    train_loader, calib_loader, val_loader, test_loader = loaders
 
     # Model, θ0, optimizer.
     torch.manual_seed(derive_seed(cfg.seed, 6))  # dropout and anything else on the global RNG
-    model, masks = build_model(cfg, device)
+    model, masks = build_model(cfg, device, **model_options)
     opt = build_optimizer(cfg, model)
     callbacks.on_optimizer(opt, model)
     laperm = opt if isinstance(opt, LaPerm) else None
@@ -597,6 +596,10 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             if val_loader is not None:
                 record["val_loss"], record["val_acc"] = evaluate(model, val_loader, d)
             record["test_loss"], record["test_acc"] = evaluate(model, test_loader, d)
+            if text:  # a language model's loss in bits per character
+                for split in ("val", "test"):
+                    if f"{split}_loss" in record:
+                        record[f"{split}_bpc"] = textdata.bits_per_char(record[f"{split}_loss"])
             if val_loader is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
                 digest = None
                 if main:
@@ -608,8 +611,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             yield
 
     steps_per_epoch = len(train_loader)
-    log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({len(train_idx):,} train / {len(val_idx):,} val / "
-        f"{len(ds.test_y):,} test), {_describe_optimizer(cfg, opt)}, {parse_init(cfg.init).describe()}, "
+    log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({sizes}), {_describe_optimizer(cfg, opt)}, {parse_init(cfg.init).describe()}, "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, device {device}")
     model.train()
     with _StopFlag() as stop:
@@ -752,8 +754,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     final = {"model": model.state_dict(), "epoch": state.epoch, "synced": True}
     if main:
         checkpoint.save(final, run_dir / "final.pt")
-    final_val = evaluate(model, val_loader, d)[1] if val_loader is not None else None
-    final_test = evaluate(model, test_loader, d)[1]
+    final_val_loss, final_val = evaluate(model, val_loader, d) if val_loader is not None else (None, None)
+    final_test_loss, final_test = evaluate(model, test_loader, d)
     summary = {
         "run": cfg.run_name(), "run_dir": str(run_dir), "model": cfg.model, "dataset": ds.name,
         "optimizer": cfg.optimizer, "init": cfg.init, "seed": cfg.seed, "epochs": cfg.epochs,
@@ -769,6 +771,11 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     }
     if state.changes:
         summary["changed_on_resume"] = state.changes
+    if isinstance(ds, textdata.TextCorpus):  # losses in bits per character, a greedy sample of the final model
+        summary["final_val_bpc"] = textdata.bits_per_char(final_val_loss) if final_val_loss is not None else None
+        summary["final_test_bpc"] = textdata.bits_per_char(final_test_loss)
+        summary["sample"] = textdata.sample_text(model, ds.vocab, textdata.SAMPLE_PROMPT, 200)
+        log(f"sample (greedy, final synced model): {summary['sample']!r}")
     if d.enabled:
         summary["nproc"] = d.world
         summary["replica_checks"] = replicas.checks if replicas is not None else 0
@@ -785,6 +792,48 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     except Exception as e:  # a plot must never cost the run
         log(f"warning: could not draw curves.png ({e})")
     return summary
+
+
+def _image_loaders(cfg: TrainConfig, ds: Dataset, augment: Any, device: torch.device,
+                   d: distributed.Dist) -> tuple[tuple, str]:
+    """Loaders of an image dataset: validation split from the training set, optional subset."""
+    n_train = len(ds.train_y)
+    train_idx, val_idx = train_val_split(n_train, cfg.val_size, derive_seed(cfg.seed, 3))
+    if cfg.train_subset:
+        train_idx = random_subset(train_idx, cfg.train_subset, derive_seed(cfg.seed, 8))
+    common = dict(mean=ds.mean, std=ds.std, device=device)
+    shard = (d.rank, d.world)
+    train_x, train_y, test_x, test_y = ds.train_x, ds.train_y, ds.test_x, ds.test_y
+    if device.type == "cuda":
+        # Keep the uint8 images on the GPU (CIFAR-10: 180 MB): batches are gathered there,
+        # not copied from the host at every step.
+        train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
+    train_loader = BatchLoader(train_x, train_y, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 4),
+                               augment=augment, indices=train_idx, shard=shard, **common)
+    calib_loader = BatchLoader(train_x, train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 5),
+                               indices=train_idx, **common)
+    eval_bs = 1000
+    val_loader = (BatchLoader(train_x, train_y, eval_bs, shuffle=False, indices=val_idx, shard=shard, **common)
+                  if len(val_idx) else None)
+    test_loader = BatchLoader(test_x, test_y, eval_bs, shuffle=False, shard=shard, **common)
+    sizes = f"{len(train_idx):,} train / {len(val_idx):,} val / {len(ds.test_y):,} test"
+    return (train_loader, calib_loader, val_loader, test_loader), sizes
+
+
+def _text_loaders(cfg: TrainConfig, ds: textdata.TextCorpus, spec: models.ModelSpec, run_dir: Path,
+                  device: torch.device, d: distributed.Dist, resume: bool) -> tuple[tuple, str]:
+    """Window loaders of a text corpus; writes vocab.json (on resume: checks the corpus gives the same)."""
+    loaders = textdata.text_loaders(ds, spec.input_shape[-1], cfg.batch_size, cfg.seed, device=device,
+                                    shard=(d.rank, d.world), train_chars=cfg.train_subset)
+    path = run_dir / "vocab.json"
+    if resume and path.is_file() and textdata.read_vocab(path) != ds.vocab:
+        raise ConfigError(f"the corpus now gives another vocabulary than {path} records; resume with the "
+                          "run's --data-dir (or start a new run)")
+    if d.is_main:
+        textdata.write_vocab(path, ds.vocab)
+    sizes = (f"{len(loaders[0].ids):,} train / {len(ds.val):,} val / {len(ds.test):,} test characters, "
+             f"{len(ds.vocab)} symbols")
+    return loaders, sizes
 
 
 def _hardware(device: torch.device) -> str:
@@ -865,6 +914,8 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
     if "val_acc" in r:
         parts.append(f"val {r['val_acc']:.2%}")
     parts.append(f"test {r['test_acc']:.2%}")
+    if "val_bpc" in r:
+        parts.append(f"val {r['val_bpc']:.3f} bits/char")
     if "reconnected" in r:
         parts.append(f"reconnected {r['reconnected']:.1%}")
     parts.append(f"{r['images_per_s']:,.0f} img/s")

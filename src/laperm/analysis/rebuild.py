@@ -29,16 +29,18 @@ def permutable_layouts(model: nn.Module, permute_biases: bool = False) -> dict[s
     """``{parameter name: RowLayout}`` of the tensors LaPerm would permute in ``model``.
 
     Chosen by module type as the optimizer does: Linear/Conv kernels by output
-    unit (ConvTranspose with units on dim 1), biases as one row each only when
+    unit (ConvTranspose with units on dim 1), embedding tables by entry, biases as one row each only when
     ``permute_biases``; normalisation layers never.
     """
     out: dict[str, RowLayout] = {}
     for mod_name, module in model.named_modules():
-        if isinstance(module, NORM_TYPES):
+        if isinstance(module, (*NORM_TYPES, nn.LayerNorm)):
             continue
         for p_name, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if p.dim() >= 2 and isinstance(module, PRUNABLE_TYPES):
+            if p.dim() >= 2 and isinstance(module, nn.Embedding):
+                out[name] = RowLayout()  # one row per token's (or position's) vector
+            elif p.dim() >= 2 and isinstance(module, PRUNABLE_TYPES):
                 transposed = bool(getattr(module, "transposed", False))
                 out[name] = RowLayout("row", transposed, module.groups if transposed else 1)
             elif p.dim() == 1 and permute_biases:

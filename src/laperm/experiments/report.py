@@ -21,6 +21,7 @@ import numpy as np
 
 from ..analysis import plots
 from .base import load_manifest
+from .report_transformers import transformers_section
 
 __all__ = ["load_runs", "write_report", "mean_std", "fmt_acc"]
 
@@ -578,7 +579,7 @@ def _dynamics(rep: Report) -> None:
 
 
 SECTIONS: list[Callable[[Report], None]] = [_readme_table, _agnostic, _f2_research, _full, _dense, _k, _sparse, _rebuild,
-                                            _profiles, _dynamics]
+                                            _profiles, _dynamics, transformers_section]
 
 
 def _gpu_name(rep: Report) -> str:

@@ -258,3 +258,6 @@ def compute_profiles(folder, entries) -> None:
 register(Experiment("profiles", 1, "weight profiles (each unit's sorted weights) of the finished dense, rebuild "
                     "and agnostic runs vs their init; needs their final.pt/init.pt on disk",
                     lambda budget, seeds: [], post=compute_profiles))
+
+
+from . import transformers  # noqa: E402,F401 - registers "transformers" (beyond the paper)
