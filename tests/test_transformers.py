@@ -11,6 +11,7 @@ from torch import nn
 
 from laperm import LaPerm, laperm_param_groups
 from laperm.analysis.rebuild import permutable_layouts
+from laperm.checkpoint import load
 from laperm.data import DataError
 from laperm.data import text as textdata
 from laperm.models import MODELS, CharGPT, build
@@ -191,7 +192,7 @@ def test_train_char_gpt_end_to_end_prints_a_sample_and_verifies(tmp_path, capsys
     rc, out, err = run_cli(capsys, "train", "--preset", "char-gpt", "--epochs", "1", "--train-subset", "9000",
                            "--k", "1", "--out", str(tmp_path), "--name", "gpt", "--no-progress")
     assert rc == 0, err
-    assert "sample (greedy, final synced model): 'The " in out and "bits per character" in out
+    assert "sample (temperature 0.8, seed 0, final synced model): 'The " in out and "bits per character" in out
     run = tmp_path / "gpt"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_bpc"] > 0 and summary["sample"].startswith("The ")
@@ -227,3 +228,38 @@ def test_text_model_and_image_data_do_not_mix(tmp_path, capsys):
 def test_layouts_of_nn_modules_unchanged_for_old_models():
     lin = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     assert set(permutable_layouts(lin, permute_biases=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_text_run_resumes_bit_identically(tmp_path, capsys, clean_engine_state):
+    common = ("--preset", "char-gpt", "--train-subset", "9000", "--k", "3", "--batch-size", "4", "--no-progress")
+    assert run_cli(capsys, "train", *common, "--epochs", "2", "--out", str(tmp_path / "a"), "--name", "r")[0] == 0
+    assert run_cli(capsys, "train", *common, "--epochs", "1", "--out", str(tmp_path / "b"), "--name", "r")[0] == 0
+    rc, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "b" / "r"), "--epochs", "2", "--no-progress")
+    assert rc == 0, err
+    a = load(tmp_path / "a" / "r" / "final.pt")["model"]
+    b = load(tmp_path / "b" / "r" / "final.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_transformers_experiment_quick_smoke_and_report(tmp_path, clean_engine_state):
+    from laperm.experiments import report, suite  # noqa: F401 - registers the experiments
+    from laperm.experiments.base import EXPERIMENTS, run_experiment
+
+    runs = EXPERIMENTS["transformers"].make_runs("paper", [0, 1, 2])
+    parts = [(r.tags["model"], r.tags["part"]) for r in runs]
+    assert parts.count(("char-gpt", "main")) == parts.count(("vit-tiny", "main")) == 6
+    assert all(r.hook == "rebuild" for r in runs if r.tags["part"] == "main" and r.tags["method"] == "adam")
+    res = tmp_path / "results"
+    run_experiment("transformers", budget="quick", seeds=[0], out=res, only="model=char-gpt seed=0 part=main",
+                   log=lambda s: None)
+    folder = res / "transformers"
+    adam = next(folder.glob("char-gpt-adam-*"))
+    rebuild = [json.loads(line) for line in (adam / "rebuild.jsonl").read_text().splitlines()]
+    assert {"trained", "rebuilt", "random_perm", "rebuilt_bpc", "random_perm_bpc"} <= rebuild[-1].keys()
+    prof = json.loads(next(folder.glob("profiles__char-gpt-adam-*.json")).read_text())
+    assert {"embeddings", "attention", "MLP"} <= prof["by_type"].keys()
+    assert all(v["drift"] == 0 for v in json.loads(next(folder.glob("profiles__char-gpt-laperm-*.json"))
+                                                   .read_text())["by_type"].values())  # LaPerm keeps profiles
+    md = report.write_report(res, tmp_path / "docs").read_text()
+    assert "## Transformers (beyond the paper)" in md and "LaPerm / Adam validation bits per character" in md
+    assert (tmp_path / "docs" / "figures" / "transformers_char-gpt.png").is_file()

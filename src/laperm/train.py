@@ -91,7 +91,8 @@ def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset | textdata.Te
     return ds
 
 
-def build_model(cfg: TrainConfig, device: torch.device, **model_options: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def build_model(cfg: TrainConfig, device: torch.device,
+                **model_options: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The Keras-initialised model with the configured init applied; returns (model, masks).
 
     ``model_options`` go to the model class (a text model's ``vocab_size``)."""
@@ -476,7 +477,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
 
     text = isinstance(ds, textdata.TextCorpus)
     model_options: dict[str, Any] = {}
-    if isinstance(ds, textdata.TextCorpus):  # character windows: contiguous 90/5/5 splits, vocab stored with the run
+    if isinstance(ds, textdata.TextCorpus):  # character windows, contiguous 90/5/5 splits, vocab.json
         loaders, sizes = _text_loaders(cfg, ds, spec, run_dir, device, d, resume)
         model_options["vocab_size"] = len(ds.vocab)
     else:
@@ -611,8 +612,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
             yield
 
     steps_per_epoch = len(train_loader)
-    log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({sizes}), {_describe_optimizer(cfg, opt)}, {parse_init(cfg.init).describe()}, "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps, device {device}")
+    log(f"{cfg.run_name()}: {cfg.model} on {ds.name} ({sizes}), {_describe_optimizer(cfg, opt)}, "
+        f"{parse_init(cfg.init).describe()}, {cfg.epochs} epochs x {steps_per_epoch} steps, device {device}")
     model.train()
     with _StopFlag() as stop:
         while state.epoch < cfg.epochs:
@@ -771,11 +772,13 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, device: torch.device, sp
     }
     if state.changes:
         summary["changed_on_resume"] = state.changes
-    if isinstance(ds, textdata.TextCorpus):  # losses in bits per character, a greedy sample of the final model
+    if isinstance(ds, textdata.TextCorpus):  # losses in bits per character, a seeded sample of the final model
         summary["final_val_bpc"] = textdata.bits_per_char(final_val_loss) if final_val_loss is not None else None
         summary["final_test_bpc"] = textdata.bits_per_char(final_test_loss)
-        summary["sample"] = textdata.sample_text(model, ds.vocab, textdata.SAMPLE_PROMPT, 200)
-        log(f"sample (greedy, final synced model): {summary['sample']!r}")
+        summary["sample"] = textdata.sample_text(model, ds.vocab, textdata.SAMPLE_PROMPT, 200,
+                                                 temperature=textdata.SAMPLE_TEMPERATURE, seed=cfg.seed)
+        log(f"sample (temperature {textdata.SAMPLE_TEMPERATURE}, seed {cfg.seed}, final synced model): "
+            f"{summary['sample']!r}")
     if d.enabled:
         summary["nproc"] = d.world
         summary["replica_checks"] = replicas.checks if replicas is not None else 0
@@ -918,7 +921,7 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
         parts.append(f"val {r['val_bpc']:.3f} bits/char")
     if "reconnected" in r:
         parts.append(f"reconnected {r['reconnected']:.1%}")
-    parts.append(f"{r['images_per_s']:,.0f} img/s")
+    parts.append(f"{r['images_per_s']:,.0f} {'chars' if 'val_bpc' in r else 'img'}/s")  # (text: predicted chars)
     return " | ".join(parts)
 
 
