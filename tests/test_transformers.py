@@ -192,7 +192,7 @@ def test_train_char_gpt_end_to_end_prints_a_sample_and_verifies(tmp_path, capsys
     rc, out, err = run_cli(capsys, "train", "--preset", "char-gpt", "--epochs", "1", "--train-subset", "9000",
                            "--k", "1", "--out", str(tmp_path), "--name", "gpt", "--no-progress")
     assert rc == 0, err
-    assert "sample (temperature 0.8, seed 0, final synced model): 'The " in out and "bits per character" in out
+    assert "sample (temperature 0.8, seed 0, final synced model): " in out and "bits per character" in out
     run = tmp_path / "gpt"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_bpc"] > 0 and summary["sample"].startswith("The ")
