@@ -12,8 +12,10 @@ Runs (budget ``paper`` = the presets' CPU budget; one run at a time on 2 cores):
 * After training: weight profiles per layer type (embeddings, attention, MLP, head) of the
   seed-0 LaPerm and Adam runs (``profiles__<run>.json``).
 
-Total: 19 char-gpt-sized and 6 vit-tiny runs; measured on 2 shared cores a char-gpt run takes
-about 3.5 minutes and a vit-tiny run about 3 (see docs/results.md), so about 1.5 hours.
+Total: 13 char-gpt and 6 vit-tiny runs, one at a time. On idle 2 cores a char-gpt epoch took
+17 s (2 threads: about 3.5 minutes a run with its evaluations) and vit-tiny is of the same order,
+so about 1-1.5 hours in all; on the 2 cores shared by several jobs during development (load
+average 4-9) one char-gpt run took 10-20 minutes.
 """
 
 from __future__ import annotations
@@ -117,5 +119,5 @@ def compute_profiles(folder: Path, entries: list[dict[str, Any]]) -> None:
 register(Experiment("transformers", 1, "beyond the paper: char-gpt (Python reference text, bits per character) "
                     "and vit-tiny (MNIST), LaPerm vs Adam over 3 seeds (the Adam runs also rebuild their net from "
                     "its initial values); char-gpt k sweep, 50% sparse init and LaPerm levers; weight profiles per "
-                    "layer type. CPU budget: the presets (about 1.5 hours on 2 cores)",
+                    "layer type. CPU budget: the presets, 19 runs (about 1-1.5 hours on 2 idle cores)",
                     _transformers, default_seeds=SEEDS, post=compute_profiles))
