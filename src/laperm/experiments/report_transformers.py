@@ -88,7 +88,7 @@ def _settings_table(rep: Any, runs: Sequence[dict[str, Any]]) -> None:
     main = _pick(runs, part="main", model="char-gpt", method="laperm", seed=0)
     for r in main + _pick(runs, part="k") + _pick(runs, part="sparse") + _pick(runs, part="lever"):
         t = r["tags"]
-        what = {"main": "preset (k=50, lr 2e-3)", "k": f"k={t.get('k')}", "sparse": "50% of Linear kernels pruned",
+        what = {"main": "preset (k=250, lr 2e-3)", "k": f"k={t.get('k')}", "sparse": "50% of Linear kernels pruned",
                 "lever": t.get("setting")}[t["part"]]
         s = r["summary"]
         rows.append([what, t["method"], f"{s['final_val_bpc']:.3f}", f"{100 * s['final_test_acc']:.2f}%",
