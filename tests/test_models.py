@@ -165,7 +165,8 @@ def test_registry_specs():
     assert {n for n, s in MODELS.items() if s.permute_biases} == {"f1", "f2", "conv7"}
     for name, spec in MODELS.items():
         assert spec.name == name
-        assert spec.dataset == ("mnist" if spec.input_shape == (1, 28, 28) else "cifar10")
+        expected = {(1, 28, 28): "mnist", (3, 32, 32): "cifar10"}.get(spec.input_shape, "text")
+        assert spec.dataset == expected
     assert get_spec("Conv7") is MODELS["conv7"]
 
 

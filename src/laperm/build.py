@@ -9,6 +9,7 @@ numbers are part of the run format -- changing one changes every result.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from . import init as winit
 from . import models
 from .config import ConfigError, TrainConfig, k_for_epoch, parse_init
 from .data import BatchLoader, Dataset, load_dataset, make_augment, random_subset, train_val_split
+from .data import text as textdata
 from .data.loader import derive_seed
 from .optim import LaPerm, laperm_param_groups, permuted_layouts
 from .reconnect import RowLayout
@@ -28,10 +30,12 @@ __all__ = [
     "resolve_permute_biases",
     "model_layouts",
     "load_data",
+    "model_options",
     "build_model",
     "build_optimizer",
     "Loaders",
     "build_loaders",
+    "build_test_loader",
     "build_augment",
     "EVAL_BATCH",
     "CALIB_BATCH",
@@ -74,9 +78,19 @@ def model_layouts(cfg: TrainConfig, model: nn.Module) -> dict[str, RowLayout]:
     return permuted_layouts(model, resolve_permute_biases(cfg.model, cfg.permute_biases), cfg.granularity)
 
 
-def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset:
-    """The run's dataset, checked against the model's input shape and number of classes."""
+def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset | textdata.TextCorpus:
+    """The run's dataset, checked against the model's input shape and number of classes
+    (a text model's: a character corpus long enough for its context)."""
     name = cfg.dataset or spec.dataset
+    if (name in textdata.TEXT_DATASETS) != (spec.dataset in textdata.TEXT_DATASETS):
+        raise ConfigError(
+            f"model {spec.name} is for {spec.dataset} data, not {name}; pick a matching "
+            "--model or --dataset (char-gpt for --dataset text)"
+        )
+    if name in textdata.TEXT_DATASETS:
+        corpus = textdata.load_text_corpus(cfg.data_dir)
+        textdata.check_length(corpus, spec.input_shape[-1])
+        return corpus
     ds = load_dataset(name, cfg.data_dir)
     if tuple(ds.input_shape) != tuple(spec.input_shape):
         raise ConfigError(
@@ -89,9 +103,18 @@ def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset:
     return ds
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The Keras-initialised model with the configured init applied; returns (model, masks)."""
-    model = models.build(cfg.model, seed=derive_seed(cfg.seed, Seeds.MODEL))
+def model_options(ds: Dataset | textdata.TextCorpus) -> dict[str, Any]:
+    """What the model class needs to know of the data: a text model's ``vocab_size`` (images: nothing)."""
+    return {"vocab_size": len(ds.vocab)} if isinstance(ds, textdata.TextCorpus) else {}
+
+
+def build_model(
+    cfg: TrainConfig, device: torch.device, **model_options: Any
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The Keras-initialised model with the configured init applied; returns (model, masks).
+
+    ``model_options`` go to the model class (a text model's ``vocab_size``: :func:`model_options`)."""
+    model = models.build(cfg.model, seed=derive_seed(cfg.seed, Seeds.MODEL), **model_options)
     spec = parse_init(cfg.init)
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, Seeds.INIT))
     masks: dict[str, torch.Tensor] = {}
@@ -122,16 +145,23 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return LaPerm(inner, k=k_for_epoch(cfg, 0), granularity=cfg.granularity, sync_rule=cfg.sync_rule)
 
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # an evaluation loader: (x, y) batches
+
+
 @dataclass
 class Loaders:
-    """The run's four loaders: training, BN recalibration, validation (None: no split), test."""
+    """The run's four loaders: training, BN recalibration, validation (None: no split), test.
 
-    train: BatchLoader
-    calib: BatchLoader
-    val: BatchLoader | None
-    test: BatchLoader
+    Image runs use :class:`BatchLoader`; text runs windows of characters
+    (:class:`~laperm.data.text.WindowLoader`, the same interface, and evaluation windows)."""
+
+    train: BatchLoader | textdata.WindowLoader
+    calib: BatchLoader | textdata.WindowLoader
+    val: Batches | None
+    test: Batches
     train_size: int
     val_size: int
+    sizes: str  # the split sizes, for the run's first log line
 
 
 def build_augment(cfg: TrainConfig) -> Any:
@@ -142,8 +172,14 @@ def build_augment(cfg: TrainConfig) -> Any:
         raise ConfigError(f"augment: {e}") from None
 
 
-def build_loaders(cfg: TrainConfig, ds: Dataset, device: torch.device, shard: tuple[int, int] = (0, 1)) -> Loaders:
-    """Validation split carved from the training set, optional subset, and the loaders (rank ``shard``)."""
+def build_loaders(
+    cfg: TrainConfig, ds: Dataset | textdata.TextCorpus, device: torch.device, shard: tuple[int, int] = (0, 1)
+) -> Loaders:
+    """Validation split carved from the training set, optional subset, and the loaders (rank ``shard``).
+
+    A text corpus: :func:`build_text_loaders`."""
+    if isinstance(ds, textdata.TextCorpus):
+        return build_text_loaders(cfg, ds, device, shard)
     augment = build_augment(cfg)
     train_idx, val_idx = train_val_split(len(ds.train_y), cfg.val_size, derive_seed(cfg.seed, Seeds.SPLIT))
     if cfg.train_subset:
@@ -183,4 +219,33 @@ def build_loaders(cfg: TrainConfig, ds: Dataset, device: torch.device, shard: tu
         test=BatchLoader(test_x, test_y, EVAL_BATCH, shuffle=False, shard=shard, **common),
         train_size=len(train_idx),
         val_size=len(val_idx),
+        sizes=f"{len(train_idx):,} train / {len(val_idx):,} val / {len(ds.test_y):,} test",
+    )
+
+
+def build_test_loader(cfg: TrainConfig, ds: Dataset | textdata.TextCorpus, device: torch.device) -> Batches:
+    """The whole test set, unsharded, for evaluations outside a run (the run's own test loader's batches)."""
+    if isinstance(ds, textdata.TextCorpus):
+        return textdata.EvalWindows(ds.test, models.get_spec(cfg.model).input_shape[-1], device=device)
+    return BatchLoader(ds.test_x, ds.test_y, EVAL_BATCH, shuffle=False, mean=ds.mean, std=ds.std, device=device)
+
+
+def build_text_loaders(
+    cfg: TrainConfig, ds: textdata.TextCorpus, device: torch.device, shard: tuple[int, int] = (0, 1)
+) -> Loaders:
+    """Window loaders of a character corpus (contiguous 90/5/5 splits); ``train_subset`` keeps a
+    prefix of that many training characters."""
+    context = models.get_spec(cfg.model).input_shape[-1]
+    train, calib, val, test = textdata.text_loaders(
+        ds, context, cfg.batch_size, cfg.seed, device=device, shard=shard, train_chars=cfg.train_subset
+    )
+    return Loaders(
+        train=train,
+        calib=calib,
+        val=val,
+        test=test,
+        train_size=len(train.ids),
+        val_size=len(ds.val),
+        sizes=f"{len(train.ids):,} train / {len(ds.val):,} val / {len(ds.test):,} test characters, "
+        f"{len(ds.vocab)} symbols",
     )

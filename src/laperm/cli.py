@@ -227,6 +227,9 @@ def print_summary(s: dict[str, Any], wall: float) -> None:
         line += f", {s['selected_test_acc']:.2%} (selected on validation, epoch {s['selected_epoch']})"
     print(f"{s['model']} on {s['dataset']} with {s['optimizer']}: {line}")
     print(f"best test accuracy over the run {s['best_test_acc']:.2%} (the paper's protocol; not a selection rule)")
+    if s.get("final_test_bpc") is not None:  # a language model (accuracy above: next-character accuracy)
+        val = f"validation {s['final_val_bpc']:.3f}, " if s.get("final_val_bpc") is not None else ""
+        print(f"bits per character (final synced model): {val}test {s['final_test_bpc']:.3f}")
     m, sec = divmod(int(round(wall)), 60)
     print(f"time {m}m {sec:02d}s ({s['train_time_s']:.0f}s training) on {s['device']}; run folder {s['run_dir']}")
     if s.get("verified"):

@@ -98,7 +98,7 @@ class TrainConfig:
 
     model: str = option("lenet300", "model name (see `laperm models`); default lenet300", group=WHAT)
     dataset: str | None = option(
-        None, "mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar (default: the model's)", group=WHAT
+        None, "mnist, fashion-mnist, idx, cifar10, synthetic, synthetic-cifar, text (default: the model's)", group=WHAT
     )
     optimizer: str = option("laperm", "laperm (default) or a plain baseline", group=OPTIMISATION, choices=OPTIMIZERS)
     inner: str = option("adam", "LaPerm's inner optimizer (default adam)", group=OPTIMISATION, choices=INNER)
@@ -143,10 +143,17 @@ class TrainConfig:
     )
     augment: str | None = option(None, "none, mnist-paper, cifar-paper, cifar-resnet", group=OPTIMISATION)
     val_size: int = option(5000, "validation images held out of the training set (default 5000)")
-    train_subset: int | None = option(None, "train on a seeded random sample of this many images (reduced budgets)")
+    train_subset: int | None = option(
+        None, "train on a seeded random sample of this many images (text: the first N characters; reduced budgets)"
+    )
     seed: int = option(0)
     data_dir: str | None = option(
-        None, "dataset location (IDX folder; CIFAR-10 tarball, folder or zip)", group=WHAT, resume=True, named=False
+        None,
+        "dataset location (IDX folder; CIFAR-10 tarball, folder or zip; for text a UTF-8 file or folder, "
+        "default: the Python reference bundled with Python)",
+        group=WHAT,
+        resume=True,
+        named=False,
     )
     device: str = option("auto", "auto (default), cpu, cuda, cuda:N", resume=True, named=False)
     out: str = option("runs", "parent folder of run folders (default runs)", resume=True, named=False)
@@ -477,6 +484,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "f2": dict(
         model="f2", batch_size=128, epochs=25, k=250, eval_steps=250, init="shared:0.03:1/15,1/7,1/3", **_MNIST_PAPER
     ),
+    # Beyond the paper: small Transformers (docs/results.md, "Transformers"), sized for a few CPU minutes.
+    # k=250: of k in {10, 50, 250} (seed 0) the best validation bits per character with LaPerm
+    "char-gpt": dict(model="char-gpt", dataset="text", batch_size=32, epochs=10, k=250, lr=2e-3, lr_schedule="exp:0.8"),
+    "vit-tiny": dict(model="vit-tiny", batch_size=128, epochs=5, k=100, lr=1e-3, lr_schedule="exp:0.8"),
 }
 PRESET_NOTES = {
     "conv7": "MNIST Conv7, README 99.72%",
@@ -489,6 +500,8 @@ PRESET_NOTES = {
     "resnet50-p70": "ResNet50, 70% pruned, README 90.97%",
     "f1": "MNIST F1, single shared value 0.08, 40% pruned, README 85.46%",
     "f2": "MNIST F2, single shared value 0.03, ~92.6% pruned, README 78.14% (not reproducible, docs/algorithm.md §5)",
+    "char-gpt": "beyond the paper: character-level GPT on the Python reference text (bits per character)",
+    "vit-tiny": "beyond the paper: small vision Transformer on MNIST (7x7 patches)",
 }
 
 

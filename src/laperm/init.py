@@ -68,6 +68,8 @@ class KerasInitResult:
     weights: int  # Linear/Conv kernels (he-uniform)
     biases: int  # biases of those layers (he-uniform or zeros)
     norms: int  # BatchNorm layers reset to weight 1, bias 0, fresh running stats
+    embeddings: int = 0  # nn.Embedding tables (he-uniform, fan-in = embedding width)
+    layer_norms: int = 0  # LayerNorm layers reset to weight 1, bias 0 (the Keras defaults)
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,15 @@ def keras_init_(
     fan-in = bias length (``bias="he_uniform"``, as ``bias_initializer='he_uniform'``) or zeros
     (``bias="zeros"``, the Keras default). BatchNorm layers get weight 1, bias 0 and fresh running
     statistics. Modules are visited in ``model.modules()`` order, so a seed fixes the result.
+
+    Embedding tables (``nn.Embedding``) get he-uniform with fan-in = embedding width: the
+    Keras bound of a ``Linear(width, num_embeddings)`` output layer that may share (tie) the
+    table, and one scale for token and position tables. LayerNorm layers get weight 1, bias 0.
     """
     if bias not in ("he_uniform", "zeros"):
         raise ValueError(f"bias must be 'he_uniform' or 'zeros', got {bias!r}")
     _check_generator(generator)
-    n_weights = n_biases = n_norms = 0
+    n_weights = n_biases = n_norms = n_emb = n_ln = 0
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             _check_not_lazy(name, module.weight)
@@ -220,7 +226,15 @@ def keras_init_(
                 module.weight.fill_(1.0)
                 module.bias.zero_()
             n_norms += 1
-    return KerasInitResult(weights=n_weights, biases=n_biases, norms=n_norms)
+        elif isinstance(module, nn.Embedding):
+            he_uniform_(module.weight, generator=generator)  # (num_embeddings, width): fan-in = width
+            n_emb += 1
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            module.weight.fill_(1.0)
+            if module.bias is not None:
+                module.bias.zero_()
+            n_ln += 1
+    return KerasInitResult(weights=n_weights, biases=n_biases, norms=n_norms, embeddings=n_emb, layer_norms=n_ln)
 
 
 # --------------------------------------------------------------------------- pruning

@@ -9,7 +9,7 @@ validation split carved from the training set.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint, distributed
-from ..data import BatchLoader
 from ..optim import LaPerm
 from .callbacks import Callbacks
 from .state import TrainingState
+from .text import add_bits_per_char
 
 __all__ = ["evaluate", "batchnorm_modules", "recalibrate_bn", "synced_state", "Evaluator"]
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (x, y) batches: image loaders, text windows
+
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, d: distributed.Dist | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (in eval mode) over ``loader``.
+def evaluate(model: nn.Module, loader: Batches, d: distributed.Dist | None = None) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and accuracy of ``model`` (in eval mode) over ``loader``.
 
     In a distributed run each rank evaluates its shard of every batch and the
     sums are added up across ranks.
@@ -55,7 +57,7 @@ def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> None:
+def recalibrate_bn(model: nn.Module, loader: Batches, batches: int) -> None:
     """Recompute BatchNorm running statistics for the current (synced) weights."""
     bns = batchnorm_modules(model)
     if not bns or batches <= 0:
@@ -76,9 +78,7 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, batches: int) -> None:
 
 
 @contextlib.contextmanager
-def synced_state(
-    opt: torch.optim.Optimizer, model: nn.Module, calib: BatchLoader | None, batches: int
-) -> Iterator[None]:
+def synced_state(opt: torch.optim.Optimizer, model: nn.Module, calib: Batches | None, batches: int) -> Iterator[None]:
     """Weights synced (and BN recalibrated) inside; training state restored on exit."""
     if not isinstance(opt, LaPerm):
         yield
@@ -98,23 +98,26 @@ class Evaluator:
     """Evaluates the synced weights into a record and keeps the best on validation (``best.pt``).
 
     Its own checkpoint state: the best model's weights (so a resumed run can restore
-    ``best.pt``) and the last synced weights (for the ``reconnected`` metric).
+    ``best.pt``) and the last synced weights (for the ``reconnected`` metric). A language
+    model's run (``bits_per_char``) also records its losses in bits per character.
     """
 
     def __init__(
         self,
         model: nn.Module,
         opt: torch.optim.Optimizer,
-        val: BatchLoader | None,
-        test: BatchLoader,
-        calib: BatchLoader,
+        val: Batches | None,
+        test: Batches,
+        calib: Batches,
         bn_batches: int,
         best_path: Path,
         callbacks: Callbacks,
         d: distributed.Dist,
+        bits_per_char: bool = False,
     ) -> None:
         self.model, self.opt, self.val, self.test, self.calib = model, opt, val, test, calib
         self.bn_batches, self.best_path, self.callbacks, self.d = bn_batches, best_path, callbacks, d
+        self.bits_per_char = bits_per_char
         self.best_model: dict[str, torch.Tensor] | None = None  # a copy of best.pt's weights
         self.prev_synced: dict[str, torch.Tensor] | None = None
 
@@ -129,6 +132,8 @@ class Evaluator:
             if self.val is not None:
                 record["val_loss"], record["val_acc"] = evaluate(self.model, self.val, self.d)
             record["test_loss"], record["test_acc"] = evaluate(self.model, self.test, self.d)
+            if self.bits_per_char:
+                add_bits_per_char(record)
             if self.val is not None and record["val_acc"] > state.best.get("val_acc", -1.0):
                 self._select(record, state)
             yield

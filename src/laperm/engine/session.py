@@ -14,8 +14,10 @@ from torch import nn
 from .. import build, distributed, models, rundir
 from ..config import ConfigError, TrainConfig
 from ..data import Dataset
+from ..data.text import TextCorpus
 from .callbacks import Callbacks, EpochCallback
 from .checkpointing import find_resume_checkpoint, resume_config
+from .text import record_vocab
 from .trainer import Trainer
 
 __all__ = ["train"]
@@ -80,7 +82,7 @@ def _checked_run(
         cfg = resume_config(cfg, rundir.read_run_config(run_dir), run_dir)
     spec = models.get_spec(cfg.model)
     ds = build.load_data(cfg, spec)
-    if cfg.val_size >= len(ds.train_y):
+    if isinstance(ds, Dataset) and cfg.val_size >= len(ds.train_y):
         raise ConfigError(
             f"val_size {cfg.val_size} leaves no training data ({len(ds.train_y)} images); lower --val-size"
         )
@@ -106,7 +108,7 @@ def _run(
     resume: bool,
     device: torch.device,
     spec: models.ModelSpec,
-    ds: Dataset,
+    ds: Dataset | TextCorpus,
     log: Callable[[str], None],
     callbacks: Callbacks,
     d: distributed.Dist,
@@ -124,5 +126,7 @@ def _run(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaders = build.build_loaders(cfg, ds, device, shard=(d.rank, d.world))
+    if isinstance(ds, TextCorpus):
+        record_vocab(run_dir, ds.vocab, resume, write=d.is_main)
     trainer = Trainer(cfg, run_dir, device, spec, ds, loaders, log, callbacks, d, resumed)
     return trainer.fit()

@@ -37,9 +37,12 @@ def epoch_line(r: dict[str, Any], epochs: int) -> str:
     if "val_acc" in r:
         parts.append(f"val {r['val_acc']:.2%}")
     parts.append(f"test {r['test_acc']:.2%}")
+    if "val_bpc" in r:
+        parts.append(f"val {r['val_bpc']:.3f} bits/char")
     if "reconnected" in r:
         parts.append(f"reconnected {r['reconnected']:.1%}")
-    parts.append(f"{r['images_per_s']:,.0f} img/s")
+    # a language model's throughput is in predicted characters
+    parts.append(f"{r['images_per_s']:,.0f} {'chars' if 'test_bpc' in r else 'img'}/s")
     return " | ".join(parts)
 
 

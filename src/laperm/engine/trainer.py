@@ -20,10 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint, distributed, rundir
-from ..build import Loaders, build_model, build_optimizer
+from ..build import Loaders, build_model, build_optimizer, model_options
 from ..config import ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
 from ..data import Dataset
 from ..data.loader import derive_seed
+from ..data.text import TextCorpus
 from ..models import ModelSpec
 from ..optim import LaPerm, LaPermError
 from ..verify import layout_records
@@ -35,6 +36,7 @@ from .errors import InvariantError, TrainingInterrupted, numerical_error
 from .evaluation import Evaluator, evaluate, recalibrate_bn
 from .guards import StopFlag, SyncChecker, first_nonfinite, inject_fault
 from .state import TrainingState
+from .text import text_summary
 
 __all__ = ["Trainer"]
 
@@ -50,7 +52,7 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         spec: ModelSpec,
-        ds: Dataset,
+        ds: Dataset | TextCorpus,
         loaders: Loaders,
         log: Callable[[str], None],
         callbacks: Callbacks,
@@ -60,6 +62,7 @@ class Trainer:
         self.cfg, self.run_dir, self.device, self.spec, self.ds = cfg, run_dir, device, spec, ds
         self.loaders, self.log, self.callbacks, self.d = loaders, log, callbacks, d
         self.main = d.is_main  # only rank 0 writes files
+        self.text = isinstance(ds, TextCorpus)  # a language model: bits per character and a sample
         self.last_saved, saved = resumed
         self.pos, self.start = 0, 0.0  # batch position in the epoch, and when its timing (re)started
         self._build_model()
@@ -78,6 +81,7 @@ class Trainer:
             run_dir / rundir.BEST,
             callbacks,
             d,
+            bits_per_char=self.text,
         )
         if saved is not None:
             self._restore(saved)
@@ -92,7 +96,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         torch.manual_seed(derive_seed(cfg.seed, 6))  # dropout and anything else on the global RNG
-        self.model, masks = build_model(cfg, device)
+        self.model, masks = build_model(cfg, device, **model_options(self.ds))
         self.opt = build_optimizer(cfg, self.model)
         self.callbacks.on_optimizer(self.opt, self.model)
         self.laperm = self.opt if isinstance(self.opt, LaPerm) else None
@@ -205,8 +209,7 @@ class Trainer:
         """Train the remaining epochs, end with a permanent sync; returns the summary."""
         cfg = self.cfg
         self.log(
-            f"{cfg.run_name()}: {cfg.model} on {self.ds.name} ({self.loaders.train_size:,} train / "
-            f"{self.loaders.val_size:,} val / {len(self.ds.test_y):,} test), "
+            f"{cfg.run_name()}: {cfg.model} on {self.ds.name} ({self.loaders.sizes}), "
             f"{report.describe_optimizer(cfg, self.opt)}, {parse_init(cfg.init).describe()}, "
             f"{cfg.epochs} epochs x {len(self.loaders.train)} steps, device {self.device}"
         )
@@ -386,9 +389,11 @@ class Trainer:
                 self.run_dir / rundir.FINAL,
             )
         val = self.loaders.val
-        final_val = evaluate(self.model, val, self.d)[1] if val is not None else None
-        final_test = evaluate(self.model, self.loaders.test, self.d)[1]
+        val_loss, final_val = evaluate(self.model, val, self.d) if val is not None else (None, None)
+        test_loss, final_test = evaluate(self.model, self.loaders.test, self.d)
         summary = report.build_summary(self, final_test, final_val)
+        if isinstance(self.ds, TextCorpus):
+            summary.update(text_summary(self.model, self.ds.vocab, self.cfg.seed, val_loss, test_loss, self.log))
         if self.main:
             report.write_outputs(self, summary)
         return summary

@@ -28,6 +28,7 @@ from ..analysis.dynamics import SyncRecorder
 from ..analysis.rebuild import random_permutation_state, rebuild_state
 from ..checkpoint import atomic_write_text, load
 from ..config import TrainConfig
+from ..data.text import EvalWindows, TextCorpus, bits_per_char
 from ..engine import Callbacks, batchnorm_modules, evaluate, recalibrate_bn
 from ..models import get_spec
 
@@ -70,15 +71,20 @@ class RebuildProbe(Probe):
         self.layouts = build.model_layouts(cfg, model)
         self.init = load(self.run_dir / "init.pt")["state"]
         fresh_cfg = TrainConfig(**{**cfg.to_dict(), "seed": cfg.seed + 1000})
-        fresh, _ = build.build_model(fresh_cfg, torch.device("cpu"))
-        self.fresh = fresh.state_dict()
         ds = build.load_data(cfg, spec)
+        self.text = isinstance(ds, TextCorpus)
+        fresh, _ = build.build_model(fresh_cfg, torch.device("cpu"), **build.model_options(ds))
+        self.fresh = fresh.state_dict()
+        self.has_bn = bool(batchnorm_modules(model))
+        self._ready = True
+        self.test: build.Batches
+        if isinstance(ds, TextCorpus):  # a language model: the fixed test windows
+            self.test = EvalWindows(ds.test, spec.input_shape[-1], device=device)
+            return
         idx = None if self.probe_size is None else torch.arange(min(self.probe_size, len(ds.test_y)))
         common: dict[str, Any] = dict(mean=ds.mean, std=ds.std, device=device)
         self.test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, indices=idx, **common)
         self.calib = BatchLoader(ds.train_x, ds.train_y, 256, shuffle=True, seed=derive_seed(cfg.seed, 7), **common)
-        self.has_bn = bool(batchnorm_modules(model))
-        self._ready = True
 
     def on_epoch(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
         if not rebuild_epoch(record["epoch"], self.cfg.epochs):
@@ -92,11 +98,12 @@ class RebuildProbe(Probe):
             "rebuilt_fresh": rebuild_state(trained, self.fresh, self.layouts),
             "random_perm": random_permutation_state(trained, self.init, self.layouts, g),
         }
-        out = {"epoch": record["epoch"], "trained": evaluate(model, self.test)[1]}
+        out = {"epoch": record["epoch"]}
+        self._measure(model, "trained", out)
         try:
             for name, state in variants.items():
                 model.load_state_dict(state)
-                out[name] = evaluate(model, self.test)[1]
+                self._measure(model, name, out)
                 if self.has_bn and name == "rebuilt":
                     recalibrate_bn(model, self.calib, 20)
                     out["rebuilt_bn"] = evaluate(model, self.test)[1]
@@ -104,6 +111,12 @@ class RebuildProbe(Probe):
             model.load_state_dict(trained)  # the training trajectory must not change
         with open(self.run_dir / "rebuild.jsonl", "a") as f:
             f.write(json.dumps(out) + "\n")
+
+    def _measure(self, model: torch.nn.Module, name: str, out: dict[str, Any]) -> None:
+        """Test accuracy into ``out[name]``; for a language model also bits per character (``name_bpc``)."""
+        loss, out[name] = evaluate(model, self.test)
+        if self.text:
+            out[f"{name}_bpc"] = bits_per_char(loss)
 
 
 def rebuild_epoch(epoch: int, epochs: int) -> bool:
@@ -152,6 +165,8 @@ class InnerProbe(Probe):
             from ..data import BatchLoader
 
             ds = build.load_data(self.cfg, get_spec(self.cfg.model))
+            if isinstance(ds, TextCorpus):
+                raise ValueError("the inner probe measures image classifiers (per-class recall), not text models")
             self.classes = ds.num_classes
             self.test = BatchLoader(
                 ds.test_x,

@@ -26,8 +26,6 @@ __all__ = ["evaluate_unfinished"]
 
 def evaluate_unfinished(run_dir: str | Path, threads: int | None = None) -> dict[str, Any] | None:
     """Write and return ``partial.json`` for an unfinished run; ``None`` if finished or no checkpoint yet."""
-    from ..data import BatchLoader
-
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
         return None
@@ -39,15 +37,14 @@ def evaluate_unfinished(run_dir: str | Path, threads: int | None = None) -> dict
     saved = found[1]
     cfg = TrainConfig(**rundir.read_run_config(run_dir))
     spec = models.get_spec(cfg.model)
-    model, _ = build.build_model(cfg, torch.device("cpu"))
+    ds = build.load_data(cfg, spec)
+    model, _ = build.build_model(cfg, torch.device("cpu"), **build.model_options(ds))
     state = saved["model"]
     if cfg.optimizer == "laperm":
         layouts = build.model_layouts(cfg, model)  # granularity included
         state = rebuild_state(state, checkpoint.load(run_dir / "init.pt")["state"], layouts)
     model.load_state_dict(state)
-    ds = build.load_data(cfg, spec)
-    test = BatchLoader(ds.test_x, ds.test_y, 1000, shuffle=False, mean=ds.mean, std=ds.std)
-    acc = evaluate(model, test)[1]
+    acc = evaluate(model, build.build_test_loader(cfg, ds, torch.device("cpu")))[1]
     out = {
         "epoch": saved["run"]["epoch"],
         "step": saved["run"]["step"],

@@ -22,6 +22,7 @@ import numpy as np
 from .. import rundir
 from ..analysis import plots
 from .base import load_manifest
+from .report_transformers import transformers_section
 
 __all__ = ["load_runs", "write_report", "mean_std", "fmt_acc"]
 
@@ -842,6 +843,7 @@ SECTIONS: list[Callable[[Report], None]] = [
     _rebuild,
     _profiles,
     _dynamics,
+    transformers_section,
 ]
 
 

@@ -355,3 +355,6 @@ register(
         post=compute_profiles,
     )
 )
+
+
+from . import transformers  # noqa: E402,F401 - registers "transformers" (beyond the paper)

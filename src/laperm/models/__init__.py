@@ -15,6 +15,7 @@ from .layers import (
 from .mnist import F1, F2, Conv7, LeNet300
 from .registry import MODELS, ModelSpec, UnknownModelError, build, get_spec
 from .resnet import BasicBlock, ResNetV1
+from .transformer import CharGPT, ViTTiny
 
 __all__ = [
     "MODELS",
@@ -31,6 +32,8 @@ __all__ = [
     "Conv13",
     "ResNetV1",
     "BasicBlock",
+    "CharGPT",
+    "ViTTiny",
     "Conv2dSame",
     "KerasModelMixin",
     "keras_batch_norm",

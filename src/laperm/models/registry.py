@@ -11,6 +11,7 @@ from torch import nn
 from .cifar import Conv2, Conv4, Conv13
 from .mnist import F1, F2, Conv7, LeNet300
 from .resnet import ResNetV1
+from .transformer import CharGPT, ViTTiny, _vit_cifar
 
 
 class UnknownModelError(ValueError):
@@ -28,9 +29,9 @@ class ModelSpec:
 
     name: str
     builder: Callable[..., nn.Module]
-    dataset: str  # "mnist" or "cifar10"
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    num_classes: int
+    dataset: str  # "mnist", "cifar10" or "text"
+    input_shape: tuple[int, ...]  # (C, H, W); for "text" models (context,): a window of character ids
+    num_classes: int  # for "text" models 0: the vocabulary comes from the data
     l2: float
     permute_biases: bool
     description: str
@@ -116,6 +117,37 @@ MODELS: dict[str, ModelSpec] = {
             1e-4,
             False,
             "CIFAR ResNet v1, depth 50 (n=8), the paper's 'ResNet50' (760,266 trainable)",
+        ),
+        ModelSpec(
+            "char-gpt",
+            CharGPT,
+            "text",
+            (128,),
+            0,
+            0.0,
+            False,
+            "decoder-only char Transformer, 4 pre-LN layers, width 128, context 128, tied embedding "
+            "(809,728 + 128 x vocabulary params: 823,040 with the default corpus)",
+        ),
+        ModelSpec(
+            "vit-tiny",
+            ViTTiny,
+            "mnist",
+            _MNIST,
+            10,
+            0.0,
+            False,
+            "vision Transformer, 7x7 patches (16 tokens), 4 pre-LN layers, width 64, mean pooling (204,938 params)",
+        ),
+        ModelSpec(
+            "vit-tiny-cifar",
+            _vit_cifar,
+            "cifar10",
+            _CIFAR,
+            10,
+            0.0,
+            False,
+            "vit-tiny for 3x32x32 images, 4x4 patches (64 tokens; 207,946 params)",
         ),
     ]
 }
