@@ -14,6 +14,7 @@ from laperm.analysis.rebuild import permutable_layouts
 from laperm.checkpoint import load
 from laperm.data import DataError
 from laperm.data import text as textdata
+from laperm.export import load_compact
 from laperm.models import MODELS, CharGPT, build
 
 VOCAB = 104  # the default corpus: 103 characters of the training split + <unk>
@@ -222,6 +223,12 @@ def test_train_char_gpt_end_to_end_prints_a_sample_and_verifies(tmp_path, capsys
     assert record["val_bpc"] == pytest.approx(record["val_loss"] / math.log(2))
     rc, out, _ = run_cli(capsys, "verify", str(run))
     assert rc == 0 and "row-wise permutations" in out
+    # the compact export rebuilds θ0 from the seed, which needs the vocabulary's size (vocab.json)
+    rc, out, err = run_cli(capsys, "export", str(run), "-o", str(tmp_path / "gpt.laperm"), "--check")
+    assert rc == 0 and "θ0 rebuilt from the seed" in out and "reloads bit-exactly" in out, err
+    saved = load(run / "final.pt")["model"]
+    reloaded = load_compact(tmp_path / "gpt.laperm")
+    assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
 
 
 def test_train_text_from_a_folder_and_refuse_too_short(tmp_path, capsys, clean_engine_state):

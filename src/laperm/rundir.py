@@ -59,6 +59,7 @@ LOCK = ".lock"
 INIT, BEST, FINAL = "init.pt", "best.pt", "final.pt"
 METRICS, EVALS, SUMMARY, CURVES = "metrics.jsonl", "evals.jsonl", "summary.json", "curves.png"
 CHECKPOINTS = "checkpoints"
+VOCAB = "vocab.json"  # text runs: the character vocabulary (id -> character)
 
 
 @contextlib.contextmanager

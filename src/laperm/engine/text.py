@@ -12,17 +12,16 @@ from typing import Any
 
 from torch import nn
 
+from .. import rundir
 from ..config import ConfigError
 from ..data import text as textdata
 
-__all__ = ["VOCAB", "record_vocab", "add_bits_per_char", "text_summary"]
-
-VOCAB = "vocab.json"  # the run folder's vocabulary: id -> character
+__all__ = ["record_vocab", "add_bits_per_char", "text_summary"]
 
 
 def record_vocab(run_dir: Path, vocab: list[str], resume: bool, write: bool) -> None:
     """Write the run's ``vocab.json`` (``write``: rank 0); on resume first check the corpus gives the same."""
-    path = run_dir / VOCAB
+    path = run_dir / rundir.VOCAB
     if resume and path.is_file() and textdata.read_vocab(path) != vocab:
         raise ConfigError(
             f"the corpus now gives another vocabulary than {path} records; resume with the "

@@ -104,12 +104,10 @@ def profiles_by_type(layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, f
 
 def compute_profiles(folder: Path, entries: list[dict[str, Any]]) -> None:
     """``profiles__<run>.json`` for the finished seed-0 main runs (their final.pt vs init.pt)."""
-    import yaml
-
-    from .. import models
+    from .. import build, models, rundir
     from ..analysis.profiles import layer_profiles
-    from ..analysis.rebuild import permutable_layouts
     from ..checkpoint import atomic_write_text, load
+    from ..config import TrainConfig
     from ..data.text import read_vocab
 
     for entry in entries:
@@ -122,14 +120,14 @@ def compute_profiles(folder: Path, entries: list[dict[str, Any]]) -> None:
             or not (run_dir / "final.pt").is_file()
         ):
             continue
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        vocab = run_dir / "vocab.json"
+        cfg = TrainConfig(**rundir.read_run_config(run_dir))
+        vocab = run_dir / rundir.VOCAB
         options: dict[str, Any] = {"vocab_size": len(read_vocab(vocab))} if vocab.is_file() else {}
-        layouts = permutable_layouts(models.build(cfg["model"], seed=0, **options))
+        layouts = build.model_layouts(cfg, models.build(cfg.model, seed=0, **options))  # the optimizer's rule
         init, final = load(run_dir / "init.pt")["state"], load(run_dir / "final.pt")["model"]
         layers = layer_profiles(final, init, layouts)
         data = {
-            "label": f"{cfg['model']} {cfg['optimizer']} (seed {cfg['seed']})",
+            "label": f"{cfg.model} {cfg.optimizer} (seed {cfg.seed})",
             "run": entry["folder"],
             "by_type": profiles_by_type(layers),
             "layers": layers,

@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import checkpoint, rundir
 from ..build import build_model
 from ..config import ConfigError, TrainConfig
+from ..data.text import read_vocab
 from ..models import UnknownModelError
 from ..reconnect import RowLayout
 from ..rundir import RunDirError
@@ -38,10 +39,11 @@ __all__ = [
 
 
 def rebuild_theta0(recipe: Mapping[str, Any]) -> dict[str, Tensor]:
-    """θ0 (a CPU ``state_dict``) rebuilt from ``{"model", "init", "seed"}`` as ``laperm train`` builds it."""
+    """θ0 (a CPU ``state_dict``) rebuilt from ``{"model", "init", "seed"}`` as ``laperm train`` builds it
+    (and ``"model_options"``, what the model took from the data: a text model's ``vocab_size``)."""
     try:
         cfg = TrainConfig(model=recipe["model"], init=recipe["init"], seed=recipe["seed"]).validate()
-        model, _ = build_model(cfg, torch.device("cpu"))
+        model, _ = build_model(cfg, torch.device("cpu"), **recipe.get("model_options", {}))
     except (KeyError, TypeError, ConfigError, UnknownModelError) as e:
         raise CompactFormatError(f"the θ0 recipe {dict(recipe)!r} cannot be rebuilt ({e})") from None
     return {k: v.detach() for k, v in model.state_dict().items()}
@@ -146,7 +148,7 @@ def export_run(
         raise RunDirError(f"{run_dir / which}.pt holds no model weights")
     theta0 = init["state"]
     layouts = {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
-    recipe = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
+    recipe = _recipe(run_dir, cfg)
     if not with_theta0:
         names = [n for n in state if n in layouts]
         rebuilt = rebuild_theta0(recipe)
@@ -172,6 +174,14 @@ def export_run(
     header, _ = codec.parse_compact(data, str(out))
     bits = {e["name"]: (e["bits"], e["rows"] * e["cols"]) for e in header["tensors"] if e["kind"] == "codes"}
     return ExportResult(out, len(data), state_dict_nbytes(state), bits)
+
+
+def _recipe(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What rebuilds the run's θ0: model, init, seed (text runs: and the vocabulary's size)."""
+    recipe = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
+    if (run_dir / rundir.VOCAB).is_file():
+        recipe["model_options"] = {"vocab_size": len(read_vocab(run_dir / rundir.VOCAB))}
+    return recipe
 
 
 def check_against_run(path: str | Path, run_dir: str | Path, which: str = "final") -> list[str]:
