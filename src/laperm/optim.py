@@ -388,8 +388,12 @@ class LaPerm(torch.optim.Optimizer):
             todo.append((p, st))
         if self.check_finite:
             self._check_finite(todo)
-        for p, st in todo:
-            reconnect.sync_tensor_(p, st["sorted"].dense(), st["layout"])
+        if todo and _batched_sync(todo[0][0]):  # CUDA: one segmented sort per row length (issue 13)
+            reconnect.sync_many_([p for p, _ in todo], [st["sorted"].dense() for _, st in todo],
+                                 [st["layout"] for _, st in todo])
+        else:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
+            for p, st in todo:
+                reconnect.sync_tensor_(p, st["sorted"].dense(), st["layout"])
         return [p for p, _ in todo]
 
     @staticmethod
@@ -587,6 +591,11 @@ def _observed() -> bool:
     return (bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True))
             or bool(getattr(_torch_optimizer, "_global_optimizer_post_hooks", True))
             or torch.autograd._profiler_enabled())
+
+
+def _batched_sync(p: Tensor) -> bool:
+    """Whether a group whose first permuted tensor is ``p`` syncs through :func:`reconnect.sync_many_`."""
+    return p.is_cuda
 
 
 def _check_rule(rule: Any) -> None:
