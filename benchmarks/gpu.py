@@ -26,7 +26,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,10 +60,10 @@ def _setup(name: str, optimizer: str, mode: str, precision: str, device: torch.d
     conv = len(spec.input_shape) == 3
     channels_last = mode == "fast" and conv and device.type == "cuda"
     if channels_last:
-        model.to(memory_format=torch.channels_last)  # before the optimizer, as DeviceStep asks
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # before the optimizer, as DeviceStep asks
     inner = make_adam(laperm_param_groups(model), lr=cfg.lr, eps=cfg.adam_eps, device=device)
     opt = LaPerm(inner, k=cfg.k) if optimizer == "laperm" else inner
-    step = DeviceStep(model, opt, l2=spec.l2, l2_params=model.l2_parameters() if spec.l2 else [],
+    step = DeviceStep(model, opt, l2=spec.l2, l2_params=model.l2_parameters() if spec.l2 else [],  # type: ignore[operator]
                       loss_scale=cfg.loss_scale, precision=precision, channels_last=channels_last,
                       graph=mode == "fast" and device.type == "cuda")
     batch = 4 if quick else cfg.batch_size

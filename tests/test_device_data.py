@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,9 +94,10 @@ def test_device_augment_rejects_bad_input():
         DeviceAugment(Augment(shift=0.1))(torch.rand(2, 1, 4, 4), torch.Generator())
 
 
-def _batches(**kw: object) -> DeviceBatches:
+def _batches(**kw: Any) -> DeviceBatches:
     x, y = _images(103, 3, 8, 8, seed=1), torch.arange(103) % 10
-    args = dict(seed=5, device="cpu", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), augment=Augment(**PRESETS["cifar-paper"]))
+    args: dict[str, Any] = dict(seed=5, device="cpu", mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                augment=Augment(**PRESETS["cifar-paper"]))
     return DeviceBatches(x, y, 10, **{**args, **kw})
 
 
@@ -113,7 +115,7 @@ def test_batches_are_a_seeded_permutation_per_epoch_normalised():
     epoch1 = list(data)
     assert not torch.equal(epoch1[0][1], epoch0[0][1]) or not torch.equal(epoch1[1][1], epoch0[1][1])
     again = _batches(augment=None)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(again), epoch0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(list(again), epoch0, strict=True))
 
 
 def test_resume_mid_epoch_gives_the_same_batches():
@@ -127,7 +129,7 @@ def test_resume_mid_epoch_gives_the_same_batches():
     resumed.load_state_dict(state)
     again = list(resumed) + list(resumed)
     assert len(rest) == len(again) == 16
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, again, strict=True))
     with pytest.raises(ValueError, match="seed"):
         _batches(seed=6).load_state_dict(state)
 

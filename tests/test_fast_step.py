@@ -13,7 +13,7 @@ from laperm.fast.step import DeviceStep, _check_capturable, _inner_step_done, l2
 from laperm.optim import LaPerm, laperm_param_groups
 
 
-def _net(seed: int = 0) -> nn.Module:
+def _net(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 6 * 6, 32),
                          nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
@@ -31,14 +31,14 @@ def _data() -> DeviceBatches:
                          augment=Augment(**PRESETS["cifar-paper"]))
 
 
-def _plain_loop(laperm: bool, l2: float, steps: int, penalty=l2_penalty) -> tuple[nn.Module, float, float]:
+def _plain_loop(laperm: bool, l2: float, steps: int, penalty=l2_penalty) -> tuple[nn.Sequential, float, float]:
     """What ``laperm train``'s loop body does (loss_scale="sum"), written out by hand."""
     model = _net()
     opt = _optimizer(model, laperm)
     l2_params = [m.weight for m in model if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
     data, loss_acc, correct, seen = _data(), 0.0, 0, 0
     torch.manual_seed(7)  # dropout
-    for i, (xb, yb) in zip(range(steps), _forever(data)):
+    for _, (xb, yb) in zip(range(steps), _forever(data), strict=False):
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         if l2:
@@ -52,13 +52,13 @@ def _plain_loop(laperm: bool, l2: float, steps: int, penalty=l2_penalty) -> tupl
     return model, loss_acc / seen, correct / seen
 
 
-def _fast(laperm: bool, l2: float, steps: int, **kw) -> tuple[nn.Module, dict[str, float], DeviceStep]:
+def _fast(laperm: bool, l2: float, steps: int, **kw) -> tuple[nn.Sequential, dict[str, float], DeviceStep]:
     model = _net()
     opt = _optimizer(model, laperm)
     l2_params = [m.weight for m in model if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
     step = DeviceStep(model, opt, l2=l2, l2_params=l2_params, loss_scale="sum", **kw)
     torch.manual_seed(7)
-    for _, (xb, yb) in zip(range(steps), _forever(_data())):
+    for _, (xb, yb) in zip(range(steps), _forever(_data()), strict=False):
         step(xb, yb)
     return model, step.read_metrics(), step
 
@@ -74,7 +74,7 @@ def test_eager_device_step_trains_bit_identically_to_the_plain_loop(laperm, l2):
     steps = 13  # three LaPerm syncs (k=4) and an epoch boundary (8 batches per epoch)
     ref, ref_loss, ref_acc = _plain_loop(laperm, l2, steps)
     fast, metrics, _ = _fast(laperm, l2, steps)
-    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-12) and metrics["accuracy"] == ref_acc
     assert metrics["images"] == 8 * steps
@@ -97,10 +97,10 @@ def test_bf16_and_channels_last_train_the_same_network_closely():
     fp32, _, _ = _fast(False, 0.0, 6)
     cl, _, _ = _fast(False, 0.0, 6, channels_last=True)
     bf16, metrics, _ = _fast(False, 0.0, 6, precision="bf16")
-    for a, b, c in zip(fp32.parameters(), cl.parameters(), bf16.parameters()):
+    for a, b, c in zip(fp32.parameters(), cl.parameters(), bf16.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # same math, other kernels
         assert (c - a).abs().max() < 0.05  # bf16 forward: close, not equal
-    assert any(not torch.equal(a, c) for a, c in zip(fp32.parameters(), bf16.parameters()))
+    assert any(not torch.equal(a, c) for a, c in zip(fp32.parameters(), bf16.parameters(), strict=True))
     assert 0 < metrics["loss"] < 10
 
 
@@ -128,7 +128,7 @@ def test_graph_path_laperm_bookkeeping_matches_a_plain_step():
                 opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
         assert opt.param_groups[0]["laperm_step"] == 5 and "step" not in vars(opt.base_optimizer)
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_bad_options_fail_with_a_clear_message():
@@ -156,11 +156,11 @@ def test_cuda_graph_step_trains_like_the_eager_step(laperm):
         g = torch.Generator().manual_seed(1)
         x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
         data = DeviceBatches(x, torch.randint(0, 10, (64,), generator=g), 8, seed=2, device="cuda")
-        model[6].p = 0.0  # no dropout: the two paths draw it differently
-        for _, (xb, yb) in zip(range(13), _forever(data)):
+        model[6].p = 0.0  # type: ignore[assignment]  # no dropout: the two paths draw it differently
+        for _, (xb, yb) in zip(range(13), _forever(data), strict=False):
             step(xb, yb)
         torch.cuda.synchronize()
         return [p.detach().cpu() for p in model.parameters()]
 
-    for a, b in zip(run(False), run(True)):
+    for a, b in zip(run(False), run(True), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

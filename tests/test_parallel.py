@@ -11,8 +11,9 @@ from laperm.experiments import parallel
 
 
 def _cmd(tmp_path, i: int, code: int = 0, sleep: float = 0.3) -> list[str]:
-    script = (f"import time, pathlib; p = pathlib.Path({str(tmp_path)!r}); (p / 'start{i}').write_text(str(time.time())); "
-              f"print('run {i}'); time.sleep({sleep}); (p / 'end{i}').write_text(str(time.time())); raise SystemExit({code})")
+    script = (f"import time, pathlib; p = pathlib.Path({str(tmp_path)!r}); "
+              f"(p / 'start{i}').write_text(str(time.time())); print('run {i}'); time.sleep({sleep}); "
+              f"(p / 'end{i}').write_text(str(time.time())); raise SystemExit({code})")
     return [sys.executable, "-c", script]
 
 

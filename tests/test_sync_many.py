@@ -49,10 +49,10 @@ def _problem(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[torch.Tensor], l
 @given(problem=_problem())
 def test_sync_many_is_bit_identical_to_the_per_tensor_sync(device, problem):
     tensors, inits, layouts = problem
-    expected = [reconnect.sync_tensor_(t.clone(), s, lay) for t, s, lay in zip(tensors, inits, layouts)]
+    expected = [reconnect.sync_tensor_(t.clone(), s, lay) for t, s, lay in zip(tensors, inits, layouts, strict=True)]
     got = [t.clone().to(device) for t in tensors]
     reconnect.sync_many_(got, [s.to(device) for s in inits], layouts)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         assert g.dtype == e.dtype and g.shape == e.shape
         assert torch.equal(reconnect._bits(g.cpu()), reconnect._bits(e)), "not bit-identical"
 
@@ -99,7 +99,7 @@ def test_laperm_through_the_batched_sync_trains_bit_identically(monkeypatch):
     # The CUDA call site, exercised on CPU: the batched sync must not change a run.
     plain = _train(False, monkeypatch)
     batched = _train(True, monkeypatch)
-    assert all(torch.equal(a, b) for a, b in zip(plain, batched))
+    assert all(torch.equal(a, b) for a, b in zip(plain, batched, strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ def sync_many_(tensors: Sequence[Tensor], sorted_vals: Sequence[Tensor], layouts
                          f"tensors, {len(sorted_vals)} sorted matrices and {len(layouts)} layouts")
     groups: dict[tuple[int, torch.dtype, torch.device], list[tuple[Tensor, Tensor, Tensor, RowLayout]]] = {}
     with torch.no_grad():
-        for t, s, layout in zip(tensors, sorted_vals, layouts):
+        for t, s, layout in zip(tensors, sorted_vals, layouts, strict=True):
             rows = to_rows(t, layout)
             if rows.shape != s.shape:
                 raise ValueError(f"row matrix shape {tuple(rows.shape)} does not match the stored sorted "

@@ -56,7 +56,7 @@ def make_adam(params: Any, *, lr: float, eps: float, device: torch.device | str,
 def prepare_model(model: nn.Module, channels_last: bool) -> nn.Module:
     """Put a convnet's 4-D weights in channels_last memory format (in place: the parameters stay the same objects)."""
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 
@@ -87,7 +87,7 @@ class DeviceStep:
         _check_options(self.device, loss_scale, precision, graph, warmup_steps)
         self.model, self.opt = prepare_model(model, channels_last), optimizer
         self.laperm = optimizer if isinstance(optimizer, LaPerm) else None
-        self.inner = optimizer.base_optimizer if self.laperm else optimizer
+        self.inner = self.laperm.base_optimizer if self.laperm is not None else optimizer
         self.l2, self.l2_params = float(l2), list(l2_params) if l2 else []
         self.loss_scale, self.logit_scale, self.precision = loss_scale, float(logit_scale), precision
         self.channels_last, self.warmup_steps = channels_last, warmup_steps
@@ -101,7 +101,9 @@ class DeviceStep:
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.images = 0  # counted on the host: the batch sizes are known there
         self.steps = 0
-        self.reset_graph()
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
+        self._lrs: list[Tensor] = []
 
     # -- the step ---------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> None:
@@ -142,18 +144,17 @@ class DeviceStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _replay(self, x: Tensor, y: Tensor) -> None:
-        if self._graph is None:
-            self._capture(x, y)
+        graph = self._graph if self._graph is not None else self._capture(x, y)
         static_x, static_y = self._static
         static_x.copy_(x)
         static_y.copy_(y)
         self._refresh_lr()
-        self._graph.replay()
+        graph.replay()
         if self.laperm is not None:
             with _inner_step_done(self.inner):
                 self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
 
-    def _capture(self, x: Tensor, y: Tensor) -> None:
+    def _capture(self, x: Tensor, y: Tensor) -> torch.cuda.CUDAGraph:
         """Record forward, backward and the inner step once (recording runs nothing: the caller replays)."""
         memory_format = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
         self._static = (x.clone(memory_format=memory_format), y.clone())
@@ -166,20 +167,21 @@ class DeviceStep:
             self._forward_backward(*self._static)
             self.inner.step()
         self._graph = graph
+        return graph
 
     def _refresh_lr(self) -> None:
         """Point every group at its captured lr tensor, holding the group's current value (a scheduler may
         have assigned a float): the graph reads the learning rate from there."""
-        for group, lr in zip(self.inner.param_groups, self._lrs):
+        for group, lr in zip(self.inner.param_groups, self._lrs, strict=True):
             if group["lr"] is not lr:
                 lr.fill_(float(group["lr"]))
                 group["lr"] = lr
 
     def reset_graph(self) -> None:
         """Forget the captured graph (recaptured at the next step): after optimizer state is replaced."""
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
-        self._lrs: list[Tensor] = []
+        self._graph = None
+        self._static = (torch.empty(0), torch.empty(0))
+        self._lrs = []
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
@@ -197,7 +199,7 @@ class DeviceStep:
 def _inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
     """Make ``inner.step()`` a no-op for a moment: the graph replay has just done it, and LaPerm's
     ``step()`` then does only its own part (step count, sync).  Uses LaPerm's public step only."""
-    inner.step = lambda closure=None: None  # type: ignore[method-assign]
+    inner.step = lambda closure=None: None  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
