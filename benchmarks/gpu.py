@@ -23,9 +23,10 @@ mean nothing.  The figures go to a JSON file in the issue's schema; :func:`markd
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from laperm import models, reconnect
 from laperm.config import resolve_config
 from laperm.data.augment import make_augment
 from laperm.data.device import DeviceBatches
+from laperm.experiments.parallel import run_parallel
 from laperm.fast.step import DeviceStep, make_adam
 from laperm.optim import LaPerm, laperm_param_groups
 
@@ -173,19 +175,18 @@ def worker(name: str, device: str, start_at: float, seconds: float, quick: bool)
 
 
 def parallel_one(name: str, runs: int, device: torch.device, quick: bool, seconds: float) -> float:
-    """Summed images/s of ``runs`` worker processes timed over the same window."""
+    """Summed images/s of ``runs`` worker processes (the ``--parallel`` launcher) timed over the same window."""
     lead = 4.0 if quick else 25.0  # process start, CUDA context, warm-up and capture before the window opens
     start_at = time.time() + lead
     cmd = [sys.executable, "-m", "benchmarks.gpu", "worker", name, "--device", str(device),
            "--start-at", str(start_at), "--seconds", str(seconds)] + (["--quick"] if quick else [])
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(runs)]
-    total = 0.0
-    for p in procs:
-        out, err = p.communicate(timeout=lead + seconds + 120)
-        if p.returncode:
-            raise RuntimeError(f"parallel benchmark worker failed ({p.returncode}): {err[-2000:]}")
-        total += json.loads(out.strip().splitlines()[-1])["images_per_s"]
-    return total
+    with tempfile.TemporaryDirectory() as tmp:  # (each run its own process: own CUDA context, allocator, graph)
+        codes = run_parallel([cmd] * runs, runs, log_dir=Path(tmp))
+        logs = [(Path(tmp) / f"run-{i}.log").read_text() for i in range(runs)]
+    failed = [i for i, c in enumerate(codes) if c]
+    if failed:
+        raise RuntimeError(f"parallel benchmark worker failed (exit codes {codes}): {logs[failed[0]][-2000:]}")
+    return sum(json.loads(log.strip().splitlines()[-1])["images_per_s"] for log in logs)
 
 
 def run(device: torch.device, quick: bool, log: Any = print) -> dict[str, Any]:

@@ -131,6 +131,24 @@ def test_graph_path_laperm_bookkeeping_matches_a_plain_step():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_learning_rate_changes_reach_the_captured_lr_tensors():
+    # The graph reads the lr from a device tensor; a scheduler that assigns floats must still be obeyed.
+    model = _net()
+    opt = _optimizer(model, True)
+    step = DeviceStep(model, opt)
+    step._lrs = [torch.tensor(0.0) for _ in opt.param_groups]
+    step._refresh_lr()
+    assert all(g["lr"] is t and float(t) == pytest.approx(3e-3) for g, t in zip(opt.param_groups, step._lrs,
+                                                                                  strict=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    sched.step()
+    opt.param_groups[0]["lr"] = 1e-4  # a plain float assignment replaces the tensor
+    step._refresh_lr()
+    assert opt.param_groups[0]["lr"] is step._lrs[0] and float(step._lrs[0]) == pytest.approx(1e-4)
+    assert float(step._lrs[1]) == pytest.approx(1.5e-3)
+
+
 def test_bad_options_fail_with_a_clear_message():
     model = _net()
     with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device"):

@@ -29,13 +29,14 @@ def test_gpu_section_smoke_run_on_cpu_writes_the_schema(tmp_path):
     res = _bench("--device", "cpu", "--only", "gpu", "--quick", "--threads", "1", "--output", str(md),
                  "--gpu-json", str(js))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "FAILED" not in res.stdout, res.stdout[-3000:]
     data = json.loads(js.read_text())
     assert set(data) == {"device", "torch", *KEYS} and data["torch"] == torch.__version__
     for key, fields in KEYS.items():
         assert data[key], key
         for row in data[key]:
             assert set(row) == fields
-    assert {r["model"] for r in data["throughput"]} == {"conv2", "conv7"}
+    assert {r["model"] for r in data["throughput"]} == {"conv2", "conv7"} and len(data["throughput"]) == 6
     assert all(r["images_per_s"] > 0 for r in data["throughput"])
     doc = md.read_text()
     assert doc.startswith("# Benchmarks\n\nCPU tables stay.") and doc.count("## GPU fast path") == 1
