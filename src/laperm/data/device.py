@@ -180,6 +180,10 @@ class DeviceBatches:
             yield self.batch(i)
         self._start_epoch(self.epoch + 1)
 
+    def global_batch_size(self, index: int) -> int:
+        """Rows in batch ``index`` (the last batch may be short): the engine's loader interface."""
+        return min(self.batch_size, len(self.x) - index * self.batch_size)
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch (a no-op when it is the epoch in progress)."""
         if epoch != self.epoch:
