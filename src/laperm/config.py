@@ -292,7 +292,6 @@ class TrainConfig:
             raise ConfigError(f"permute_biases must be true, false or unset, got {self.permute_biases!r}")
         if not isinstance(self.progress, bool):
             raise ConfigError(f"progress must be true or false, got {self.progress!r}")
-        _check_fast_path(self)
         lr_factor(self.lr_schedule, 0)  # raises ConfigError when malformed
         if _log_max_factor(self.lr_schedule, self.epochs) + math.log(self.lr) > math.log(1e30):
             raise ConfigError(
@@ -300,15 +299,15 @@ class TrainConfig:
                 "epochs; use a decaying schedule (a factor below 1)"
             )
         parse_init(self.init)
-        return self
+        return _check_fast_path(self)
 
 
 MAX_THREADS = 1024
 MAX_COUNT = 10**12  # epochs, steps, batch sizes: anything larger is a typo, not a plan
 
 
-def _check_fast_path(cfg: TrainConfig) -> None:
-    """mode, precision, channels_last: the fast path's options (docs/gpu.md)."""
+def _check_fast_path(cfg: TrainConfig) -> TrainConfig:
+    """mode, precision, channels_last: the fast path's options (docs/gpu.md); returns ``cfg``."""
     if cfg.mode not in MODES:
         raise ConfigError(f"mode must be 'eager' or 'fast', got {cfg.mode!r}; use --mode eager or --mode fast")
     if cfg.precision not in PRECISIONS:
@@ -319,6 +318,7 @@ def _check_fast_path(cfg: TrainConfig) -> None:
         raise ConfigError("precision bf16 and channels_last are options of the fast step; add --mode fast")
     if cfg.mode == "fast" and cfg.nproc != 1:
         raise ConfigError(f"mode fast runs in one process, got nproc {cfg.nproc}; use --nproc 1 or --mode eager")
+    return cfg
 
 
 def _is_int(v: Any) -> bool:

@@ -7,8 +7,8 @@ command's exit code, in the order given.  If the launcher is interrupted (Ctrl-C
 as an exception) it terminates the runs it started; if it dies outright, each child's
 parent-death guard (:func:`laperm.launch.parent_death_preexec`) ends the child too.
 
-Not wired into ``laperm run`` yet (that needs the engine split): the experiment runner will
-build one ``laperm train ...`` command per run and call :func:`run_parallel`.
+``laperm run EXPERIMENT --parallel N`` builds one ``laperm train --config ...`` command per run
+(:func:`laperm.experiments.base.run_experiment`) and calls :func:`run_parallel`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The GPU fast path's engine-side pieces (to be absorbed by the engine package).
+"""The GPU fast path's engine-side pieces (``laperm train --mode fast`` plugs them in: :mod:`laperm.engine.fast`).
 
 * :mod:`laperm.fast.step` -- :class:`~laperm.fast.step.DeviceStep`: a training step with no host
   synchronisation, replayed from a CUDA graph on CUDA, eager (and identical to the plain loop) on CPU.
