@@ -3,6 +3,7 @@
     python -m benchmarks                  # the full suite (about 10 minutes on 2 cores)
     python -m benchmarks --quick          # a smoke run (seconds); numbers are meaningless
     python -m benchmarks --threads 1 --only overhead,engine --output /tmp/b.md
+    python -m benchmarks --device cuda    # the GPU section only (docs/benchmarks-gpu.json; needs CUDA)
 
 Everything compared is measured side by side in one process (peak memory:
 in fresh subprocesses), interleaved, and reported as medians and ratios; see
@@ -12,6 +13,7 @@ each module's docstring for its method.  No test asserts on these timings.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -23,7 +25,7 @@ import torch
 
 from laperm import reconnect
 
-from . import compact, engine, memory, overhead, sync
+from . import compact, engine, gpu, memory, overhead, sync
 from .common import fmt_bytes, load_average, machine_info, mark, md_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,19 +365,65 @@ DISTRIBUTED = (
 )
 
 
+GPU_START, GPU_END = "<!-- gpu section: python -m benchmarks --device cuda -->", "<!-- end of gpu section -->"
+
+
+def run_gpu(device: str, quick: bool, output: Path, gpu_json: Path) -> int:
+    """The GPU section: figures to ``gpu_json``, their tables spliced into ``output`` (the CPU sections stay)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: python -m benchmarks --device cuda needs a CUDA GPU, and torch sees none "
+            "(torch.cuda.is_available() is False); run it on a GPU machine (scripts/gpu_bench.sh), "
+            "or smoke-test the same code on CPU with --device cpu --only gpu --quick",
+            file=sys.stderr,
+        )
+        return 2
+    if device == "cpu" and not quick:
+        print("error: the GPU section measures a GPU; on CPU only its smoke run exists: add --quick", file=sys.stderr)
+        return 2
+    res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True))
+    gpu_json.parent.mkdir(parents=True, exist_ok=True)
+    gpu_json.write_text(json.dumps(res, indent=1) + "\n")
+    section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{GPU_END}\n"
+    doc = output.read_text() if output.exists() else "# Benchmarks\n\n"
+    if GPU_START in doc and GPU_END in doc:
+        head, rest = doc.split(GPU_START, 1)
+        doc = head + section + rest.split(GPU_END, 1)[1].lstrip("\n")
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(doc)
+    print(f"\n{gpu.markdown(res)}\nwrote {gpu_json} and the GPU section of {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, meaningless numbers")
     ap.add_argument("--threads", type=int, help="torch threads for the training benchmarks (default: torch's)")
     ap.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)")
     ap.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown file to write")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: the GPU section (issue 13) alone; cpu (default): the CPU sections",
+    )
+    ap.add_argument(
+        "--gpu-json",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks-gpu.json",
+        help="where the GPU section writes its figures",
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" or args.only == "gpu":
+        return run_gpu(args.device, args.quick, args.output, args.gpu_json)
     names = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)} (or gpu, alone)")
     command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     info = machine_info()
     print(f"{command}\n" + "\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)

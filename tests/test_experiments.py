@@ -369,3 +369,43 @@ def test_inner_probe_records_inner_accuracy_and_class_recall(tmp_path: Path, mon
     for r in recs:
         assert 0 <= r["inner_test_acc"] <= 1
         assert len(r["class_recall"]) == 10 and all(0 <= x <= 1 for x in r["class_recall"])
+
+
+def test_parallel_runs_give_the_same_folders_and_metrics_as_sequential(tmp_path: Path, monkeypatch, capsys):
+    """`laperm run --parallel 2` trains each run as its own `laperm train` process: same results as in turn."""
+    common = dict(model="f1", dataset="synthetic", epochs=1, batch_size=64, val_size=64, k=4, k_schedule={0: 3})
+    runs = [
+        Run(dict(common, seed=s, optimizer=o), {"seed": s, "method": o}) for s in (0, 1) for o in ("laperm", "adam")
+    ]
+    monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment("tiny", 1, "test", lambda b, s: runs))
+    timing = {"epoch_time_s", "images_per_s", "train_time_s"}
+
+    def results(out: Path) -> dict[str, list[dict]]:
+        from laperm import rundir
+
+        folders = [p for p in sorted((out / "tiny").iterdir()) if (p / "summary.json").is_file()]
+        return {
+            p.name: [{k: v for k, v in r.items() if k not in timing} for r in rundir.read_metrics(p / "metrics.jsonl")]
+            for p in folders
+        }
+
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(["run", "tiny", "--out", str(seq), "--threads", "1"]) == 0
+    assert main(["run", "tiny", "--out", str(par), "--threads", "1", "--parallel", "2"]) == 0
+    assert len(results(seq)) == 4 and results(seq) == results(par)
+    logs = sorted((par / "tiny" / "logs").glob("run-*.log"))
+    assert len(logs) == 4 and all("test accuracy" in p.read_text() for p in logs)
+    manifest = json.loads((par / "tiny" / "experiment.json").read_text())
+    assert set(manifest["runs"]) == set(results(seq))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--out", str(par), "--parallel", "2"]) == 0  # all done: nothing retrained
+    assert capsys.readouterr().out.count("(done)") == 4
+
+
+def test_parallel_reports_failed_runs_by_their_log(tmp_path: Path, monkeypatch, capsys):
+    runs = [Run(dict(model="f1", dataset="synthetic", epochs=1, val_size=64, data_dir="/nonexistent"), {"seed": 0})]
+    runs.append(Run(dict(runs[0].overrides, dataset="idx"), {"seed": 1}))  # no IDX folder there: fails
+    monkeypatch.setitem(base.EXPERIMENTS, "bad", Experiment("bad", 1, "test", lambda b, s: runs))
+    assert main(["run", "bad", "--out", str(tmp_path), "--parallel", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 runs failed" in err and "run-1.log (exit 2)" in err, err

@@ -29,7 +29,7 @@ class Mixed(nn.Module):
 def _optimizer_layouts(model: nn.Module, permute_biases: bool, granularity: str) -> dict:
     groups = laperm_param_groups(model, permute_biases=permute_biases)
     opt = LaPerm(torch.optim.SGD(groups, lr=0.1), k=1, granularity=granularity)
-    return {opt.name_of(p): opt.layout_of(p) for p in opt.state}
+    return {name: opt.layout_of(p) for name, p in opt.permuted_parameters()}
 
 
 @pytest.mark.parametrize("permute_biases", [False, True])
@@ -51,6 +51,6 @@ def test_the_runs_layouts_follow_its_config(name):
     model, _ = build.build_model(cfg, torch.device("cpu"))
     opt = build.build_optimizer(cfg, model)
     assert isinstance(opt, LaPerm)
-    assert build.model_layouts(cfg, model) == {opt.name_of(p): opt.layout_of(p) for p in opt.state}
+    assert build.model_layouts(cfg, model) == {name: opt.layout_of(p) for name, p in opt.permuted_parameters()}
     assert build.resolve_permute_biases(name, None) == models.get_spec(name).permute_biases
     assert build.resolve_permute_biases(name, False) is False

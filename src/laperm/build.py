@@ -21,6 +21,7 @@ from . import models
 from .config import ConfigError, TrainConfig, k_for_epoch, parse_init
 from .data import BatchLoader, Dataset, load_dataset, make_augment, random_subset, train_val_split
 from .data import text as textdata
+from .data.device import DeviceBatches
 from .data.loader import derive_seed
 from .optim import LaPerm, laperm_param_groups, permuted_layouts
 from .reconnect import RowLayout
@@ -134,10 +135,13 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = laperm_param_groups(model, permute_biases=resolve_permute_biases(cfg.model, cfg.permute_biases))
     kind = cfg.inner if cfg.optimizer == "laperm" else cfg.optimizer
     inner: torch.optim.Optimizer
+    # The fast path's CUDA graph captures the inner step: Adam fused and capturable there.
+    graphable = cfg.mode == "fast" and next(model.parameters()).device.type == "cuda"
+    adam: dict[str, Any] = {"fused": True, "capturable": True} if graphable else {}
     if kind == "adam":
-        inner = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        inner = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, **adam)
     elif kind == "adamw":
-        inner = torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps)
+        inner = torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps, **adam)
     else:
         inner = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer != "laperm":
@@ -152,10 +156,11 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # an evaluation loader: (
 class Loaders:
     """The run's four loaders: training, BN recalibration, validation (None: no split), test.
 
-    Image runs use :class:`BatchLoader`; text runs windows of characters
-    (:class:`~laperm.data.text.WindowLoader`, the same interface, and evaluation windows)."""
+    Image runs use :class:`BatchLoader` (training: :class:`DeviceBatches` in ``--mode fast``,
+    engine.fast); text runs windows of characters (:class:`~laperm.data.text.WindowLoader`, the
+    same interface, and evaluation windows)."""
 
-    train: BatchLoader | textdata.WindowLoader
+    train: BatchLoader | DeviceBatches | textdata.WindowLoader
     calib: BatchLoader | textdata.WindowLoader
     val: Batches | None
     test: Batches

@@ -49,6 +49,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         if kind is bool and f.default is True:  # --no-FIELD turns it off
             kwargs.update(action="store_false", default=None)
+        elif kind is bool:  # --FIELD turns it on
+            kwargs.update(action="store_true", default=None)
         elif kind == bool | None:
             kwargs.update(action=argparse.BooleanOptionalAction, default=None)
         else:

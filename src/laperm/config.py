@@ -49,6 +49,8 @@ INNER = ("adam", "adamw", "sgd")
 LOSS_SCALES = ("mean", "sum")
 GRANULARITIES = reconnect.GRANULARITIES  # ("row", "tensor"): defined by the sync kernel
 SYNC_RULES = optim.SYNC_RULES  # ("overwrite", "latent"): defined by the optimizer
+MODES = ("eager", "fast")  # the training step: the plain loop, or the device-resident fast path (docs/gpu.md)
+PRECISIONS = ("fp32", "bf16")
 
 # Argument groups of `laperm train --help`.
 WHAT, OPTIMISATION, RUN = "what to train", "optimisation", "run"
@@ -187,6 +189,17 @@ class TrainConfig:
         metavar="N",
     )
     check_replicas: bool = option(True, "distributed: skip comparing the ranks' weights after each sync", resume=True)
+    # The fast path (docs/gpu.md). mode is named: its data stream (device generators, device augmentation)
+    # differs from the host loader's, so it is another run; channels_last only reorders memory (unnamed, like threads).
+    mode: str = option(
+        "eager",
+        "eager (default) or fast: training data and augmentation held on the device, a step with no host "
+        "sync (a CUDA graph on CUDA); one process only. Not yet the default on CUDA: it waits for a GPU check",
+        choices=MODES,
+    )
+    precision: str = option("fp32", "fast mode: bf16 autocasts forward and loss (default fp32)", choices=PRECISIONS)
+    # (not changeable on resume: the optimizer state saved in one memory format would meet weights in another)
+    channels_last: bool = option(False, "fast mode: channels_last memory format (convnets)", named=False)
     preset: str | None = option(
         None, "a paper setup (see `laperm presets`); flags override it", group=WHAT, named=False
     )
@@ -293,11 +306,26 @@ class TrainConfig:
                 "epochs; use a decaying schedule (a factor below 1)"
             )
         parse_init(self.init)
-        return self
+        return _check_fast_path(self)
 
 
 MAX_THREADS = 1024
 MAX_COUNT = 10**12  # epochs, steps, batch sizes: anything larger is a typo, not a plan
+
+
+def _check_fast_path(cfg: TrainConfig) -> TrainConfig:
+    """mode, precision, channels_last: the fast path's options (docs/gpu.md); returns ``cfg``."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be 'eager' or 'fast', got {cfg.mode!r}; use --mode eager or --mode fast")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}; use --precision fp32 or bf16")
+    if not isinstance(cfg.channels_last, bool):
+        raise ConfigError(f"channels_last must be true or false, got {cfg.channels_last!r}")
+    if cfg.mode == "eager" and (cfg.precision != "fp32" or cfg.channels_last):
+        raise ConfigError("precision bf16 and channels_last are options of the fast step; add --mode fast")
+    if cfg.mode == "fast" and cfg.nproc != 1:
+        raise ConfigError(f"mode fast runs in one process, got nproc {cfg.nproc}; use --nproc 1 or --mode eager")
+    return cfg
 
 
 def _is_int(v: Any) -> bool:

@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -77,6 +78,33 @@ def die_with_parent(pid: int, poll_s: float = _POLL_S) -> None:
         _exit_orphaned(pid)
     watchdog = threading.Thread(target=_watch_parent, args=(pid, poll_s), name="laperm-parent-watchdog", daemon=True)
     watchdog.start()
+
+
+def parent_death_preexec(pid: int) -> Callable[[], None]:
+    """A ``subprocess.Popen(preexec_fn=...)`` that makes the child die with process ``pid`` (its launcher).
+
+    It runs between fork and exec, so it only asks the kernel for the parent-death signal (which
+    survives exec) and exits at once if the launcher is already gone; libc is loaded here, in the
+    parent, so that nothing is imported or loaded in the child.  Linux only; elsewhere a no-op.
+    """
+    prctl = _libc_prctl()
+
+    def guard() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != pid:
+            os._exit(_ORPHAN_EXIT_CODE)
+
+    return guard
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def _set_parent_death_signal(sig: int) -> bool:

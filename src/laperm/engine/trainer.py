@@ -29,6 +29,7 @@ from ..models import ModelSpec
 from ..optim import LaPerm, LaPermError
 from ..verify import layout_records
 from . import checkpointing as ckpt
+from . import fast
 from . import summary as report
 from .callbacks import Callbacks
 from .checkpointing import Key
@@ -59,6 +60,8 @@ class Trainer:
         d: distributed.Dist,
         resumed: tuple[Path | None, dict[str, Any] | None] = (None, None),
     ) -> None:
+        if cfg.mode == "fast":
+            loaders = fast.device_loaders(loaders, cfg.channels_last)  # the data strategy
         self.cfg, self.run_dir, self.device, self.spec, self.ds = cfg, run_dir, device, spec, ds
         self.loaders, self.log, self.callbacks, self.d = loaders, log, callbacks, d
         self.main = d.is_main  # only rank 0 writes files
@@ -85,6 +88,12 @@ class Trainer:
         )
         if saved is not None:
             self._restore(saved)
+        # The step strategy (after the restore: a CUDA graph is captured over the loaded optimizer state).
+        self.update: Callable[[torch.Tensor, torch.Tensor, int], None] = (
+            self._eager_update
+            if cfg.mode == "eager"
+            else fast.FastUpdate(cfg, self.model, self.opt, self.l2, self.l2_params, (self.loss_acc, self.correct_acc))
+        )
         self.metrics = rundir.MetricsLog(run_dir / rundir.METRICS if self.main else None, self.state.records)
         self.checker = SyncChecker(self.laperm) if self.laperm else None
         self.replicas = distributed.ReplicaCheck(d) if self.laperm and d.enabled and cfg.check_replicas else None
@@ -249,9 +258,26 @@ class Trainer:
         self.end_epoch()
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """One optimizer step on one (global) batch; LaPerm syncs inside ``opt.step`` every k steps."""
-        cfg, d = self.cfg, self.d
+        """One optimizer step on one (global) batch by the step strategy; LaPerm syncs inside it every k steps."""
         batch = self.loaders.train.global_batch_size(self.pos)  # all ranks' rows of this step
+        if self.checker is not None:
+            self.checker.step = self.state.step + 1
+        try:
+            self.update(xb, yb, batch)
+        except LaPermError:  # LaPerm refuses to sync NaN weights: report it as the numerical fault it is
+            bad = first_nonfinite(self.model)
+            if bad is None:
+                raise
+            raise self._numerical(f"{bad} became NaN or inf", self.state.step + 1) from None
+        for p, m in self.fixed:
+            p.data.mul_(m)
+        self.state.step += 1
+        self.state.seen += batch
+        self.pos += 1
+
+    def _eager_update(self, xb: torch.Tensor, yb: torch.Tensor, batch: int) -> None:
+        """The eager step strategy: forward, loss, backward, ``opt.step()``; loss and accuracy into the totals."""
+        cfg, d = self.cfg, self.d
         logits = self.forward(xb)
         # logit_scale: the loss is cross-entropy of T*logits (a softmax temperature); it changes
         # the objective's curvature only, never the predictions (argmax) of the trained net.
@@ -269,20 +295,9 @@ class Trainer:
             loss, objective = loss + penalty, objective + penalty
         self.opt.zero_grad(set_to_none=True)
         (objective * batch if cfg.loss_scale == "sum" else objective).backward()
-        if self.checker is not None:
-            self.checker.step = self.state.step + 1
-        try:
-            self.opt.step()
-        except LaPermError:  # LaPerm refuses to sync NaN weights: report it as the numerical fault it is
-            bad = first_nonfinite(self.model)
-            if bad is None:
-                raise
-            raise self._numerical(f"{bad} became NaN or inf", self.state.step + 1) from None
-        for p, m in self.fixed:
-            p.data.mul_(m)
-        self.state.step += 1
-        self.pos += 1
-        self._last = (loss, logits, yb, batch)
+        self.opt.step()
+        self.loss_acc += loss.detach().double() * len(yb)
+        self.correct_acc += (logits.detach().argmax(1) == yb).sum()
 
     def after_step(self, epoch: int) -> None:
         """Step evaluation, fault point, running totals, the stop agreement and step checkpoints."""
@@ -290,10 +305,6 @@ class Trainer:
         if cfg.eval_steps and st.step % cfg.eval_steps == 0 and self.pos < steps:
             self.evaluate_step(epoch)
         inject_fault(f"step:{st.step}", self.model)
-        loss, logits, yb, batch = self._last
-        self.loss_acc += loss.detach().double() * len(yb)
-        self.correct_acc += (logits.detach().argmax(1) == yb).sum()
-        st.seen += batch
         self.bar.update(1)
         flush = self.pos % FLUSH_EVERY == 0 or self.pos == steps
         if flush:
@@ -345,7 +356,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """The epoch's record, its evaluation at synced weights, the metrics line and its checkpoint."""
         cfg, st = self.cfg, self.state
-        record = report.epoch_record(st, self.opt.param_groups[0]["lr"])
+        record = report.epoch_record(st, float(self.opt.param_groups[0]["lr"]))  # (a CUDA graph keeps lr in a tensor)
         if self.laperm:
             record["k"] = self.laperm.param_groups[0]["k"]
         if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs:

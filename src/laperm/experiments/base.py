@@ -14,18 +14,35 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..checkpoint import atomic_write_text
 from ..config import TrainConfig, resolve_config
 
-__all__ = ["Run", "Experiment", "EXPERIMENTS", "register", "run_experiment", "load_manifest", "command_for"]
+__all__ = [
+    "Run",
+    "Experiment",
+    "EXPERIMENTS",
+    "ExperimentError",
+    "register",
+    "run_experiment",
+    "load_manifest",
+    "command_for",
+]
 
 BUDGETS = ("quick", "paper")
+PARALLEL_LOGS = "logs"  # <experiment folder>/logs: run-<i>.log and run-<i>.yaml of `laperm run --parallel N`
+
+
+class ExperimentError(RuntimeError):
+    """Some runs of an experiment failed; the message names their log files."""
 
 
 @dataclass
@@ -103,8 +120,13 @@ def run_experiment(
     data_dir: str | None = None,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
+    parallel: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train every unfinished run of experiment ``name``; returns the manifest entries."""
+    """Train every unfinished run of experiment ``name``; returns the manifest entries.
+
+    ``parallel`` > 1: the runs without an analysis hook train as ``laperm train`` processes,
+    ``parallel`` at a time (:func:`~laperm.experiments.parallel.run_parallel`), after the loop.
+    """
     from ..engine import train
     from . import hooks
 
@@ -120,7 +142,7 @@ def run_experiment(
         runs = [r for r in runs if only in _label(r)]
     manifest = load_manifest(folder) or {"experiment": name, "runs": {}}
     manifest.update(version=exp.version, description=exp.description)
-    entries = []
+    entries, deferred = [], []
     for i, run in enumerate(runs, 1):
         cfg = run.config(folder, threads, data_dir)
         run_dir = folder / cfg.run_name()
@@ -142,6 +164,9 @@ def run_experiment(
                 manifest["runs"][entry["folder"]] = entry
             continue
         resume = (run_dir / "config.yaml").is_file()
+        if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
+            deferred.append((cfg, entry))
+            continue
         probe = hooks.make(run.hook, cfg, run_dir)
         t0 = time.perf_counter()
         summary = train(cfg, resume=resume, callbacks=probe, log=log)
@@ -149,10 +174,44 @@ def run_experiment(
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         manifest["runs"][entry["folder"]] = entry
         _save_manifest(folder, manifest)
+    if deferred:
+        _train_parallel(folder, deferred, parallel, manifest)
     _save_manifest(folder, manifest)
     if exp.post is not None and not dry_run:
         exp.post(folder, entries)
     return entries
+
+
+def _train_parallel(
+    folder: Path, jobs: list[tuple[TrainConfig, dict[str, Any]]], parallel: int, manifest: dict[str, Any]
+) -> None:
+    """Train ``jobs`` as ``laperm train --config`` processes, ``parallel`` at a time; record the finished ones.
+
+    Each gets its full config as a file (k_schedule has no flag) and its output in ``logs/run-<i>.log``.
+    """
+    from .parallel import run_parallel
+
+    logs = folder / PARALLEL_LOGS
+    logs.mkdir(exist_ok=True)
+    commands = []
+    for i, (cfg, _) in enumerate(jobs):
+        config_file = logs / f"run-{i}.yaml"
+        atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run_dir = folder / cfg.run_name()
+        resume = ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else []
+        commands.append([sys.executable, "-m", "laperm", "train", "--config", str(config_file), *resume])
+    t0 = time.perf_counter()
+    codes = run_parallel(commands, parallel, log_dir=logs)
+    for (_, entry), code in zip(jobs, codes, strict=True):
+        if code == 0:
+            entry["wall_s"] = round(time.perf_counter() - t0, 1)  # (the batch's wall time: runs overlap)
+            manifest["runs"][entry["folder"]] = entry
+    _save_manifest(folder, manifest)
+    failed = [f"{logs / f'run-{i}.log'} (exit {c})" for i, c in enumerate(codes) if c != 0]
+    if failed:
+        raise ExperimentError(
+            f"{len(failed)} of {len(jobs)} runs failed: see {', '.join(failed)}; `laperm run` again resumes them"
+        )
 
 
 def _reuse(root: Path, name: str, run_dir: Path, log: Callable[[str], None]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 RUN_EXAMPLES = """\
@@ -11,6 +12,7 @@ examples:
   laperm run agnostic                         # F1 and F2, paper budget, seeds 0 1 2
   laperm run k --budget quick --out /tmp/r    # smoke test of the k sweep
   laperm run dense --only conv7 --threads 1   # only the runs whose tags mention conv7
+  laperm run agnostic --parallel 4            # 4 runs at once (one GPU fits several small runs)
   laperm report                               # docs/results.md + docs/figures from results/
 """
 
@@ -37,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--only", help="only runs whose tags contain this text, e.g. model=conv7")
     p.add_argument("--threads", type=int, help="torch CPU threads per run")
     p.add_argument("--data-dir", help="dataset location (e.g. the CIFAR-10 zip)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each a `laperm train` process logging to EXPERIMENT/logs (default 1: in turn)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument(
         "--evaluate-unfinished",
@@ -57,27 +66,23 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from . import suite  # noqa: F401 - registers the experiments
-    from .base import EXPERIMENTS, run_experiment
+    from .base import EXPERIMENTS, ExperimentError
 
     if args.list or not args.experiment:
         for exp in EXPERIMENTS.values():
             print(f"{exp.name:12s} v{exp.version}  {exp.description}")
         return 0 if args.list else 2
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1 (runs at once), got {args.parallel}")
     if args.experiment not in EXPERIMENTS:
-        from ..config import ConfigError
-
         raise ConfigError(f"unknown experiment {args.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
-    entries = run_experiment(
-        args.experiment,
-        budget=args.budget,
-        seeds=args.seeds,
-        out=args.out,
-        only=args.only,
-        threads=args.threads,
-        data_dir=args.data_dir,
-        dry_run=args.dry_run or args.evaluate_unfinished,
-    )
+    try:
+        entries = _run(args)
+    except ExperimentError as failure:
+        print(f"laperm: error: {failure}", file=sys.stderr)
+        return 1
     if args.evaluate_unfinished:
         from pathlib import Path
 
@@ -88,6 +93,22 @@ def cmd_run(args: argparse.Namespace) -> int:
             if out is not None:
                 print(f"{e['folder']}: epoch {out['epoch']} checkpoint, test accuracy {out['test_acc']:.2%}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
+    from .base import run_experiment
+
+    return run_experiment(
+        args.experiment,
+        budget=args.budget,
+        seeds=args.seeds,
+        out=args.out,
+        only=args.only,
+        threads=args.threads,
+        data_dir=args.data_dir,
+        dry_run=args.dry_run or args.evaluate_unfinished,
+        parallel=args.parallel,
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,0 +1,238 @@
+"""A training step that stays on the device: no host synchronisation between LaPerm syncs.
+
+:class:`DeviceStep` runs what ``laperm train``'s loop body runs -- forward, cross-entropy (with the
+optional logit scale and coupled L2 term), backward, the inner optimizer's step, LaPerm's step
+counting and sync -- and accumulates the loss and accuracy on the device, to be read with
+:meth:`DeviceStep.read_metrics` every N steps (one host sync per read).
+
+On CUDA (``graph=None`` picks it there) forward, backward and the inner optimizer's step are
+captured once in a CUDA graph (``torch.cuda.graph``, static input buffers) and replayed each step:
+one launch instead of hundreds, which is what limits small networks at batch 50.  LaPerm's part
+stays in Python, outside the graph: it counts steps on the host (no device read) and, every k
+steps, runs the sync (one batched sort per row length, :func:`laperm.reconnect.sync_many_`) and its
+finite check (one reduction over all synced tensors, read once).  The sync writes the parameters
+in place, so the graph stays valid.  On CPU the same component runs eagerly, computing exactly
+what the plain loop computes (tests check identical weights).
+
+Options: ``precision="bf16"`` (autocast of forward and loss; parameters, gradients and optimizer
+state stay float32), ``channels_last`` (convnets), cuDNN autotuning on CUDA.  For the graph the
+inner Adam must be ``capturable`` (see :func:`make_adam`: fused and capturable on CUDA, torch's
+default on CPU).
+
+Rules for a caller (the engine): build the optimizer *after* :func:`prepare_model`; call
+:meth:`DeviceStep.reset_graph` after anything replaces optimizer state tensors
+(``load_state_dict``); learning-rate changes through the param groups are picked up before each
+replay.  The ``latent`` sync rule runs eagerly (its step swaps tensors outside the inner step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..optim import LaPerm
+
+__all__ = ["PRECISIONS", "DeviceStep", "make_adam", "prepare_model", "l2_penalty"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def make_adam(
+    params: Any, *, lr: float, eps: float, device: torch.device | str, weight_decay_free: str = "adam"
+) -> torch.optim.Optimizer:
+    """The inner Adam (or AdamW) for the fast step: fused and capturable on CUDA, torch's default elsewhere."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(weight_decay_free)
+    if cls is None:
+        raise ValueError(f"make_adam builds 'adam' or 'adamw', got {weight_decay_free!r}")
+    if torch.device(device).type == "cuda":
+        return cls(params, lr=lr, eps=eps, fused=True, capturable=True)
+    return cls(params, lr=lr, eps=eps)
+
+
+def prepare_model(model: nn.Module, channels_last: bool) -> nn.Module:
+    """Put a convnet's 4-D weights in channels_last memory format (in place: the parameters stay the same objects)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model
+
+
+def l2_penalty(params: Sequence[Tensor]) -> Tensor:
+    """``sum(p**2)`` over ``params`` with a fixed number of kernels (``_foreach_norm``), not one per tensor."""
+    return torch.stack(torch._foreach_norm(list(params))).square().sum()
+
+
+class DeviceStep:
+    """One training step with no host sync, eager or replayed from a CUDA graph; metrics kept on the device.
+
+    Args:
+        model, optimizer: the model (on its device) and its optimizer (a :class:`~laperm.optim.LaPerm`
+            or a plain one, e.g. the Adam baseline).
+        l2, l2_params: coupled L2 term ``l2 * sum(p**2)`` added to the loss.
+        loss_scale: ``"mean"`` or ``"sum"`` (the gradient of the batch *sum*, as ``laperm train``).
+        logit_scale: softmax temperature of the loss (1: none).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        channels_last: convert the model (do it before building the optimizer, or pass it already converted).
+        graph: capture a CUDA graph (default: on CUDA); ``warmup_steps`` eager steps come first.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        l2: float = 0.0,
+        l2_params: Sequence[Tensor] = (),
+        loss_scale: str = "mean",
+        logit_scale: float = 1.0,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        graph: bool | None = None,
+        warmup_steps: int = 3,
+    ) -> None:
+        self.device = next(model.parameters()).device
+        _check_options(self.device, loss_scale, precision, graph, warmup_steps)
+        self.model, self.opt = prepare_model(model, channels_last), optimizer
+        self.laperm = optimizer if isinstance(optimizer, LaPerm) else None
+        self.inner = self.laperm.base_optimizer if self.laperm is not None else optimizer
+        self.l2, self.l2_params = float(l2), list(l2_params) if l2 else []
+        self.loss_scale, self.logit_scale, self.precision = loss_scale, float(logit_scale), precision
+        self.channels_last, self.warmup_steps = channels_last, warmup_steps
+        latent = any(g.get("sync_rule") == "latent" for g in optimizer.param_groups)
+        self.use_graph = (self.device.type == "cuda" if graph is None else graph) and not latent
+        if self.use_graph:
+            _check_capturable(self.inner)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.images = 0  # counted on the host: the batch sizes are known there
+        self.steps = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
+        self._lrs: list[Tensor] = []
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        """One training step on the batch ``(x, y)`` (already on the device)."""
+        if not self.use_graph:
+            self._eager(x, y)
+        elif self.steps < self.warmup_steps or (self._graph is not None and x.shape != self._static[0].shape):
+            self._eager_on_side_stream(x, y)  # warm-up steps, and a batch of another size (e.g. the last)
+        else:
+            self._replay(x, y)
+        self.images += len(y)
+        self.steps += 1
+
+    def _forward_backward(self, x: Tensor, y: Tensor) -> None:
+        """Forward, loss, backward and metric accumulation: the loop body of ``laperm train`` up to the step."""
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
+        ):  # (no weight-cast cache: it would not survive graph replay)
+            logits = self.model(x)
+            scaled = logits if self.logit_scale == 1.0 else logits * self.logit_scale
+            loss = F.cross_entropy(scaled, y)
+        if self.l2_params:
+            loss = loss + self.l2 * l2_penalty(self.l2_params)
+        (loss * len(y) if self.loss_scale == "sum" else loss).backward()
+        self.loss_sum += loss.detach().double() * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+
+    def _eager(self, x: Tensor, y: Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self._forward_backward(x, y)
+        self.opt.step()
+
+    def _eager_on_side_stream(self, x: Tensor, y: Tensor) -> None:
+        # Capture needs the warm-up (autograd's and cuDNN's first-call work) off the capturing stream.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._eager(x, y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _replay(self, x: Tensor, y: Tensor) -> None:
+        graph = self._graph if self._graph is not None else self._capture(x, y)
+        static_x, static_y = self._static
+        static_x.copy_(x)
+        static_y.copy_(y)
+        self._refresh_lr()
+        graph.replay()
+        if self.laperm is not None:
+            with _inner_step_done(self.inner):
+                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+
+    def _capture(self, x: Tensor, y: Tensor) -> torch.cuda.CUDAGraph:
+        """Record forward, backward and the inner step once (recording runs nothing: the caller replays)."""
+        memory_format = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
+        self._static = (x.clone(memory_format=memory_format), y.clone())
+        self._lrs = [
+            torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device) for g in self.inner.param_groups
+        ]
+        self._refresh_lr()
+        self.opt.zero_grad(set_to_none=True)  # backward in the graph then allocates the gradients in its pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._forward_backward(*self._static)
+            self.inner.step()
+        self._graph = graph
+        return graph
+
+    def _refresh_lr(self) -> None:
+        """Point every group at its captured lr tensor, holding the group's current value (a scheduler may
+        have assigned a float): the graph reads the learning rate from there."""
+        for group, lr in zip(self.inner.param_groups, self._lrs, strict=True):
+            if group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
+
+    def reset_graph(self) -> None:
+        """Forget the captured graph (recaptured at the next step): after optimizer state is replaced."""
+        self._graph = None
+        self._static = (torch.empty(0), torch.empty(0))
+        self._lrs = []
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def read_metrics(self) -> dict[str, float]:
+        """Mean loss and accuracy over the images since the last read (one host sync), then reset."""
+        loss_sum, correct = torch.stack([self.loss_sum, self.correct.double()]).tolist()
+        n = max(self.images, 1)
+        out = {"loss": loss_sum / n, "accuracy": correct / n, "images": float(self.images)}
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.images = 0
+        return out
+
+
+@contextlib.contextmanager
+def _inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
+    """Make ``inner.step()`` a no-op for a moment: the graph replay has just done it, and LaPerm's
+    ``step()`` then does only its own part (step count, sync).  Uses LaPerm's public step only."""
+    inner.step = lambda closure=None: None  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        del inner.step
+
+
+def _check_options(device: torch.device, loss_scale: str, precision: str, graph: bool | None, warmup: int) -> None:
+    if loss_scale not in ("mean", "sum"):
+        raise ValueError(f"loss_scale must be 'mean' or 'sum', got {loss_scale!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if graph and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}; pass graph=False")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup_steps must be an integer >= 1 (eager steps before the capture), got {warmup!r}")
+
+
+def _check_capturable(inner: torch.optim.Optimizer) -> None:
+    if not all(g.get("capturable", False) for g in inner.param_groups):
+        raise ValueError(
+            f"a CUDA graph needs a capturable inner optimizer; build it with capturable=True "
+            f"(laperm.fast.make_adam does), not this {type(inner).__name__}, or pass graph=False"
+        )
