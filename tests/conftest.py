@@ -31,3 +31,12 @@ def clean_engine_state(monkeypatch):
     monkeypatch.delenv(checkpoint.FAULT_ENV, raising=False)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fault_counts():
+    """Each test counts fault points from zero: two tests with the same LAPERM_TEST_FAULT spec in one
+    process would otherwise share the count, and the second one's fault would never fire."""
+    from laperm import checkpoint
+
+    checkpoint.reset_fault_counts()

@@ -48,6 +48,9 @@ def test_fields_added_later_keep_run_names():
             "eval_steps",
             "logit_scale",
             "sync_rule",
+            "mode",
+            "precision",
+            "channels_last",
         }
     }
     import hashlib

@@ -185,6 +185,13 @@ _fault_counts: dict[str, int] = {}
 _fault_spec = ""
 
 
+def reset_fault_counts() -> None:
+    """Forget how often each fault point was reached (tests: each test counts from zero, even with the same spec)."""
+    global _fault_spec
+    _fault_spec = ""
+    _fault_counts.clear()
+
+
 def fault_point(point: str) -> bool:
     """Test hook: act on ``point`` if ``$LAPERM_TEST_FAULT`` asks for it; a no-op otherwise.
 
