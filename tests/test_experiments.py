@@ -149,8 +149,14 @@ def test_quick_experiment_end_to_end_and_resumable(tmp_path: Path, monkeypatch):
     assert set(manifest["runs"]) == {e["folder"] for e in entries}
     assert manifest["runs"][first.name]["command"].startswith("laperm train --model f1 --dataset synthetic")
     log.clear()
+    runs[0].tags["part"] = "renamed"  # the experiment's tags changed since the runs trained
     base.run_experiment("tiny", out=tmp_path, threads=1, log=log.append)
     assert sum("(done)" in line for line in log) == 2  # nothing retrained
+    again = json.loads((folder / "experiment.json").read_text())["runs"]
+    assert again[first.name]["tags"]["part"] == "renamed"  # the manifest follows the experiment...
+    assert (
+        again[first.name]["wall_s"] == manifest["runs"][first.name]["wall_s"] > 0
+    )  # ...keeping what training measured
 
 
 def test_run_list_and_unknown_experiment(capsys):

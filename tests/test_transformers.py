@@ -300,11 +300,17 @@ def test_transformers_experiment_quick_smoke_and_report(tmp_path, clean_engine_s
     runs = EXPERIMENTS["transformers"].make_runs("paper", [0, 1, 2])
     parts = [(r.tags["model"], r.tags["part"]) for r in runs]
     assert parts.count(("char-gpt", "main")) == parts.count(("vit-tiny", "main")) == 6
+    assert parts.count(("char-gpt", "best")) == parts.count(("vit-tiny", "best")) == 3
     assert all(r.hook == "rebuild" for r in runs if r.tags["part"] == "main" and r.tags["method"] == "adam")
+    best = [r.overrides for r in runs if r.tags["part"] == "best"]
+    assert all(o["sync_rule"] == "latent" and o["k"] == 1 and "optimizer" not in o for o in best)
     res = tmp_path / "results"
-    run_experiment(
-        "transformers", budget="quick", seeds=[0], out=res, only="model=char-gpt seed=0 part=main", log=lambda s: None
-    )
+    for only in (
+        "model=char-gpt seed=0 part=main",
+        "model=char-gpt seed=0 part=best",
+        "model=vit-tiny seed=0 part=why",
+    ):
+        run_experiment("transformers", budget="quick", seeds=[0], out=res, only=only, log=lambda s: None)
     folder = res / "transformers"
     adam = next(folder.glob("char-gpt-adam-*"))
     rebuild = [json.loads(line) for line in (adam / "rebuild.jsonl").read_text().splitlines()]
@@ -317,4 +323,47 @@ def test_transformers_experiment_quick_smoke_and_report(tmp_path, clean_engine_s
     )  # LaPerm keeps profiles
     md = report.write_report(res, tmp_path / "docs").read_text()
     assert "## Transformers (beyond the paper)" in md and "LaPerm / Adam validation bits per character" in md
+    assert "| LaPerm, latent sync rule, k=1 |" in md and "| latent sync rule, k=1 | laperm |" in md
+    assert "Where a sync costs" in md and "| epoch | steps since sync | inner | only embed |" in md
     assert (tmp_path / "docs" / "figures" / "transformers_char-gpt.png").is_file()
+
+
+@pytest.mark.parametrize("rule", ["overwrite", "latent"])
+def test_sync_cost_probe_measures_each_layer_type_and_leaves_training_alone(tmp_path, clean_engine_state, rule):
+    from laperm.config import resolve_config
+    from laperm.experiments.hooks import make
+    from laperm.train import train
+
+    common = dict(model="vit-tiny", epochs=2, batch_size=128, k=5, train_subset=512, val_size=500, seed=4)
+    common.update(sync_rule=rule, progress=False, threads=1)
+    runs = {}
+    for name, hook in (("plain", None), ("probed", "synccost")):
+        cfg = resolve_config(dict(common, out=str(tmp_path), name=name))
+        probe = make(hook, cfg, tmp_path / name)
+        probe.finish(train(cfg, callbacks=probe, log=lambda s: None))
+        runs[name] = tmp_path / name
+    a, b = (load(runs[n] / "final.pt")["model"] for n in ("plain", "probed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the probe restores every weight it touched
+    records = [json.loads(line) for line in (runs["probed"] / "synccost.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (runs["probed"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r, m in zip(records, metrics, strict=True):
+        roles = {"embed", "pos", "attn.qkv", "attn.proj", "fc1", "fc2", "head"}
+        measured = r.keys() - {"epoch", "steps_since_sync", "weights"}
+        assert {"inner", "synced"} | {f"only {role}" for role in roles} == measured and r["weights"].keys() == roles
+        assert all(w["change"] > 0 and w["scale"] > 0 for w in r["weights"].values())
+        assert r["synced"]["loss"] == pytest.approx(m["val_loss"], rel=1e-6)  # what the engine evaluated
+        assert r["inner"]["loss"] != r["synced"]["loss"]
+    assert [r["steps_since_sync"] for r in records] == [4, 3]  # 4 steps an epoch, a sync every 5
+
+
+def test_weight_role_names_the_same_tensor_of_every_block():
+    from laperm.models.transformer import layer_type, weight_role
+
+    assert weight_role("blocks.2.attn.qkv.weight") == weight_role("blocks.0.attn.qkv.weight") == "attn.qkv"
+    assert [weight_role(n) for n in ("tok.weight", "blocks.3.fc2.weight", "head.weight")] == ["tok", "fc2", "head"]
+    assert [layer_type(n) for n in ("tok.weight", "blocks.3.fc2.weight", "blocks.1.attn.proj.weight")] == [
+        "embeddings",
+        "MLP",
+        "attention",
+    ]

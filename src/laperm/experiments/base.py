@@ -161,7 +161,8 @@ def run_experiment(
         log(f"[{name} {i}/{len(runs)}] {_label(run)} -> {run_dir} ({'done' if done else 'to train'})")
         if done or dry_run:
             if run_dir.is_dir():  # a dry run registers started runs, so the report can show unfinished ones
-                manifest["runs"][entry["folder"]] = entry
+                # (tags and command as the experiment now defines them; what training recorded is kept)
+                manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
             continue
         resume = (run_dir / "config.yaml").is_file()
         if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)

@@ -12,6 +12,10 @@
 * ``dynamics``: per scheduled sync, the fraction of weights moved per layer
   (``dynamics.json``), plus snapshots of small layers (``snapshots.npz``) for
   F1's template animation.
+* ``synccost``: where a sync costs. At every epoch end, before the engine syncs for
+  evaluation, the validation loss and accuracy of the inner (unsynced) weights, of the synced
+  weights, and of the inner weights with only the tensors of one role synced (the same
+  projection in every block: ``fc1``, ``attn.qkv``, ...; ``synccost.jsonl``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from ..config import TrainConfig
 from ..data.text import EvalWindows, TextCorpus, bits_per_char
 from ..engine import Callbacks, batchnorm_modules, evaluate, recalibrate_bn
 from ..models import get_spec
+from ..models.transformer import weight_role
 
-__all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe"]
+__all__ = ["make", "Probe", "RebuildProbe", "DynamicsProbe", "InnerProbe", "SyncCostProbe"]
 
 
 class Probe(Callbacks):
@@ -51,6 +56,8 @@ def make(name: str | None, cfg: TrainConfig, run_dir: Path) -> Probe:
         return DynamicsProbe(run_dir)
     if name == "inner":
         return InnerProbe(cfg)
+    if name == "synccost":
+        return SyncCostProbe(cfg, run_dir)
     raise ValueError(f"unknown analysis hook {name!r}")
 
 
@@ -203,3 +210,78 @@ class InnerProbe(Probe):
             hits += torch.bincount(y[pred == y], minlength=n)[:n]
         model.train(was)
         record["class_recall"] = [round(float(h) / max(int(c), 1), 4) for h, c in zip(hits, counts, strict=True)]
+
+
+class SyncCostProbe(Probe):
+    """What one sync costs, by role of the weights, at every epoch end (``synccost.jsonl``).
+
+    Each record: the epoch, the steps since the last sync, and for ``inner`` (no tensor synced),
+    ``synced`` (all) and each role alone (``only <role>``, :func:`weight_role`: the same tensor of
+    every block) the validation loss and accuracy (for a language model also bits per character).
+    A role whose sync alone costs about what syncing everything costs is where the overwrite loses
+    the inner optimizer's progress. ``weights[role]`` says how far the inner weights have moved
+    from the values a sync puts back: ``scale`` = rms(inner) / rms(synced) (the synced rows hold
+    the initial values, so this is the growth of the weights' magnitude) and ``change`` =
+    rms(inner - synced) / rms(synced). The weights are restored afterwards, so the training
+    trajectory is unchanged.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.val: Any = None
+
+    def _loader(self, model: torch.nn.Module) -> Any:
+        if self.val is None:
+            ds = build.load_data(self.cfg, get_spec(self.cfg.model))
+            self.text = isinstance(ds, TextCorpus)
+            self.val = build.build_loaders(self.cfg, ds, next(model.parameters()).device).val
+            if self.val is None:
+                raise ValueError("the synccost probe measures on the validation split: give val_size > 0")
+        return self.val
+
+    def _measure(self, model: torch.nn.Module) -> dict[str, float]:
+        loss, acc = evaluate(model, self._loader(model))
+        out = {"loss": loss, "acc": acc}
+        if self.text:
+            out["bpc"] = bits_per_char(loss)
+        return out
+
+    @torch.no_grad()
+    def before_evaluation(self, record: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
+        if "train_loss" not in record or not hasattr(opt, "synced_weights"):
+            return  # (epoch ends of LaPerm runs only)
+        params = opt.permuted_parameters()
+        as_left = {n: p.detach().clone() for n, p in params}
+        with opt.synced_weights():
+            synced = {n: p.detach().clone() for n, p in params}
+        with opt.inner_weights():  # (the latent weights of latent groups)
+            inner = {n: p.detach().clone() for n, p in params}
+        since = opt.param_groups[0]["k"] - opt.steps_to_next_sync()
+        out: dict[str, Any] = {"epoch": record["epoch"], "steps_since_sync": since, "weights": {}}
+        try:
+            _load(params, inner)
+            out["inner"] = self._measure(model)
+            for role in dict.fromkeys(weight_role(n) for n in synced):  # (in model order)
+                picked = [(n, p) for n, p in params if weight_role(n) == role]
+                out["weights"][role] = _movement([inner[n] for n, _ in picked], [synced[n] for n, _ in picked])
+                _load(picked, synced)
+                out[f"only {role}"] = self._measure(model)
+                _load(picked, inner)
+            _load(params, synced)
+            out["synced"] = self._measure(model)
+        finally:
+            _load(params, as_left)
+        with open(self.run_dir / "synccost.jsonl", "a") as f:
+            f.write(json.dumps(out) + "\n")
+
+
+def _movement(inner: list[torch.Tensor], synced: list[torch.Tensor]) -> dict[str, float]:
+    """rms(inner) / rms(synced) and rms(inner - synced) / rms(synced), over all the tensors given."""
+    a, b = torch.cat([t.flatten() for t in inner]).double(), torch.cat([t.flatten() for t in synced]).double()
+    rms = b.square().mean().sqrt()
+    return {"scale": float(a.square().mean().sqrt() / rms), "change": float((a - b).square().mean().sqrt() / rms)}
+
+
+def _load(params: list[tuple[str, torch.Tensor]], values: dict[str, torch.Tensor]) -> None:
+    for n, p in params:
+        p.copy_(values[n])

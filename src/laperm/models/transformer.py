@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .layers import KerasModelMixin
 
-__all__ = ["CharGPT", "ViTTiny", "Block", "SelfAttention"]
+__all__ = ["CharGPT", "ViTTiny", "Block", "SelfAttention", "LAYER_TYPES", "layer_type", "weight_role"]
 
 
 class SelfAttention(nn.Module):
@@ -159,3 +159,30 @@ class ViTTiny(KerasModelMixin, nn.Module):
 
 def _vit_cifar(**kwargs: object) -> ViTTiny:
     return ViTTiny(input_shape=(3, 32, 32), patch=4, **kwargs)  # type: ignore[arg-type]
+
+
+# -- naming the parameters by what they do (for analyses: profiles, sync costs) -----------------
+
+LAYER_TYPES = (
+    ("embeddings", ("tok.", "pos.", "embed.")),
+    ("attention", (".attn.",)),
+    ("MLP", (".fc1.", ".fc2.")),
+    ("head", ("head.",)),
+)
+
+
+def layer_type(name: str) -> str:
+    """embeddings / attention / MLP / head, from a Transformer parameter's name."""
+    for kind, marks in LAYER_TYPES:
+        if any(m in name or name.startswith(m) for m in marks):
+            return kind
+    return "other"
+
+
+def weight_role(name: str) -> str:
+    """A permuted tensor's role in its block, the same in every block: ``blocks.2.attn.qkv.weight``
+    -> ``attn.qkv``, ``tok.weight`` -> ``tok``."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+        parts = parts[2:]
+    return ".".join(parts[:-1]) if len(parts) > 1 else name
