@@ -414,5 +414,17 @@ def _under_laperm_launcher() -> bool:
     return os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid())
 
 
+def _worker_exit(code: int | bool) -> None:
+    """End a ``--nproc`` worker without the interpreter's shutdown: everything it writes is written
+    and its process group destroyed by now, and skipping the C++ destructors at exit avoids the
+    rare abort of a communication thread torn down there, which would fail a finished job."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if sys.argv[1:] == [WORKER_COMMAND]:
+        _worker_exit(rc)
+    sys.exit(rc)

@@ -110,9 +110,20 @@ def _rank_device(device: torch.device, local_rank: int) -> torch.device:
     return device
 
 
-def teardown(d: Dist) -> None:
-    """Destroy the process group if :func:`setup` created it for ``d`` (never a caller's own)."""
+def teardown(d: Dist, finished: bool = False) -> None:
+    """Destroy the process group if :func:`setup` created it for ``d`` (never a caller's own).
+
+    ``finished``: every rank got through the run, so all of them wait for each other first and
+    none takes its connections down while a peer is still writing or verifying (a rank that
+    tore down early was seen to abort at exit in CI). After a failure there is no barrier: a
+    peer may be gone, and the launcher stops the others.
+    """
     if d.owns_group and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer went away after finishing: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 

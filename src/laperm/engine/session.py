@@ -47,6 +47,7 @@ def train(
     cfg.validate()
     device = build.resolve_device(cfg.device)
     d, device = distributed.setup(device)
+    finished = False
     try:  # from here on every exit tears down the process group setup() made, and only that one
         if d.enabled and cfg.nproc != d.world:
             cfg = dataclasses.replace(cfg, nproc=d.world).validate()  # e.g. launched by torchrun directly
@@ -54,9 +55,11 @@ def train(
             if callbacks is not None:
                 raise TypeError("pass on_epoch or callbacks, not both")
             callbacks = EpochCallback(on_epoch)
-        return _checked_run(cfg, d, device, resume, overwrite, log, callbacks or Callbacks())
+        summary = _checked_run(cfg, d, device, resume, overwrite, log, callbacks or Callbacks())
+        finished = True
+        return summary
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, finished)
 
 
 def _quiet(message: str) -> None:
