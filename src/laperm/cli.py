@@ -323,7 +323,7 @@ COMMANDS = {"train": cmd_train, "verify": cmd_verify, "presets": cmd_presets, "m
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == [WORKER_COMMAND] and WORKER_ARGV in os.environ:  # a process started by launch_local
+    if _is_worker(argv):
         from .launch import guard_worker
 
         guard_worker()  # first of all: never outlive the launcher (e.g. after a kill -9 of its group)
@@ -414,6 +414,11 @@ def _under_laperm_launcher() -> bool:
     return os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid())
 
 
+def _is_worker(argv: list[str]) -> bool:
+    """This process is a ``--nproc`` worker started by :func:`launch_local`."""
+    return argv == [WORKER_COMMAND] and WORKER_ARGV in os.environ
+
+
 def _worker_exit(code: int | bool) -> None:
     """End a ``--nproc`` worker without the interpreter's shutdown: everything it writes is written
     and its process group destroyed by now, and skipping the C++ destructors at exit avoids the
@@ -425,6 +430,6 @@ def _worker_exit(code: int | bool) -> None:
 
 if __name__ == "__main__":
     rc = main()
-    if sys.argv[1:] == [WORKER_COMMAND]:
+    if _is_worker(sys.argv[1:]):
         _worker_exit(rc)
     sys.exit(rc)

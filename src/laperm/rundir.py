@@ -60,6 +60,7 @@ INIT, BEST, FINAL = "init.pt", "best.pt", "final.pt"
 METRICS, EVALS, SUMMARY, CURVES = "metrics.jsonl", "evals.jsonl", "summary.json", "curves.png"
 CHECKPOINTS = "checkpoints"
 VOCAB = "vocab.json"  # text runs: the character vocabulary (id -> character)
+SYNCCOST = "synccost.jsonl"  # runs with the synccost analysis hook (experiments.hooks.SyncCostProbe)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import build
+from .. import build, rundir
 from ..analysis.dynamics import SyncRecorder
 from ..analysis.rebuild import random_permutation_state, rebuild_state
 from ..checkpoint import atomic_write_text, load
@@ -229,6 +229,7 @@ class SyncCostProbe(Probe):
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.val: Any = None
+        self.text = False  # a language model (set with the loader): bits per character too
 
     def _loader(self, model: torch.nn.Module) -> Any:
         if self.val is None:
@@ -271,7 +272,7 @@ class SyncCostProbe(Probe):
             out["synced"] = self._measure(model)
         finally:
             _load(params, as_left)
-        with open(self.run_dir / "synccost.jsonl", "a") as f:
+        with open(self.run_dir / rundir.SYNCCOST, "a") as f:
             f.write(json.dumps(out) + "\n")
 
 

@@ -44,10 +44,11 @@ def _summary(runs: Sequence[dict[str, Any]], key: str) -> list[float | None]:
 
 
 # The rows of the main table and the lines of the curves: (label, tags that pick the runs).
+ADAM = dict(part="main", method="adam")
 METHODS: tuple[tuple[str, dict[str, str]], ...] = (
     ("LaPerm, preset (overwrite rule)", dict(part="main", method="laperm")),
     ("LaPerm, latent sync rule, k=1", dict(part="best", method="laperm")),
-    ("Adam", dict(part="main", method="adam")),
+    ("Adam", ADAM),
 )
 GOALS = "goals: LaPerm's bits per character ≤ 1.05 × Adam's; vit-tiny within 1 point of Adam"
 
@@ -60,9 +61,11 @@ def _mean(runs: Sequence[dict[str, Any]], key: str) -> float | None:
 def _goal_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
     """LaPerm / Adam bits per character and Adam − LaPerm accuracy, for each LaPerm row."""
     lines = []
-    adam_gpt = _mean(_pick(runs, model="char-gpt", **METHODS[-1][1]), "final_val_bpc")
-    adam_vit = _mean(_pick(runs, model="vit-tiny", **METHODS[-1][1]), "final_test_acc")
-    for label, tags in METHODS[:-1]:
+    adam_gpt = _mean(_pick(runs, model="char-gpt", **ADAM), "final_val_bpc")
+    adam_vit = _mean(_pick(runs, model="vit-tiny", **ADAM), "final_test_acc")
+    for label, tags in METHODS:
+        if tags is ADAM:
+            continue
         gpt = _mean(_pick(runs, model="char-gpt", **tags), "final_val_bpc")
         vit = _mean(_pick(runs, model="vit-tiny", **tags), "final_test_acc")
         parts = []
@@ -160,9 +163,6 @@ def _settings_table(rep: Any, runs: Sequence[dict[str, Any]]) -> None:
         rep.add(*_table(["setting", "method", "val bits/char", "next-char test acc", "training time"], rows))
 
 
-SYNCCOST = "synccost.jsonl"  # written by the synccost hook (experiments.hooks.SyncCostProbe)
-
-
 def _synccost_cell(x: dict[str, Any], text: bool) -> str:
     return f"{x['bpc']:.3f}" if text else f"{100 * x['acc']:.2f}%"
 
@@ -171,10 +171,10 @@ def _synccost_table(rep: Any, runs: Sequence[dict[str, Any]]) -> None:
     """One table per model: a row per epoch end, a column per role synced alone."""
     tables = []
     for r in _pick(runs, part="why"):
-        records = rundir.read_jsonl(r["path"] / SYNCCOST)
+        records = rundir.read_jsonl(r["path"] / rundir.SYNCCOST)
         if not records:
             continue
-        text = r["tags"]["model"] == "char-gpt"
+        text = "bpc" in records[0]["inner"]  # a language model
         roles = [k for k in records[0] if k.startswith("only ")]
         columns = ["inner", *roles, "synced"]
         rows = [[x["epoch"], x["steps_since_sync"], *(_synccost_cell(x[c], text) for c in columns)] for x in records]
