@@ -381,20 +381,32 @@ def run_gpu(device: str, quick: bool, output: Path, gpu_json: Path) -> int:
     if device == "cpu" and not quick:
         print("error: the GPU section measures a GPU; on CPU only its smoke run exists: add --quick", file=sys.stderr)
         return 2
-    res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True))
+
+    def save(res: dict) -> None:  # after every row: a run cut off by a time limit keeps what it measured
+        _write_gpu(res, output, gpu_json)
+
+    res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True), save=save)
+    save(res)
+    failed = sum(bool(r.get("error")) for key in ("sync", "throughput", "parallel") for r in res[key])
+    print(f"\n{gpu.markdown(res)}\nwrote {gpu_json} and the GPU section of {output}; {failed} contender(s) failed")
+    return 0
+
+
+def _write_gpu(res: dict, output: Path, gpu_json: Path) -> None:
+    """The figures to ``gpu_json``; the GPU section spliced into ``output`` (its other sections stay)."""
     gpu_json.parent.mkdir(parents=True, exist_ok=True)
     gpu_json.write_text(json.dumps(res, indent=1) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(splice_gpu_section(output.read_text() if output.exists() else "# Benchmarks\n\n", res))
+
+
+def splice_gpu_section(doc: str, res: dict) -> str:
+    """``doc`` with its GPU section replaced by (or, without one, ended with) the one for ``res``."""
     section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{GPU_END}\n"
-    doc = output.read_text() if output.exists() else "# Benchmarks\n\n"
     if GPU_START in doc and GPU_END in doc:
         head, rest = doc.split(GPU_START, 1)
-        doc = head + section + rest.split(GPU_END, 1)[1].lstrip("\n")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(doc)
-    print(f"\n{gpu.markdown(res)}\nwrote {gpu_json} and the GPU section of {output}")
-    return 0
+        return head + section + rest.split(GPU_END, 1)[1].lstrip("\n")
+    return doc.rstrip("\n") + "\n\n" + section
 
 
 def main(argv: list[str] | None = None) -> int:
