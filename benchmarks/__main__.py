@@ -7,7 +7,9 @@
 
 Everything compared is measured side by side in one process (peak memory:
 in fresh subprocesses), interleaved, and reported as medians and ratios; see
-each module's docstring for its method.  No test asserts on these timings.
+each module's docstring for its method.  The GPU section is the exception: each
+of its contenders runs in its own process (benchmarks/isolate.py), and a failed
+one becomes a row with its traceback.  No test asserts on these timings.
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@ and ResNet50 at their presets' batch (50) and k:
 * **parallel** -- ``runs`` copies of the Conv2 fast LaPerm step in separate processes at once
   (started together, each timing a fixed window), summed, against one alone.
 
+Every sync and throughput contender runs in a process of its own (:mod:`benchmarks.isolate`,
+``python -m benchmarks.gpu sync|throughput ...``): on an H200 one failed CUDA-graph capture made every
+later contender of the same process fail (issue 21).  A contender that fails, hangs or dies becomes a
+row whose figures are empty and whose ``error`` holds its return code and full traceback; the
+markdown lists them under "Failures".  The JSON and markdown are rewritten after every row.
+
 With ``quick`` (any device, CPU in the tests) everything is shrunk to a smoke run: the numbers
 mean nothing.  The figures go to a JSON file in the issue's schema; :func:`markdown` renders them.
 """

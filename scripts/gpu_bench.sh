@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 13 in one call, well inside 10 minutes (sections have time budgets:
-# CUDA tests 100 s, benchmark 420 s), writing a few small files to $OUT:
+# CUDA tests 100 s, benchmark 470 s: each contender is a process of its own), writing a few small files to $OUT:
 #   log.txt               everything printed (each measurement's row as it is taken, so a cut-off run keeps its rows)
 #   hardware.txt          nvidia-smi and torch's view of the card
 #   benchmarks-gpu.json   the figures, in the issue's schema  (copy to docs/ to publish)
@@ -40,7 +40,7 @@ fi
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null || true
 args=(--device "$DEVICE" --output "$OUT/benchmarks.md" --gpu-json "$OUT/benchmarks-gpu.json")
 if [ "$QUICK" = 1 ]; then args+=(--only gpu --quick --threads 1); fi
-budget 420 "$PY" -m benchmarks "${args[@]}"
+budget 470 "$PY" -m benchmarks "${args[@]}"
 status=$?
 ls -la "$OUT" | tee -a "$LOG"
 exit $status
