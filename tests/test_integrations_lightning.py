@@ -76,3 +76,11 @@ def test_lightning_validates_at_synced_weights(tmp_path):
 def test_lightning_example_runs(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     assert "verified" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_from_its_inner_model():
+    """Earlier versions kept the whole inner model under INNER_KEY; loading one puts it in place."""
+    module, inner = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert not torch.equal(module.weight, inner.weight)
+    LaPermLightningCallback().on_load_checkpoint(None, module, {INNER_KEY: inner.state_dict()})
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), inner.parameters(), strict=True))

@@ -118,7 +118,7 @@ class LaPermLightningCallback(pl.Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # A checkpoint of laperm <= 0.2 holds the whole inner model beside the synced one: resume from it.
+        # A checkpoint of an earlier laperm holds the whole inner model beside the synced one: resume from it.
         # (Newer ones need nothing here: LaPerm's state puts the inner weights back when it is loaded.)
         if INNER_KEY in checkpoint:
             pl_module.load_state_dict(checkpoint[INNER_KEY])
