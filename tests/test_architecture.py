@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "laperm.initial_values",
             "laperm.optim_format",
+            "laperm.optim_state",
             "laperm.sharding",
             "laperm.checkpoint",
             "laperm.distributed",

@@ -8,6 +8,7 @@ import torch
 
 from laperm.integrations import LaPermLightningCallback
 from laperm.integrations.lightning import INNER_KEY
+from laperm.optim_state import INNER
 from laperm.reconnect import is_row_permutation
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lightning.py"
@@ -36,10 +37,13 @@ def test_lightning_checkpoint_resume_is_bit_identical_and_verified(tmp_path):
     trainer(2, [LaPermLightningCallback(), ckpt_cb], str(tmp_path / "half")).fit(Classifier(), *loaders())
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=False)
-    # The checkpoint's model is the synced one (a permutation of θ0); the inner weights sit beside it.
-    sd, inner = saved["state_dict"], saved[INNER_KEY]
+    # The checkpoint's model is the synced one (a permutation of θ0); LaPerm's state carries the inner weights
+    # of the permuted tensors (and nothing else: no second copy of the model).
+    sd = saved["state_dict"]
     assert all(is_row_permutation(sd[n], theta0[n]) for n in permuted)
-    assert not all(is_row_permutation(inner[n], theta0[n]) for n in permuted)
+    assert INNER_KEY not in saved
+    inner = [st[INNER] for st in saved["optimizer_states"][0]["state"].values() if INNER in st]
+    assert len(inner) == len(permuted) and not any(is_row_permutation(z, theta0[n]) for z, n in zip(inner, permuted))
 
     resumed, cb2 = Classifier(), LaPermLightningCallback()
     fit = trainer(4, [cb2], str(tmp_path / "resumed"))
@@ -72,3 +76,11 @@ def test_lightning_validates_at_synced_weights(tmp_path):
 def test_lightning_example_runs(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     assert "verified" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_from_its_inner_model():
+    """Earlier versions kept the whole inner model under INNER_KEY; loading one puts it in place."""
+    module, inner = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert not torch.equal(module.weight, inner.weight)
+    LaPermLightningCallback().on_load_checkpoint(None, module, {INNER_KEY: inner.state_dict()})
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), inner.parameters(), strict=True))

@@ -65,9 +65,10 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
-from . import reconnect, sharding
+from . import optim_state, reconnect, sharding
 from .initial_values import COUNTS, SORTED, SortedRows
 from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
+from .optim_state import INNER, INNER_COUNT
 from .reconnect import RowLayout
 
 __all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "permuted_layouts", "NORM_LAYERS", "SYNC_RULES"]
@@ -169,6 +170,7 @@ class LaPerm(torch.optim.Optimizer):
         self._meta: dict[Tensor, _Permuted] = {}
         self._unattached: set[Tensor] = set()
         self._synced = True
+        self._set_aside: dict[Tensor, Tensor] | None = None  # inner weights, inside synced_weights()
         self._sync_hooks: list[Callable[[LaPerm, list[Tensor]], None]] = []
         # Each group's sync rule as it was added, and for latent groups their (index,
         # [(param, its state entry holding the latent weights), ...]): empty when no group is
@@ -503,25 +505,25 @@ class LaPerm(torch.optim.Optimizer):
 
     @contextlib.contextmanager
     def synced_weights(self) -> Iterator[None]:
-        """Temporarily put the weights in their synced state (for evaluation).
+        """Temporarily put the weights in their synced state (for evaluation, or to save a model file).
 
-        The inner weights are restored on exit, so evaluating does not change
-        the training trajectory.  Latent groups already hold their synced
-        weights and are left as they are.
+        The inner weights are restored on exit, so evaluating does not change the training trajectory;
+        a ``state_dict()`` taken inside carries them, so a checkpoint saved here resumes exactly
+        (:mod:`laperm.optim_state`).  Latent groups already hold their synced weights and are left as they are.
         """
         if self._synced:
             yield
             return
-        latent = {p for _, pairs in self._latent for p, _ in pairs}
-        saved = [(p, p.detach().clone()) for p in self._meta if p not in latent]
+        latent = self.latent_weights()
+        self._set_aside = {p: p.detach().clone() for p in self._meta if p not in latent}
         try:
             self._sync_all()
             yield
         finally:
             with torch.no_grad():
-                for p, value in saved:
+                for p, value in self._set_aside.items():
                     p.copy_(value)
-            self._synced = False
+            self._set_aside, self._synced = None, False
 
     @contextlib.contextmanager
     def inner_weights(self) -> Iterator[None]:
@@ -598,13 +600,15 @@ class LaPerm(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The layout every torch optimizer uses (see :mod:`laperm.optim_format`): the inner optimizer's
         state_dict, with each permuted parameter's sorted θ0 (and latent weights) in its entry and LaPerm's
-        options, step counts and synced flag in the param groups: everything to resume."""
+        options, step counts and synced flag in the param groups: everything to resume.  Inside
+        :meth:`synced_weights` it also carries the inner weights the model file lacks (:mod:`laperm.optim_state`)."""
         out = self.base_optimizer.state_dict()
         index = {p: i for i, p in enumerate(self._all_params())}
         for p in self._meta:
             i = index[p]
             ours = {k: v for k, v in self._entry(p).items() if k.startswith(LAPERM_PREFIX)}
             out["state"][i] = {**out["state"].get(i, {}), **ours}  # (a new dict: the live entry stays as it is)
+        optim_state.add_inner(out, index, optim_state.carried_inner(self._set_aside))
         for group in out["param_groups"]:
             group.update(laperm_synced=self._synced, laperm_format=FORMAT)
         out["laperm_format"] = FORMAT
@@ -614,14 +618,14 @@ class LaPerm(torch.optim.Optimizer):
         """Load a state_dict of this layout (from torch.save, DCP, accelerate, ...) or laperm 0.1.0's.
 
         Everything is checked before anything is loaded: the same permuted parameters, sync rules and
-        shapes as the saved run.
+        shapes as the saved run.  Load the model's weights first: a state saved at temporarily synced
+        weights puts its inner weights back where the model holds those synced weights.
         """
         try:
             sd = upgrade(state_dict)
-        except FormatError as e:
+            optim_state.check_saved(sd, self._all_params(), self._meta, self._rules, set(self.latent_weights()))
+        except (FormatError, optim_state.SavedStateError) as e:
             raise LaPermError(str(e)) from None
-        params = self._all_params()
-        self._check_saved(sd, params)
         inner_state = {
             i: {k: v for k, v in st.items() if not k.startswith(LAPERM_PREFIX)} for i, st in sd["state"].items()
         }
@@ -631,49 +635,21 @@ class LaPerm(torch.optim.Optimizer):
         )
         for group in self.param_groups:
             group.setdefault("sync_rule", "overwrite")
-            group.pop("laperm_format", None)
-            group.pop("laperm_synced", None)
+            for key in ("laperm_format", "laperm_synced", INNER_COUNT):
+                group.pop(key, None)
+        carried = []
         with torch.no_grad():
-            for i, p in enumerate(params):
+            for i, p in enumerate(self._all_params()):
                 if p in self._meta:
                     self._load_entry(p, sd["state"][i])
+                    if INNER in sd["state"][i]:
+                        st = self._meta[p]
+                        carried.append((p, sd["state"][i][INNER], self.initial_sorted(p), st.layout, st.name))
         self._latent = [(i, [(p, self._entries[p]) for p, _ in pairs]) for i, pairs in self._latent]
         self._unattached = set(self._entries)
         self._synced = all(bool(g.get("laperm_synced", False)) for g in sd["param_groups"])
-
-    def _check_saved(self, sd: dict[str, Any], params: list[Tensor]) -> None:
-        """Raise LaPermError unless ``sd`` (format 2, positional) permutes what this optimizer permutes, alike."""
-        state = sd["state"]
-        if {i for i, st in state.items() if SORTED in st} != {i for i, p in enumerate(params) if p in self._meta}:
-            raise LaPermError(
-                "the saved LaPerm state permutes different parameters than this "
-                "optimizer; build the model and param groups as in the saved run"
-            )
-        for i, (rule, g) in enumerate(zip(self._rules, sd["param_groups"], strict=False)):
-            if g.get("sync_rule", "overwrite") != rule:
-                raise LaPermError(
-                    f"the saved LaPerm state has sync_rule {g.get('sync_rule', 'overwrite')!r} in param group "
-                    f"{i}, this optimizer {rule!r}; create it with the saved run's sync rule"
-                )
-        latent = {p for _, pairs in self._latent for p, _ in pairs}
-        if {i for i, st in state.items() if LATENT in st} != {i for i, p in enumerate(params) if p in latent}:
-            raise LaPermError(
-                "the saved LaPerm state has latent weights for different parameters than this "
-                "optimizer's latent groups; build the model and param groups as in the saved run"
-            )
-        for i, p in enumerate(params):
-            if p not in self._meta:
-                continue
-            st, meta = state[i], self._meta[p]
-            z = st.get(LATENT)
-            if p in latent and (not isinstance(z, Tensor) or tuple(z.shape) != tuple(p.shape)):
-                raise LaPermError(
-                    f"saved latent weights of {meta.name} are damaged (expected a tensor of shape {tuple(p.shape)})"
-                )
-            try:
-                SortedRows.from_entry({SORTED: sharding.local(st[SORTED]), COUNTS: st.get(COUNTS)}, meta.rows)
-            except (TypeError, ValueError) as e:
-                raise LaPermError(f"saved initial values of {meta.name} are damaged ({e})") from None
+        if optim_state.restore_inner(carried, sum(int(g.get(INNER_COUNT, 0)) for g in sd["param_groups"])):
+            self._synced = False  # (the model is back between syncs, as when it was saved)
 
     def _load_entry(self, p: Tensor, saved: dict[str, Any]) -> None:
         """Replace ``p``'s LaPerm tensors by the saved ones, on ``p``'s device; latent weights in place."""

@@ -14,9 +14,11 @@
   evaluation -- is added to the evaluation metrics (and to ``trainer.state.log_history``);
 * at the end of training the weights are synced for good and (``verify=True``) checked.
 
-A checkpoint holds the synced model and the optimizer's state.  With the ``"latent"`` sync rule the
-inner weights live in the optimizer's state, so ``trainer.train(resume_from_checkpoint=...)`` continues
-exactly; with ``"overwrite"`` (the paper's rule) it continues from the synced weights of that step.
+A checkpoint holds the synced model (``model.safetensors``) and the optimizer's state, taken at those
+synced weights, so it carries the inner weights the model file lacks: with ``"overwrite"`` (the paper's
+rule) those of the permuted tensors (:mod:`laperm.optim_state`), with ``"latent"`` the latent weights.
+The Trainer loads the model first, then the optimizer's state, which puts the inner weights back, so
+``trainer.train(resume_from_checkpoint=...)`` continues bit for bit under either rule (tested).
 """
 
 from __future__ import annotations

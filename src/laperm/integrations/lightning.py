@@ -7,8 +7,10 @@
   weights, so evaluating does not change the trajectory), and ``laperm/reconnected`` -- the fraction
   of permuted weights that changed since the previous validation -- is logged;
 * a checkpoint's ``state_dict`` holds the synced weights (what ``load_from_checkpoint`` gives you: a
-  row-wise permutation of θ0), and ``laperm_inner_state_dict`` the inner weights, which this callback
-  puts back when a fit resumes from the checkpoint, so a resumed run continues bit for bit;
+  row-wise permutation of θ0), and LaPerm's state in it, taken at those synced weights, carries the
+  inner weights of the permuted tensors (:mod:`laperm.optim_state`), which it puts back when a fit
+  resumes from the checkpoint, so a resumed run continues bit for bit (checkpoints of earlier laperm
+  versions kept the whole inner model under ``laperm_inner_state_dict``: still read);
 * at the end of training the weights are synced for good and (``verify=True``) checked.
 """
 
@@ -25,7 +27,7 @@ from ._common import ReconnectionTracker, find_laperm
 
 __all__ = ["LaPermLightningCallback", "INNER_KEY"]
 
-INNER_KEY = "laperm_inner_state_dict"  # the checkpoint entry holding the inner (training) weights
+INNER_KEY = "laperm_inner_state_dict"  # where earlier versions kept the inner (training) weights: still read
 
 
 class LaPermLightningCallback(pl.Callback):
@@ -104,21 +106,20 @@ class LaPermLightningCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         opt = self.laperm(trainer)
-        if opt is None or "state_dict" not in checkpoint:
-            return
-        if self._synced is not None:  # saved during a validation: the weights in place are the synced ones
-            self._exit()
-            checkpoint[INNER_KEY] = _copy(pl_module.state_dict())
-            self._enter(trainer)
-        elif not opt.is_synced:
-            checkpoint[INNER_KEY] = checkpoint["state_dict"]
-            with opt.synced_weights():
-                checkpoint["state_dict"] = _copy(pl_module.state_dict())
+        if opt is None or "state_dict" not in checkpoint or opt.is_synced:
+            return  # (saved during validation, inside the temporary sync: the optimizer's state carries the inner weights)
+        with opt.synced_weights():  # the synced model, and LaPerm's state taken at it: it carries the inner weights
+            checkpoint["state_dict"] = _copy(pl_module.state_dict())
+            states = checkpoint.get("optimizer_states") or []
+            for i, o in enumerate(trainer.optimizers[: len(states)]):
+                if find_laperm(o) is opt:
+                    states[i] = trainer.strategy.optimizer_state(o)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # (Lightning has already loaded the synced state_dict into the module; resume from the inner one.)
+        # A checkpoint of an earlier laperm holds the whole inner model beside the synced one: resume from it.
+        # (Newer ones need nothing here: LaPerm's state puts the inner weights back when it is loaded.)
         if INNER_KEY in checkpoint:
             pl_module.load_state_dict(checkpoint[INNER_KEY])
 
