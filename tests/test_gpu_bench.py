@@ -26,6 +26,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_gpu_section_smoke_run_on_cpu_writes_the_schema(tmp_path):
     md, js = tmp_path / "bench.md", tmp_path / "gpu.json"
     md.write_text("# Benchmarks\n\nCPU tables stay.\n")
@@ -63,6 +64,7 @@ def test_gpu_section_on_cpu_needs_quick(tmp_path):
     assert res.returncode == 2 and "--quick" in res.stderr
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     docs_json = ROOT / "docs" / "benchmarks-gpu.json"
     before = docs_json.read_bytes() if docs_json.exists() else None
