@@ -7,7 +7,7 @@ beyond FSDP2's own.  The script trains an MLP on a synthetic task, saves a
 checks that the resumed run lands on the same weights, then verifies that
 every trained row is a permutation of its initial values.
 
-    python examples/fsdp2.py --nproc 2                 # 2 CPU processes (gloo), spawned here
+    python examples/fsdp2.py                           # 2 CPU processes (gloo), spawned here
     torchrun --nproc-per-node 2 examples/fsdp2.py      # or launched by torchrun (NCCL on GPUs)
     python examples/fsdp2.py --nproc 1                 # the same global batches, unsharded
 
@@ -17,10 +17,14 @@ every trained row is a permutation of its initial values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import socket
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -109,17 +113,63 @@ def run(rank: int, world: int, out: str | None, ckpt: str) -> None:
             torch.save({"theta0": theta0, "final": final, "resumed_exactly": exact}, Path(out) / "result.pt")
 
 
-def _spawned(rank: int, world: int, port: int, out: str | None, ckpt: str) -> None:
+def _spawned(rank: int, world: int, port: int, out: str | None, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    _in_group(rank, world, out, ckpt)
+    _in_group(rank, world, out, folder)
+    _exit_finished_worker()
 
 
-def _in_group(rank: int, world: int, out: str | None, ckpt: str) -> None:
+def _in_group(rank: int, world: int, out: str | None, folder: str | None) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    finished = False
     try:
-        run(rank, world, out, ckpt)
+        with _agreed_folder(out, folder) as where:
+            run(rank, world, out, str(Path(where) / "dcp"))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        _teardown(finished)
+
+
+@contextlib.contextmanager
+def _agreed_folder(out: str | None, folder: str | None) -> Iterator[str]:
+    """The one folder every rank saves to and loads from: ``--out``, the launching process's temporary
+    folder, or (under torchrun, where each rank is its own program) one that rank 0 makes and broadcasts.
+    Each rank making its own would leave the others loading a checkpoint that is not there. (Across
+    machines, pass ``--out`` on a filesystem they share.)"""
+    if out or folder:
+        yield out or folder  # type: ignore[misc]
+        return
+    made = [tempfile.mkdtemp(prefix="laperm-fsdp2-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    try:
+        yield made[0]
+        dist.barrier()  # every rank is done with it before rank 0 removes it
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(made[0], ignore_errors=True)
+
+
+def _teardown(finished: bool) -> None:
+    """End the process group so that every rank exits cleanly -- copy this into your own script.
+
+    A rank that destroys its group while a peer still talks to it (writing, verifying) can take the
+    peer's connections down and abort it at exit. So when every rank got through, all wait for each
+    other first; after a failure there is no barrier (a peer may be gone, the launcher stops the rest).
+    """
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _exit_finished_worker() -> None:
+    """End a worker that finished without the interpreter's shutdown: its output is flushed and its
+    process group destroyed, and skipping the C++ destructors at exit avoids a rare SIGABRT
+    ("terminate called without an active exception") from a communication thread torn down there,
+    which would fail a job that did all its work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -134,14 +184,14 @@ def main() -> None:
     parser.add_argument("--out", help="folder for result.pt")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if "RANK" in os.environ:  # launched by torchrun: the ranks agree on a folder among themselves
+        _in_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.out, None)
+        _exit_finished_worker()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(Path(args.out or tmp) / "dcp")
-        if "RANK" in os.environ:  # launched by torchrun
-            _in_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.out, ckpt)
-        elif args.nproc == 1:
-            run(0, 1, args.out, ckpt)
+        if args.nproc == 1:
+            run(0, 1, args.out, str(Path(args.out or tmp) / "dcp"))
         else:
-            torch.multiprocessing.spawn(_spawned, args=(args.nproc, _free_port(), args.out, ckpt), nprocs=args.nproc)
+            torch.multiprocessing.spawn(_spawned, args=(args.nproc, _free_port(), args.out, tmp), nprocs=args.nproc)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmarks_write_every_table(tmp_path):
     out = tmp_path / "bench.md"
     res = subprocess.run(

@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     return out, two
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(runs):
     out, two = runs
     assert "verified" in two.stdout
@@ -63,6 +64,7 @@ def test_two_processes_match_one_process(runs):
     assert laperm("verify", str(out / "two")).returncode == 0
 
 
+@pytest.mark.slow
 def test_replicas_were_compared_after_every_sync(runs):
     out, _ = runs
     import json
@@ -72,6 +74,7 @@ def test_replicas_were_compared_after_every_sync(runs):
     assert summary["replica_checks"] >= steps // k
 
 
+@pytest.mark.slow
 def test_distributed_resume_is_exact(runs, tmp_path):
     out, _ = runs
     first = laperm(*COMMON, "--epochs", "2", "--out", str(tmp_path), "--name", "r", "--nproc", "2")
@@ -84,6 +87,7 @@ def test_distributed_resume_is_exact(runs, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_a_dying_rank_brings_the_job_down(tmp_path):
     res = laperm(
         *COMMON,

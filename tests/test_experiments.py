@@ -377,6 +377,7 @@ def test_inner_probe_records_inner_accuracy_and_class_recall(tmp_path: Path, mon
         assert len(r["class_recall"]) == 10 and all(0 <= x <= 1 for x in r["class_recall"])
 
 
+@pytest.mark.slow
 def test_parallel_runs_give_the_same_folders_and_metrics_as_sequential(tmp_path: Path, monkeypatch, capsys):
     """`laperm run --parallel 2` trains each run as its own `laperm train` process: same results as in turn."""
     common = dict(model="f1", dataset="synthetic", epochs=1, batch_size=64, val_size=64, k=4, k_schedule={0: 3})
@@ -408,6 +409,7 @@ def test_parallel_runs_give_the_same_folders_and_metrics_as_sequential(tmp_path:
     assert capsys.readouterr().out.count("(done)") == 4
 
 
+@pytest.mark.slow
 def test_parallel_reports_failed_runs_by_their_log(tmp_path: Path, monkeypatch, capsys):
     runs = [Run(dict(model="f1", dataset="synthetic", epochs=1, val_size=64, data_dir="/nonexistent"), {"seed": 0})]
     runs.append(Run(dict(runs[0].overrides, dataset="idx"), {"seed": 1}))  # no IDX folder there: fails

@@ -40,6 +40,7 @@ def results(tmp_path_factory):
     return torch.load(root / "two" / "result.pt"), torch.load(root / "one" / "result.pt")
 
 
+@pytest.mark.slow
 def test_every_permuted_row_stays_a_permutation_of_its_theta0_row(results):
     two, _ = results
     permuted = [n for n, p in two["final"].items() if p.dim() >= 2]
@@ -49,6 +50,7 @@ def test_every_permuted_row_stays_a_permutation_of_its_theta0_row(results):
         assert not torch.equal(two["final"][name], two["theta0"][name]), name  # it did train
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_one_process_on_the_same_global_batches(results):
     two, one = results
     for name, a in one["final"].items():
@@ -62,6 +64,7 @@ def test_sharded_run_matches_one_process_on_the_same_global_batches(results):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_dcp_resume_of_the_sharded_run_is_exact(results):
     two, one = results
     assert two["resumed_exactly"] and one["resumed_exactly"]

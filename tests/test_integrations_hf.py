@@ -12,7 +12,7 @@ from safetensors.torch import load_file  # noqa: E402
 from laperm.integrations import find_laperm  # noqa: E402
 from laperm.reconnect import is_row_permutation  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "with_hf_trainer.py"
 
 
 def _permuted_names(trainer) -> list[str]:
@@ -68,8 +68,3 @@ def test_hf_trainer_callback_needs_a_laperm_optimizer(tmp_path):
         assert "optimizers=(LaPerm" in str(e)
     else:
         raise AssertionError("training without LaPerm should have failed")
-
-
-def test_hf_example_runs(capsys):
-    runpy.run_path(str(EXAMPLE), run_name="__main__")
-    assert "verified as a permutation" in capsys.readouterr().out

@@ -61,6 +61,7 @@ def test_a_failing_train_leaves_a_users_process_group_alive(users_group, tmp_pat
     assert still_works(users_group)
 
 
+@pytest.mark.slow
 def test_train_tears_down_the_group_it_created_on_a_config_error_after_setup(tmp_path):
     """Two ranks launched as torchrun would: the batch does not split over them, which is found after setup."""
     with socket.socket() as s:

@@ -195,6 +195,7 @@ def test_greedy_and_seeded_samples():
     assert hot[0] == hot[1] != hot[2]
 
 
+@pytest.mark.slow
 def test_train_char_gpt_end_to_end_prints_a_sample_and_verifies(tmp_path, capsys, clean_engine_state):
     rc, out, err = run_cli(
         capsys,
@@ -282,6 +283,7 @@ def test_layouts_of_nn_modules_unchanged_for_old_models():
     assert set(permutable_layouts(lin, permute_biases=True)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
+@pytest.mark.slow
 def test_text_run_resumes_bit_identically(tmp_path, capsys, clean_engine_state):
     common = ("--preset", "char-gpt", "--train-subset", "9000", "--k", "3", "--batch-size", "4", "--no-progress")
     assert run_cli(capsys, "train", *common, "--epochs", "2", "--out", str(tmp_path / "a"), "--name", "r")[0] == 0
@@ -293,6 +295,7 @@ def test_text_run_resumes_bit_identically(tmp_path, capsys, clean_engine_state):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_transformers_experiment_quick_smoke_and_report(tmp_path, clean_engine_state):
     from laperm.experiments import report, suite  # noqa: F401 - registers the experiments
     from laperm.experiments.base import EXPERIMENTS, run_experiment
@@ -328,6 +331,7 @@ def test_transformers_experiment_quick_smoke_and_report(tmp_path, clean_engine_s
     assert (tmp_path / "docs" / "figures" / "transformers_char-gpt.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["overwrite", "latent"])
 def test_sync_cost_probe_measures_each_layer_type_and_leaves_training_alone(tmp_path, clean_engine_state, rule):
     from laperm.config import resolve_config

@@ -4,7 +4,7 @@
 checkpoint's ``state_dict`` (and the inner weights beside them, for an exact resume), and syncs and
 verifies at the end of training.
 
-    python examples/lightning.py
+    python examples/with_lightning.py
 """
 
 from __future__ import annotations

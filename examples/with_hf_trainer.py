@@ -4,7 +4,7 @@ The Trainer gets ``optimizers=(LaPerm(...), scheduler)`` and :class:`LaPermTrain
 evaluates and saves at synced weights and syncs at the end; every trained weight row is then a
 permutation of its initial values.
 
-    HF_HUB_OFFLINE=1 python examples/hf_trainer.py
+    HF_HUB_OFFLINE=1 python examples/with_hf_trainer.py
 """
 
 from __future__ import annotations

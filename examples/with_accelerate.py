@@ -4,7 +4,7 @@ accelerate wraps the optimizer (``AcceleratedOptimizer``); :func:`laperm.integra
 reaches the LaPerm inside it for the final ``sync()`` and ``verify()``.  ``save_state`` stores the
 model's current (inner) weights and LaPerm's state, so ``load_state`` resumes exactly, even between syncs.
 
-    python examples/accelerate.py
+    python examples/with_accelerate.py
 """
 
 from __future__ import annotations
