@@ -89,7 +89,9 @@ def decompress(data: bytes, method: str) -> bytes:
 
 def _method_for(t: Tensor) -> str:
     width = t.element_size()
-    return f"shuffle{width}" if width > 1 and t.numel() > 1 else "zlib"
+    if t.numel() * width < 64:
+        return "none"  # (a step count: compressing would only add zlib's header)
+    return f"shuffle{width}" if width > 1 else "zlib"
 
 
 class Blobs:
