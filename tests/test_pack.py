@@ -202,3 +202,23 @@ def test_a_damaged_package_is_refused(tmp_path):
     part.write_bytes(part.read_bytes()[:-1])
     with pytest.raises(PackError, match="damaged or truncated"):
         unpack(tmp_path / "p", tmp_path / "u")
+
+
+@pytest.mark.slow
+def test_when_the_recipe_does_not_rebuild_theta0_it_travels_in_init_pt(tmp_path, capsys, monkeypatch):
+    """Another torch could seed a different θ0: then init.pt is carried (raw) and codes refer to it."""
+    args = ["--model", "f1", "--dataset", "synthetic", "--train-subset", "64", "--val-size", "32", "--epochs", "1"]
+    args += ["--batch-size", "32", "--k", "2", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--name", "r"]
+    assert run_cli(capsys, "train", *args)[0] == 0
+    import laperm.pack.runs as runs_module
+
+    monkeypatch.setattr(runs_module, "rebuild_theta0", lambda recipe: {})
+    plan = pack_runs([tmp_path / "r"], tmp_path / "pack")
+    (record,) = plan["runs"]
+    assert record["finished"] and record["weights"] and "theta0" not in record["tensors"]
+    assert record["tensors"]["codes"] == 2  # final.pt and best.pt, against init.pt's θ0
+    monkeypatch.undo()
+    unpack(tmp_path / "pack", tmp_path / "u")
+    for name in ("init.pt", "final.pt", "best.pt", "config.yaml", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "u" / "r" / name).read_bytes() == (tmp_path / "r" / name).read_bytes(), name
+    assert run_cli(capsys, "verify", str(tmp_path / "u" / "r"))[0] == 0

@@ -145,6 +145,11 @@ class Theta0:
         self.state = {k: v.detach().cpu() for k, v in state.items()}
         self.layouts = {k: v for k, v in layouts.items() if k in self.state}
         self._derived: dict[tuple[str, str], Tensor] | None = None
+        self._classes: dict[str, tuple[Tensor, Tensor]] = {}
+        # The same synced weights sit in a checkpoint up to three times (model, best, prev_synced)
+        # and again in best.pt: code and decode each once.
+        self._coded: dict[tuple[str, bytes], tuple[int, Tensor]] = {}
+        self._decoded: dict[tuple[str, int], Tensor] = {}
 
     def derived(self) -> dict[tuple[str, str], Tensor]:
         """``{(encoding, name): tensor}`` of everything an entry can point at instead of storing it."""
@@ -177,16 +182,31 @@ class Theta0:
             first = torch.sort(rows[:1], dim=1, stable=True).values
             if not codec.same_bits(first, self.derived()[("sorted", name)][:1]):
                 continue  # cheap rejection: the first row alone is no permutation
-            try:
-                codes, bits = codec.encode_rows(rows, reconnect.to_rows(t0, layout))
-            except ValueError:
-                continue
+            key = (name, hashlib.sha256(raw_bytes(t)).digest())
+            if key not in self._coded:
+                try:
+                    codes, bits = codec.encode_rows(rows, reconnect.to_rows(t0, layout), self.classes(name))
+                except ValueError:
+                    continue
+                self._coded[key] = bits, codes
+            bits, codes = self._coded[key]
             return name, bits, codes
         return None
 
-    def decode_codes(self, name: str, codes: Tensor) -> Tensor:
-        t0, layout = self.state[name], self.layouts[name]
-        return reconnect.from_rows_(t0.clone(), codec.decode_rows(codes, reconnect.to_rows(t0, layout)), layout)
+    def classes(self, name: str) -> tuple[Tensor, Tensor]:
+        if name not in self._classes:
+            self._classes[name] = codec.row_classes(reconnect.to_rows(self.state[name], self.layouts[name]))
+        return self._classes[name]
+
+    def decode_codes(self, name: str, blob: int, codes: Callable[[tuple[int, int]], Tensor]) -> Tensor:
+        """The tensor ``name`` whose rows ``codes(rows' shape)`` (stored in ``blob``) describe."""
+        if (name, blob) not in self._decoded:
+            t0, layout = self.state[name], self.layouts[name]
+            theta_rows = reconnect.to_rows(t0, layout)
+            shape = (int(theta_rows.shape[0]), int(theta_rows.shape[1]))
+            rows = codec.decode_rows(codes(shape), theta_rows, self.classes(name))
+            self._decoded[(name, blob)] = reconnect.from_rows_(t0.clone(), rows, layout)
+        return self._decoded[(name, blob)].clone()
 
 
 # -- objects ----------------------------------------------------------------------------------
@@ -244,11 +264,12 @@ def decode_tensor(entry: dict[str, Any], theta0: Theta0 | None, blob: Callable[[
     if theta0 is None:
         raise ValueError(f"a tensor refers to θ0 ({enc}) but the package has none")
     if enc == "codes":
-        name = entry["name"]
-        rows = reconnect.to_rows(theta0.state[name], theta0.layouts[name])
-        count = rows.shape[0] * rows.shape[1]
-        codes = torch.from_numpy(codec.unpack_bits(blob(int(entry["blob"])), int(entry["bits"]), count))
-        t = theta0.decode_codes(name, codes.reshape(rows.shape))
+        index, bits = int(entry["blob"]), int(entry["bits"])
+
+        def codes(shape: tuple[int, int]) -> Tensor:
+            return torch.from_numpy(codec.unpack_bits(blob(index), bits, shape[0] * shape[1])).reshape(shape)
+
+        t = theta0.decode_codes(entry["name"], index, codes)
     else:
         t = theta0.derived()[(enc, entry["name"])].clone()
     if t.dtype != dtype or list(t.shape) != shape:
