@@ -212,18 +212,30 @@ class Theta0:
 # -- objects ----------------------------------------------------------------------------------
 
 
+def _rebuilt(obj: Any, visit: Callable[[Any, str], Any], key: str) -> Any:
+    """``obj`` with ``visit`` applied to its items; ``obj`` itself when nothing changed.
+
+    Keeping unchanged containers as they are keeps objects shared (Adam's ``betas`` tuple sits in
+    every param group): pickle writes a shared object once, so the file comes back byte for byte.
+    """
+    if isinstance(obj, dict):
+        items = {k: visit(v, str(k)) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = copy.copy(obj)  # keeps the dict's type (OrderedDict) and key order
+        out.update(items)
+        return out
+    if type(obj) in (list, tuple):  # (not torch.Size and other tuple types: they hold no tensors)
+        values = [visit(v, key) for v in obj]
+        return obj if all(a is b for a, b in zip(values, obj, strict=True)) else type(obj)(values)
+    return obj
+
+
 def _walk(obj: Any, fn: Callable[[Tensor, str], Any], key: str = "") -> Any:
     """``obj`` with every tensor ``t`` (under dict key ``key``) replaced by ``fn(t, key)``."""
     if isinstance(obj, Tensor):
         return fn(obj, key)
-    if isinstance(obj, dict):
-        out = copy.copy(obj)  # keeps the dict's type (OrderedDict) and key order
-        for k, v in obj.items():
-            out[k] = _walk(v, fn, str(k))
-        return out
-    if type(obj) in (list, tuple):  # (not torch.Size and other tuple types: they hold no tensors)
-        return type(obj)(_walk(v, fn, key) for v in obj)
-    return obj
+    return _rebuilt(obj, lambda v, k: _walk(v, fn, k), key)
 
 
 def encode_object(obj: Any, theta0: Theta0 | None, blobs: Blobs) -> tuple[Any, list[dict[str, Any]]]:
@@ -282,17 +294,10 @@ def decode_object(
 ) -> Any:
     """The object :func:`encode_object` was given, exactly."""
 
-    def visit(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if set(obj) == {MARKER} and isinstance(obj[MARKER], int):
-                return decode_tensor(entries[obj[MARKER]], theta0, blob)
-            out = copy.copy(obj)
-            for k, v in obj.items():
-                out[k] = visit(v)
-            return out
-        if type(obj) in (list, tuple):
-            return type(obj)(visit(v) for v in obj)
-        return obj
+    def visit(obj: Any, key: str = "") -> Any:
+        if isinstance(obj, dict) and set(obj) == {MARKER} and isinstance(obj[MARKER], int):
+            return decode_tensor(entries[obj[MARKER]], theta0, blob)
+        return _rebuilt(obj, visit, key)
 
     return visit(skeleton)
 
