@@ -12,7 +12,7 @@ from conftest import run_cli
 
 from laperm import checkpoint, rundir
 from laperm.pack import PackError, pack_runs, unpack
-from laperm.pack.plan import MIB, _plan_reserve
+from laperm.pack.plan import MIB
 from laperm.pack.runs import decode_run, encode_run, inspect_run
 from laperm.pack.tensors import Blobs, Theta0, decode_object, encode_object, read_blob, same_object
 
@@ -121,8 +121,8 @@ def test_parts_limits_waiting_runs_and_newer_folders(runs, tmp_path, capsys):
     )
     # Room for the finished run's results and the unfinished state, not the finished run's weights.
     results_only = len(encode_run(inspect_run(paths[2] / "run", "ref/run"), weights=False)[0])
-    extras = whole["extras"]["nbytes"]
-    limit = (_plan_reserve(2) + extras + results_only + sizes["exp/run"] + 1024) / MIB
+    extras, reserve = whole["extras"]["nbytes"], whole["limits"]["plan_reserve"]
+    limit = (reserve + extras + results_only + sizes["exp/run"] + 1024) / MIB
     plan = pack_runs([paths[0], paths[2]], tmp_path / "tight", max_total_mib=limit)
     by_path = {r["path"]: r for r in plan["runs"]}
     assert by_path["exp/run"]["packed"] and by_path["exp/run"]["weights"]
@@ -130,7 +130,7 @@ def test_parts_limits_waiting_runs_and_newer_folders(runs, tmp_path, capsys):
     assert "weights left behind" in by_path["ref/run"]["reason"]
     assert sum(p.stat().st_size for p in (tmp_path / "tight").iterdir()) <= limit * MIB
     # Less room (the finished run's results go first): the unfinished run waits, whole; the plan says so.
-    limit = (_plan_reserve(2) + extras + sizes["exp/run"] + results_only // 2) / MIB
+    limit = (reserve + extras + sizes["exp/run"] + results_only // 2) / MIB
     plan = pack_runs([paths[0], paths[2]], tmp_path / "tighter", max_total_mib=limit)
     waiting = next(r for r in plan["runs"] if r["path"] == "exp/run")
     assert not waiting["packed"] and "did not fit --max-total-mib" in waiting["reason"]

@@ -38,9 +38,10 @@ VERSION = 1
 DEVICE_TOOL_FILES = 8  # the device tool brings back at most this many files
 
 
-def _plan_reserve(runs: int) -> int:
-    """Bytes kept for plan.json and plan.md within --max-total-mib."""
-    return 32 * 1024 + 6 * 1024 * runs
+def plan_reserve(runs: list[RunInfo]) -> int:
+    """Bytes kept for plan.json and plan.md within --max-total-mib (they list every run and its files)."""
+    names = sum(len(r.files) + len(r.weights) + len(r.left) for r in runs)
+    return 32 * 1024 + 2 * 1024 * len(runs) + 2 * 256 * names
 
 
 # -- finding runs -----------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def _write_parts(out: Path, chunks: list[bytes], part_bytes: int) -> list[dict[s
 
 
 def _mib(n: int) -> str:
-    return f"{n / MIB:.2f} MiB"
+    return f"{n / MIB:.2f} MiB" if n >= MIB // 10 else f"{n / 1024:.1f} KiB"
 
 
 def _plan_md(plan: dict[str, Any]) -> str:
@@ -288,7 +289,8 @@ def pack_runs(
         raise PackError("--max-file-mib and --max-total-mib must be positive numbers of MiB")
     out = Path(out)
     runs, extras, skipped = discover(list(paths), out)
-    budget = None if max_total_mib is None else int(max_total_mib * MIB) - _plan_reserve(len(runs))
+    reserve = plan_reserve(runs)
+    budget = None if max_total_mib is None else int(max_total_mib * MIB) - reserve
     extras_package = encode_files(extras)
     if budget is not None:
         budget -= len(extras_package)
@@ -316,7 +318,8 @@ def pack_runs(
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    plan |= {"limits": {"max_file_mib": max_file_mib, "max_total_mib": max_total_mib}, "parts": parts}
+    plan |= {"limits": {"max_file_mib": max_file_mib, "max_total_mib": max_total_mib, "plan_reserve": reserve}}
+    plan["parts"] = parts
     plan |= {"extras": extra_record, "runs": records, "totals": _totals(records, parts, out)}
     checkpoint.atomic_write_text(out / PLAN_MD, _plan_md(plan))
     checkpoint.atomic_write_text(out / PLAN_JSON, json.dumps(plan, indent=1) + "\n")
@@ -335,8 +338,8 @@ def _totals(records: list[dict[str, Any]], parts: list[dict[str, Any]], out: Pat
     waiting = len(records) - len(packed)
     summary = (
         f"packed {len(packed)} of {len(records)} runs ({unfinished} unfinished, {len(packed) - unfinished} finished) "
-        f"into {out}: {len(parts) + 2} files, {_mib(data)} of data "
-        f"(their run folders: {_mib(sum(r['folder_nbytes'] for r in packed))} on disk)"
+        f"into {out}: {len(parts) + 2} files, {_mib(data)} of data (the runs: {_mib(sum(r['nbytes'] for r in packed))} "
+        f"from {_mib(sum(r['folder_nbytes'] for r in packed))} of run folders on disk)"
     )
     if waiting:
         summary += f"; {waiting} run{'s' if waiting > 1 else ''} wait{'' if waiting > 1 else 's'} (see {PLAN_MD})"

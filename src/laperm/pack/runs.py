@@ -89,7 +89,7 @@ def _skipped(rel: Path) -> bool:
 def inspect_run(source: Path, path: str) -> RunInfo:
     """What packing ``source`` carries: the files, the checkpoint to resume, progress."""
     cfg = rundir.read_run_config(source)
-    finished = (source / rundir.SUMMARY).is_file() and (source / rundir.FINAL).is_file()
+    finished = (source / rundir.SUMMARY).is_file()  # written last, after final.pt (results folders keep only it)
     skipped: list[str] = []
     found = None if finished else checkpoint.latest_good(source / rundir.CHECKPOINTS, warn=skipped.append)
     info = RunInfo(source, path, finished, cfg.get("epochs"), None, None, found[0] if found else None)
@@ -118,7 +118,7 @@ def inspect_run(source: Path, path: str) -> RunInfo:
 
 def run_progress(folder: Path) -> tuple[int, int]:
     """``(finished, step)`` of a run folder on disk, for "is it newer" (the newest checkpoint's step)."""
-    if (folder / rundir.SUMMARY).is_file() and (folder / rundir.FINAL).is_file():
+    if (folder / rundir.SUMMARY).is_file():
         return 1, 0
     ckpts = checkpoint.list_checkpoints(folder / rundir.CHECKPOINTS)
     return 0, int(ckpts[0].name.split("-")[1].split(".")[0]) if ckpts else -1
@@ -279,7 +279,9 @@ def decode_run(package: bytes, where: str = "package", theta0_state: dict[str, A
 
 def write_run(contents: dict[str, Any], folder: Path) -> None:
     """Write decoded files into a new folder (``.pt`` files with their checksum sidecars)."""
-    (folder / rundir.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(not isinstance(c, bytes) for c in contents.values()):  # a run with weights: as training makes it
+        (folder / rundir.CHECKPOINTS).mkdir(exist_ok=True)
     for rel, content in contents.items():
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
