@@ -32,7 +32,7 @@ import torch
 
 from .. import checkpoint, rundir
 from ..export import codec
-from ..export.fileformat import rebuild_theta0
+from ..export.fileformat import rebuild_theta0, run_recipe
 from ..verify import layouts_of_record
 from .tensors import Blobs, Theta0, decode_object, encode_object, read_blob, same_object
 
@@ -137,10 +137,7 @@ def _theta0_of(info: RunInfo) -> tuple[Theta0 | None, dict[str, Any] | None, Any
         return None, None, init
     layouts = layouts_of_record(init) if init.get("permuted") else {}
     state = init["state"]
-    cfg = rundir.read_run_config(info.source)
-    recipe: dict[str, Any] = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
-    if (info.source / rundir.VOCAB).is_file():
-        recipe["model_options"] = {"vocab_size": len(json.loads((info.source / rundir.VOCAB).read_text()))}
+    recipe = run_recipe(info.source, rundir.read_run_config(info.source))
     try:
         rebuilt = rebuild_theta0(recipe)
     except checkpoint.CheckpointError:
