@@ -252,7 +252,7 @@ def _plan_md(plan: dict[str, Any]) -> str:
         "",
         f"{plan['totals']['summary']}",
         "",
-        "| run | status | epoch | packed | run folder on disk | carried |",
+        "| run | status | epochs done | packed | run folder on disk | carried |",
         "|---|---|---|---|---|---|",
     ]
     for r in plan["runs"]:
