@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("components", ("laperm.models", "laperm.optim")),
     ("configuration", ("laperm.config", "laperm.launch")),
     ("construction", ("laperm.build", "laperm.rundir")),
-    ("files", ("laperm.export", "laperm.verify")),
+    ("files", ("laperm.export", "laperm.verify", "laperm.pack")),
     ("analysis", ("laperm.analysis",)),
     ("engine", ("laperm.engine", "laperm.train", "laperm.fast")),
     ("integrations", ("laperm.integrations",)),

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_export_command(sub)
+    _add_pack_commands(sub)
     from .experiments.cli import register
 
     COMMANDS.update(register(sub))  # the experiments' own subcommands: register(sub) -> {name: handler}
@@ -316,6 +317,58 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
         "--check", action="store_true", help="reload the written file and compare it bit for bit with the run's weights"
     )
     COMMANDS["export"] = cmd_export
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack_runs
+
+    plan = pack_runs(args.paths, args.out, args.max_file_mib, args.max_total_mib)
+    for r in plan["runs"]:
+        if not r["packed"]:
+            print(f"laperm: warning: {r['path']} waits: {r['reason']}", file=sys.stderr)
+    print(plan["totals"]["summary"])
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from .pack import unpack
+
+    result = unpack(args.dir, args.into, force=args.force)
+    kept = (
+        f"; kept {len(result['kept'])} newer or complete file(s)/run(s): {', '.join(result['kept'])}"
+        if result["kept"]
+        else ""
+    )
+    print(f"unpacked {len(result['restored'])} run(s) into {args.into}{kept}")
+    return 0
+
+
+def _add_pack_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack run folders (finished or not) into a few files to continue them elsewhere",
+        description="Write everything needed to continue each run elsewhere, in few bytes: configs, metrics,\n"
+        "summaries, the checkpoint to resume (θ0 rebuilt from its recipe, synced weights as\n"
+        "permutation indices, optimizer moments and random states exact), plus plan.json/plan.md.",
+        epilog="examples:\n  laperm pack results/paper --out /tmp/pack --max-total-mib 60\n"
+        "  laperm unpack /tmp/pack --into work && laperm train --resume work/paper/<run>",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, or a folder holding run folders")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the pack folder to write")
+    p.add_argument("--max-file-mib", type=float, default=16, metavar="MIB", help="largest data file (default 16)")
+    p.add_argument("--max-total-mib", type=float, metavar="MIB", help="all files together; runs that do not fit wait")
+    p = sub.add_parser(
+        "unpack",
+        help="restore run folders from `laperm pack`",
+        description="Restore packed run folders at their recorded paths; `laperm train --resume` continues them.",
+        epilog="example:\n  laperm unpack /tmp/pack --into work",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="the --out folder of `laperm pack`")
+    p.add_argument("--into", type=Path, default=Path("."), metavar="ROOT", help="where to restore (default: here)")
+    p.add_argument("--force", action="store_true", help="replace run folders even when they are newer")
+    COMMANDS.update(pack=cmd_pack, unpack=cmd_unpack)
 
 
 COMMANDS = {"train": cmd_train, "verify": cmd_verify, "presets": cmd_presets, "models": cmd_models}

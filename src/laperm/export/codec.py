@@ -57,6 +57,7 @@ __all__ = [
     "decode_compact",
     "encode_rows",
     "decode_rows",
+    "row_classes",
     "pack_bits",
     "unpack_bits",
     "packed_size",
@@ -125,12 +126,20 @@ def _histogram(codes: Tensor) -> Tensor:
     return torch.zeros(codes.shape, dtype=torch.int64).scatter_add_(1, codes, torch.ones_like(codes))
 
 
-def encode_rows(final_rows: Tensor, theta_rows: Tensor) -> tuple[Tensor, int]:
+def row_classes(theta_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """What :func:`encode_rows` and :func:`decode_rows` derive from θ0 rows (pass it as ``classes=``
+    to code many tensors against the same θ0 without sorting it again)."""
+    return _classes(theta_rows)
+
+
+def encode_rows(
+    final_rows: Tensor, theta_rows: Tensor, classes: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, int]:
     """Codes of ``final_rows`` against ``theta_rows`` and their bit width.
 
     Raises ``ValueError`` naming the first row that is not a permutation of its θ0 row.
     """
-    s, cls = _classes(theta_rows)
+    s, cls = classes if classes is not None else _classes(theta_rows)
     keys = _keys(final_rows)
     pos = torch.searchsorted(s, keys).clamp_(max=max(s.shape[1] - 1, 0))
     present = s.gather(1, pos) == keys
@@ -143,13 +152,13 @@ def encode_rows(final_rows: Tensor, theta_rows: Tensor) -> tuple[Tensor, int]:
     return codes, math.ceil(math.log2(distinct)) if distinct > 1 else 0
 
 
-def decode_rows(codes: Tensor, theta_rows: Tensor) -> Tensor:
+def decode_rows(codes: Tensor, theta_rows: Tensor, classes: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Rows holding, at each position, the θ0 value of class ``codes`` (bit-exact).
 
     Raises ``ValueError`` if a code is out of range or a decoded row does not
     hold exactly its θ0 values (a damaged file or the wrong θ0).
     """
-    s, cls = _classes(theta_rows)
+    s, cls = classes if classes is not None else _classes(theta_rows)
     if codes.shape != s.shape:
         raise ValueError(f"{tuple(codes.shape)} codes for {tuple(s.shape)} weights")
     if codes.numel():

@@ -27,6 +27,7 @@ from .codec import MAGIC, SUFFIX, CompactFormatError, Decoded, encode_compact, s
 
 __all__ = [
     "rebuild_theta0",
+    "run_recipe",
     "decode_compact",
     "save_compact",
     "load_compact",
@@ -148,7 +149,7 @@ def export_run(
         raise RunDirError(f"{run_dir / which}.pt holds no model weights")
     theta0 = init["state"]
     layouts = {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
-    recipe = _recipe(run_dir, cfg)
+    recipe = run_recipe(run_dir, cfg)
     if not with_theta0:
         names = [n for n in state if n in layouts]
         rebuilt = rebuild_theta0(recipe)
@@ -176,12 +177,15 @@ def export_run(
     return ExportResult(out, len(data), state_dict_nbytes(state), bits)
 
 
-def _recipe(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """What rebuilds the run's θ0: model, init, seed (text runs: and the vocabulary's size)."""
+def run_recipe(run_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What rebuilds the run's θ0 (:func:`rebuild_theta0`): model, init, seed (text runs: and the vocabulary's size)."""
     recipe = {"model": cfg.get("model"), "init": cfg.get("init"), "seed": cfg.get("seed")}
     if (run_dir / rundir.VOCAB).is_file():
         recipe["model_options"] = {"vocab_size": len(read_vocab(run_dir / rundir.VOCAB))}
     return recipe
+
+
+_recipe = run_recipe  # the former private name
 
 
 def check_against_run(path: str | Path, run_dir: str | Path, which: str = "final") -> list[str]:
