@@ -130,13 +130,16 @@ def build_model(
     return model.to(device), {k: v.to(device) for k, v in masks.items()}
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """LaPerm over the configured inner optimizer, or the plain baseline optimizer."""
+def build_optimizer(cfg: TrainConfig, model: nn.Module, *, capturable: bool = False) -> torch.optim.Optimizer:
+    """LaPerm over the configured inner optimizer, or the plain baseline optimizer.
+
+    ``capturable``: Adam fused and capturable on any device (the capture-safety check on CPU runs the
+    inner step that a CUDA graph would capture)."""
     groups = laperm_param_groups(model, permute_biases=resolve_permute_biases(cfg.model, cfg.permute_biases))
     kind = cfg.inner if cfg.optimizer == "laperm" else cfg.optimizer
     inner: torch.optim.Optimizer
     # The fast path's CUDA graph captures the inner step: Adam fused and capturable there.
-    graphable = cfg.mode == "fast" and next(model.parameters()).device.type == "cuda"
+    graphable = capturable or (cfg.mode == "fast" and next(model.parameters()).device.type == "cuda")
     adam: dict[str, Any] = {"fused": True, "capturable": True} if graphable else {}
     if kind == "adam":
         inner = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, **adam)
