@@ -236,7 +236,7 @@ class DeviceStep:
             f"goes on with eager steps (the same computation, slower); reset_graph() or a resumed run tries "
             f"again. The error: {self.capture_error}",
             CaptureFailedWarning,
-            stacklevel=4,
+            stacklevel=5,  # the caller of the step
         )
 
     def _refresh_lr(self) -> None:
