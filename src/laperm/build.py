@@ -9,6 +9,7 @@ numbers are part of the run format -- changing one changes every result.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,19 @@ class Seeds:
     """The ``derive_seed(cfg.seed, n)`` stream numbers (fixed: they are part of every result)."""
 
     MODEL, INIT, SPLIT, TRAIN_ORDER, CALIB_ORDER, GLOBAL_RNG, PROBE_CALIB, SUBSET = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def resolve_mode(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``mode: auto`` decided (other modes as they are): ``fast`` on a CUDA device; ``eager``
+    on CPU, for several processes and for text models, which the fast path does not train."""
+    if cfg.mode != "auto":
+        return cfg
+    try:
+        text = (cfg.dataset or models.get_spec(cfg.model).dataset) == "text"
+    except models.UnknownModelError:
+        text = False  # (the unknown name is reported where the model is built)
+    fast = device.type == "cuda" and cfg.nproc == 1 and not text
+    return dataclasses.replace(cfg, mode="fast" if fast else "eager").validate()
 
 
 def resolve_device(name: str) -> torch.device:
