@@ -90,10 +90,10 @@ class _CpuGenerator(nn.Module):
         return x * (torch.rand(x.shape, generator=self.g) > 0.5)
 
 
-def _check(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> CaptureChecker:
+def _check(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], **options) -> CaptureChecker:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)
     checker = CaptureChecker(model, opt)
-    step = DeviceStep(model, opt, graph=True, warmup_steps=1, graph_factory=checker)
+    step = DeviceStep(model, opt, graph=True, warmup_steps=1, graph_factory=checker, **options)
     for x, y in batches:
         step(x, y)
     return checker
@@ -128,10 +128,14 @@ def test_the_checker_names_the_op_and_the_module(trap, op, words):
         checker.assert_safe()
 
 
-def test_a_clean_net_passes_and_the_warm_up_is_not_judged():
-    checker = _check(_Planted(nn.ReLU()), _batches(3))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_clean_net_passes_with_every_loss_option(precision):
+    # the loss path the presets use: coupled L2 (_foreach_norm), logit scale, summed loss, autocast
+    model = _Planted(nn.Dropout(0.2))
+    options = dict(l2=1e-4, l2_params=[model.conv.weight, model.fc.weight], logit_scale=3.0, loss_scale="sum")
+    checker = _check(model, _batches(3), precision=precision, channels_last=True, **options)
     checker.assert_safe()
-    assert checker.captures == 1
+    assert checker.captures == 1  # the warm-up ran too, unjudged
 
 
 def test_a_convolution_layout_first_seen_in_the_capture_is_flagged():
