@@ -172,3 +172,23 @@ def test_a_fast_run_whose_capture_fails_completes_resumes_and_verifies(tmp_path,
     assert _same(_final(ref_dir), _final(tmp_path / "run"))  # the eager fallback computed the same run
     assert rundir.read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["epoch"] == 2
     assert run_cli(capsys, "verify", str(tmp_path / "run"))[0] == 0
+
+
+class FailingInsideCapture(FailingCapture):
+    """An op fails inside the capture, then ending the capture fails too (what torch.cuda.graph's exit does)."""
+
+    def capture(self, fn: Callable[[], None]) -> None:
+        type(self).captures += 1
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        finally:
+            raise RuntimeError(CUDA_ERROR)  # noqa: B012  (the chained error is the point)
+
+
+def test_the_warning_keeps_the_error_that_invalidated_the_capture():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step, _ = _run(FailingInsideCapture, steps=3)
+    (failed,) = [w for w in caught if issubclass(w.category, CaptureFailedWarning)]
+    assert "operation not permitted when stream is capturing" in str(failed.message)
+    assert "cudaErrorStreamCaptureInvalidated" in str(failed.message)

@@ -56,12 +56,13 @@ class CudaStepGraph:
 
     def capture(self, fn: Callable[[], None]) -> None:
         caller = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(self.device)  # our own: a failed capture must not leave a shared one capturing
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=stream):
                 fn()
         except BaseException:
-            self._recover(graph, caller)
+            self._recover(graph, stream, caller)
             raise
         self._graph = graph
 
@@ -69,10 +70,13 @@ class CudaStepGraph:
         assert self._graph is not None, "replay() before a successful capture()"
         self._graph.replay()
 
-    def _recover(self, graph: torch.cuda.CUDAGraph, caller: torch.cuda.Stream) -> None:
+    def _recover(self, graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, caller: torch.cuda.Stream) -> None:
         """Leave no trace of a failed capture.  ``torch.cuda.graph``'s exit raises from ``capture_end``
-        before it restores the stream, and the default generator stays in capture mode (its next
-        random op fails with "Offset increment outside graph capture encountered unexpectedly")."""
+        before it restores the caller's stream, and before the default generator leaves capture mode
+        (its next random op then fails: "Offset increment outside graph capture encountered
+        unexpectedly"); an exception before ``cudaStreamEndCapture`` would leave the stream capturing
+        (in the global capture mode every later synchronising call then fails)."""
+        torch.cuda.set_stream(stream)
         with contextlib.suppress(Exception):
             if torch.cuda.is_current_stream_capturing():
                 graph.capture_end()  # ends the (invalidated) capture; its error is the one already raised
@@ -80,11 +84,12 @@ class CudaStepGraph:
         with contextlib.suppress(Exception):
             torch.cuda.synchronize(self.device)
         generator = torch.cuda.default_generators[_index(self.device)]
-        saved = generator.get_state()
         with contextlib.suppress(Exception):
-            # A fresh generator state is not in capture mode; the seed and offset are put back next.
+            saved = generator.get_state()
+            # A fresh generator state is not in capture mode; the seed and offset are put back next
+            # (DeviceStep then restores the state it saved before the attempt).
             generator.graphsafe_set_state(torch.Generator(device=self.device))
-        generator.set_state(saved)
+            generator.set_state(saved)
 
 
 def _index(device: torch.device) -> int:

@@ -231,6 +231,8 @@ class DeviceStep:
         self.opt.zero_grad(set_to_none=True)
         self._static, self._lrs, self._pending = (torch.empty(0), torch.empty(0)), [], None
         self.capture_error = f"{type(error).__name__}: {error}"
+        if error.__context__ is not None:  # e.g. capture_end's error raised while an op's error propagated
+            self.capture_error += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
         warnings.warn(
             f"{type(self.model).__name__}: the CUDA graph capture of the training step failed, so this run "
             f"goes on with eager steps (the same computation, slower); reset_graph() or a resumed run tries "
