@@ -171,3 +171,11 @@ def test_an_unreached_capture_is_an_error():
     checker = _check(model, _batches(1))  # only the warm-up ran
     with pytest.raises(CaptureSafetyError, match="nothing was checked"):
         checker.assert_safe()
+
+
+def test_the_command_line_checks_named_models(capsys):
+    from laperm.fast.capture_check import main
+
+    assert main(["f1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"f1 {p} {o}: safe" for p in ("fp32", "bf16") for o in ("laperm", "adam")]

@@ -407,3 +407,29 @@ def check_model(
     for xb, yb in data:
         step(xb, yb)
     return checker
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m laperm.fast.capture_check [--device D] [MODEL ...]``: check each model × fp32/bf16 ×
+    LaPerm/Adam (default: every image model), one line each; exit 1 if any is unsafe."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m laperm.fast.capture_check")
+    parser.add_argument("models", nargs="*", default=image_models())
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    unsafe = 0
+    for name in args.models:
+        for precision in ("fp32", "bf16"):
+            for optimizer in ("laperm", "adam"):
+                checker = check_model(name, optimizer=optimizer, precision=precision, device=args.device)
+                found = checker.violations if checker.captures else ["the capture was never reached"]
+                unsafe += bool(found)
+                print(f"{name} {precision} {optimizer}: {'safe' if not found else 'UNSAFE'}", flush=True)
+                for v in found:
+                    print(f"  {v}", flush=True)
+    return 1 if unsafe else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,9 @@ Rules for a caller (the engine): build the optimizer *after* :func:`prepare_mode
 :meth:`DeviceStep.reset_graph` after anything replaces optimizer state tensors
 (``load_state_dict``); learning-rate changes through the param groups are picked up before each
 replay.  The ``latent`` sync rule runs eagerly (its step swaps tensors outside the inner step).
+
+A failed capture falls back to eager steps (see :class:`DeviceStep`); what may run inside the
+captured region is checked on any device by :mod:`laperm.fast.capture_check`.
 """
 
 from __future__ import annotations
