@@ -9,6 +9,7 @@ numbers are part of the run format -- changing one changes every result.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,19 @@ class Seeds:
     """The ``derive_seed(cfg.seed, n)`` stream numbers (fixed: they are part of every result)."""
 
     MODEL, INIT, SPLIT, TRAIN_ORDER, CALIB_ORDER, GLOBAL_RNG, PROBE_CALIB, SUBSET = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def resolve_mode(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """``cfg`` with ``mode: auto`` decided (other modes as they are): ``fast`` on a CUDA device; ``eager``
+    on CPU, for several processes and for text models, which the fast path does not train."""
+    if cfg.mode != "auto":
+        return cfg
+    try:
+        text = (cfg.dataset or models.get_spec(cfg.model).dataset) == "text"
+    except models.UnknownModelError:
+        text = False  # (the unknown name is reported where the model is built)
+    fast = device.type == "cuda" and cfg.nproc == 1 and not text
+    return dataclasses.replace(cfg, mode="fast" if fast else "eager").validate()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,13 +144,16 @@ def build_model(
     return model.to(device), {k: v.to(device) for k, v in masks.items()}
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """LaPerm over the configured inner optimizer, or the plain baseline optimizer."""
+def build_optimizer(cfg: TrainConfig, model: nn.Module, *, capturable: bool = False) -> torch.optim.Optimizer:
+    """LaPerm over the configured inner optimizer, or the plain baseline optimizer.
+
+    ``capturable``: Adam fused and capturable on any device (the capture-safety check on CPU runs the
+    inner step that a CUDA graph would capture)."""
     groups = laperm_param_groups(model, permute_biases=resolve_permute_biases(cfg.model, cfg.permute_biases))
     kind = cfg.inner if cfg.optimizer == "laperm" else cfg.optimizer
     inner: torch.optim.Optimizer
     # The fast path's CUDA graph captures the inner step: Adam fused and capturable there.
-    graphable = cfg.mode == "fast" and next(model.parameters()).device.type == "cuda"
+    graphable = capturable or (cfg.mode == "fast" and next(model.parameters()).device.type == "cuda")
     adam: dict[str, Any] = {"fused": True, "capturable": True} if graphable else {}
     if kind == "adam":
         inner = torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.adam_eps, **adam)

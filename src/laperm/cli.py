@@ -144,6 +144,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _announce_resume_nproc(run_dir, saved.get("nproc", 1), args.nproc)
     else:
         cfg = resolve_config(file_layer, flags)
+    if cfg.mode == "auto":  # decided now (as train() would): the run's name depends on it
+        from .build import resolve_device, resolve_mode
+
+        cfg = resolve_mode(cfg, resolve_device(cfg.device))
     from .distributed import launched_by_torchrun
 
     if cfg.nproc > 1 and not launched_by_torchrun():

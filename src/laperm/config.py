@@ -49,7 +49,9 @@ INNER = ("adam", "adamw", "sgd")
 LOSS_SCALES = ("mean", "sum")
 GRANULARITIES = reconnect.GRANULARITIES  # ("row", "tensor"): defined by the sync kernel
 SYNC_RULES = optim.SYNC_RULES  # ("overwrite", "latent"): defined by the optimizer
-MODES = ("eager", "fast")  # the training step: the plain loop, or the device-resident fast path (docs/gpu.md)
+# The training step: the plain loop, the device-resident fast path (docs/gpu.md), or auto: resolved at the
+# start of a run (build.resolve_mode: fast on CUDA, eager on CPU) and saved resolved in config.yaml.
+MODES = ("auto", "eager", "fast")
 PRECISIONS = ("fp32", "bf16")
 
 # Argument groups of `laperm train --help`.
@@ -66,6 +68,7 @@ def option(
     flag: str | None = "",
     choices: tuple[str, ...] | None = None,
     metavar: str | None = None,
+    hashed_as_default: tuple[Any, ...] = (),
 ) -> Any:
     """A :class:`TrainConfig` field with what the CLI, resume and run names need to know about it.
 
@@ -73,7 +76,9 @@ def option(
     * ``flag``: the flag's name ("" derives ``--field-name``; None: config files only);
     * ``resume``: whether a resumed run may change it (where and how to run, lr, epochs);
     * ``named``: whether it changes what is computed, so that it is hashed into the run name
-      (only when it differs from its default: adding a field never renames a run).
+      (only when it differs from its default: adding a field never renames a run);
+    * ``hashed_as_default``: other values named like the default (a default that changed keeps the
+      names of the runs made with the old one).
     """
     meta = {
         "help": help,
@@ -83,6 +88,7 @@ def option(
         "flag": flag,
         "choices": choices,
         "metavar": metavar,
+        "hashed_as_default": hashed_as_default,
     }
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
@@ -192,10 +198,11 @@ class TrainConfig:
     # The fast path (docs/gpu.md). mode is named: its data stream (device generators, device augmentation)
     # differs from the host loader's, so it is another run; channels_last only reorders memory (unnamed, like threads).
     mode: str = option(
-        "eager",
-        "eager (default) or fast: training data and augmentation held on the device, a step with no host "
-        "sync (a CUDA graph on CUDA); one process only. Not yet the default on CUDA: it waits for a GPU check",
+        "auto",
+        "auto (default: fast on CUDA, eager on CPU, decided at the start of a run), eager, or fast: training "
+        "data and augmentation held on the device, a step with no host sync (a CUDA graph on CUDA); one process",
         choices=MODES,
+        hashed_as_default=("eager",),  # the default before auto existed: run names stay
     )
     precision: str = option("fp32", "fast mode: bf16 autocasts forward and loss (default fp32)", choices=PRECISIONS)
     # (not changeable on resume: the optimizer state saved in one memory format would meet weights in another)
@@ -217,7 +224,8 @@ class TrainConfig:
         payload = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.metadata["named"] and (f.name in ALWAYS_HASHED or value != f.default):
+            as_default = value == f.default or value in f.metadata["hashed_as_default"]
+            if f.metadata["named"] and (f.name in ALWAYS_HASHED or not as_default):
                 payload[f.name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -316,7 +324,7 @@ MAX_COUNT = 10**12  # epochs, steps, batch sizes: anything larger is a typo, not
 def _check_fast_path(cfg: TrainConfig) -> TrainConfig:
     """mode, precision, channels_last: the fast path's options (docs/gpu.md); returns ``cfg``."""
     if cfg.mode not in MODES:
-        raise ConfigError(f"mode must be 'eager' or 'fast', got {cfg.mode!r}; use --mode eager or --mode fast")
+        raise ConfigError(f"mode must be 'auto', 'eager' or 'fast', got {cfg.mode!r}; use --mode auto, eager or fast")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}; use --precision fp32 or bf16")
     if not isinstance(cfg.channels_last, bool):

@@ -146,6 +146,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
         raise RunDirError(f"{file} is damaged ({type(e).__name__}); restore it or start a new run") from None
     if not isinstance(data, dict):
         raise RunDirError(f"{file} is damaged (not a mapping of config fields); restore it or start a new run")
+    data.setdefault("mode", "eager")  # a run folder from before `mode` existed trained eagerly (now: auto)
     unknown = sorted(map(str, set(data) - FIELD_NAMES))
     if unknown:
         raise RunDirError(f"{file} has unknown field(s) {', '.join(unknown)}; restore it or start a new run")

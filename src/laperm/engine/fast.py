@@ -29,10 +29,15 @@ from ..data import BatchLoader
 from ..data.augment import Augment
 from ..data.device import DeviceBatches
 from ..data.text import WindowLoader
+from ..fast.graph import GraphFactory
 from ..fast.step import DeviceStep
 from ..optim import LaPerm
 
-__all__ = ["device_loaders", "FastUpdate"]
+__all__ = ["device_loaders", "FastUpdate", "GRAPH_FACTORY"]
+
+# The step's graph factory (None: a CUDA graph on CUDA, none elsewhere).  A test sets a stand-in here to
+# drive ``laperm train --mode fast`` through the graph path on CPU (tests/test_capture_failsafe.py).
+GRAPH_FACTORY: GraphFactory | None = None
 
 
 def device_loaders(loaders: Loaders, channels_last: bool) -> Loaders:
@@ -85,7 +90,7 @@ class FastUpdate:
         inner = opt.base_optimizer if isinstance(opt, LaPerm) else opt
         on_cuda = next(model.parameters()).device.type == "cuda"
         # A graph needs a capturable inner step (build.build_optimizer makes Adam so in fast mode on CUDA).
-        graph = on_cuda and all(g.get("capturable", False) for g in inner.param_groups)
+        graph = GRAPH_FACTORY is not None or (on_cuda and all(g.get("capturable", False) for g in inner.param_groups))
         self.step = DeviceStep(
             model,
             opt,
@@ -96,6 +101,7 @@ class FastUpdate:
             precision=cfg.precision,
             channels_last=cfg.channels_last,
             graph=graph,
+            graph_factory=GRAPH_FACTORY,
         )
         self.step.loss_sum, self.step.correct = totals
 

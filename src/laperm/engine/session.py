@@ -46,6 +46,7 @@ def train(
     """
     cfg.validate()
     device = build.resolve_device(cfg.device)
+    cfg = build.resolve_mode(cfg, device)  # mode auto: decided here, before the run is named
     d, device = distributed.setup(device)
     finished = False
     try:  # from here on every exit tears down the process group setup() made, and only that one

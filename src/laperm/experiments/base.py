@@ -54,7 +54,9 @@ class Run:
     hook: str | None = None  # name of an analysis hook in experiments.hooks (rebuild, dynamics)
 
     def config(self, out: Path, seed_threads: int | None = None, data_dir: str | None = None) -> TrainConfig:
-        layer = dict(self.overrides, out=str(out), progress=False)
+        # The experiments' runs train eagerly unless they say otherwise (mode auto would pick fast on
+        # CUDA: other random streams, another run name than the results already recorded).
+        layer = dict({"mode": "eager"}, **self.overrides, out=str(out), progress=False)
         if seed_threads:
             layer["threads"] = seed_threads
         if data_dir:

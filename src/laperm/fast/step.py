@@ -23,11 +23,15 @@ Rules for a caller (the engine): build the optimizer *after* :func:`prepare_mode
 :meth:`DeviceStep.reset_graph` after anything replaces optimizer state tensors
 (``load_state_dict``); learning-rate changes through the param groups are picked up before each
 replay.  The ``latent`` sync rule runs eagerly (its step swaps tensors outside the inner step).
+
+A failed capture falls back to eager steps (see :class:`DeviceStep`); what may run inside the
+captured region is checked on any device by :mod:`laperm.fast.capture_check`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -36,8 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import LaPerm
+from .graph import CudaStepGraph, GraphFactory, StepGraph, rng_state, set_rng_state
 
-__all__ = ["PRECISIONS", "DeviceStep", "make_adam", "prepare_model", "l2_penalty"]
+__all__ = ["PRECISIONS", "DeviceStep", "CaptureFailedWarning", "make_adam", "prepare_model", "l2_penalty"]
+
+
+class CaptureFailedWarning(RuntimeWarning):
+    """The step's CUDA graph could not be captured; the run goes on eagerly (see :class:`DeviceStep`)."""
+
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -78,6 +88,13 @@ class DeviceStep:
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         channels_last: convert the model (do it before building the optimizer, or pass it already converted).
         graph: capture a CUDA graph (default: on CUDA); ``warmup_steps`` eager steps come first.
+        graph_factory: makes the :class:`~laperm.fast.graph.StepGraph` (default: a CUDA graph); a test or
+            the capture-safety checker passes a stand-in (then ``graph=True`` works on any device).
+
+    A capture that fails (an exception while recording, or at the first replay) does not end the run:
+    that step and the following ones are computed eagerly, the device's random state is put back as it
+    was before the attempt, one :class:`CaptureFailedWarning` names the model and the full error, and
+    :meth:`reset_graph` (called when optimizer state is replaced; a resumed run starts afresh) retries.
     """
 
     def __init__(
@@ -93,9 +110,10 @@ class DeviceStep:
         channels_last: bool = False,
         graph: bool | None = None,
         warmup_steps: int = 3,
+        graph_factory: GraphFactory | None = None,
     ) -> None:
         self.device = next(model.parameters()).device
-        _check_options(self.device, loss_scale, precision, graph, warmup_steps)
+        _check_options(self.device, loss_scale, precision, graph and graph_factory is None, warmup_steps)
         self.model, self.opt = prepare_model(model, channels_last), optimizer
         self.laperm = optimizer if isinstance(optimizer, LaPerm) else None
         self.inner = self.laperm.base_optimizer if self.laperm is not None else optimizer
@@ -104,7 +122,7 @@ class DeviceStep:
         self.channels_last, self.warmup_steps = channels_last, warmup_steps
         latent = any(g.get("sync_rule") == "latent" for g in optimizer.param_groups)
         self.use_graph = (self.device.type == "cuda" if graph is None else graph) and not latent
-        if self.use_graph:
+        if self.use_graph and graph_factory is None:
             _check_capturable(self.inner)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
@@ -112,17 +130,20 @@ class DeviceStep:
         self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.images = 0  # counted on the host: the batch sizes are known there
         self.steps = 0
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._factory: GraphFactory = graph_factory or CudaStepGraph
+        self._pending: StepGraph | None = None  # made for the warm-up, captured into at the first replay
+        self._graph: StepGraph | None = None  # captured
+        self.capture_error: str | None = None  # set when a capture failed: the steps are eager until a retry
         self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self._lrs: list[Tensor] = []
 
     # -- the step ---------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> None:
         """One training step on the batch ``(x, y)`` (already on the device)."""
-        if not self.use_graph:
-            self._eager(x, y)
+        if not self.use_graph or self.capture_error is not None:
+            self._eager(x, y)  # no graph, or the capture failed: the run goes on eagerly
         elif self.steps < self.warmup_steps or (self._graph is not None and x.shape != self._static[0].shape):
-            self._eager_on_side_stream(x, y)  # warm-up steps, and a batch of another size (e.g. the last)
+            self._warmup_graph().warmup(lambda: self._eager(x, y))  # warm-up, and a batch of another size
         else:
             self._replay(x, y)
         self.images += len(y)
@@ -147,40 +168,81 @@ class DeviceStep:
         self._forward_backward(x, y)
         self.opt.step()
 
-    def _eager_on_side_stream(self, x: Tensor, y: Tensor) -> None:
-        # Capture needs the warm-up (autograd's and cuDNN's first-call work) off the capturing stream.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._eager(x, y)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+    def _captured_body(self) -> None:
+        """What the graph records: forward, loss, backward and the inner step on the static buffers."""
+        self._forward_backward(*self._static)
+        self.inner.step()
+
+    def _warmup_graph(self) -> StepGraph:
+        if self._pending is None:
+            self._pending = self._factory(self.device)
+        return self._pending
 
     def _replay(self, x: Tensor, y: Tensor) -> None:
-        graph = self._graph if self._graph is not None else self._capture(x, y)
-        static_x, static_y = self._static
-        static_x.copy_(x)
-        static_y.copy_(y)
-        self._refresh_lr()
-        graph.replay()
+        if self._graph is None:
+            if not self._capture_and_replay(x, y):
+                self._eager(x, y)  # the capture failed: this step, and the rest of the run, eagerly
+                return
+        else:
+            self._copy_in(x, y)
+            self._refresh_lr()
+            self._graph.replay()
         if self.laperm is not None:
             with _inner_step_done(self.inner):
                 self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
 
-    def _capture(self, x: Tensor, y: Tensor) -> torch.cuda.CUDAGraph:
+    def _copy_in(self, x: Tensor, y: Tensor) -> None:
+        static_x, static_y = self._static
+        static_x.copy_(x)
+        static_y.copy_(y)
+
+    def _capture_and_replay(self, x: Tensor, y: Tensor) -> bool:
+        """Capture the step and replay it once; on any failure undo what the attempt changed, warn once,
+        and return False (the caller computes the step eagerly)."""
+        rng = rng_state(self.device)  # a failed capture may have advanced the generator
+        lrs = [g["lr"] for g in self.inner.param_groups]
+        graph = self._warmup_graph()
+        try:
+            self._capture(graph, x, y)
+            self._copy_in(x, y)
+            self._refresh_lr()
+            graph.replay()
+        except Exception as error:  # (any: a capture can fail in many ways; the run must not)
+            self._fall_back(error, rng, lrs)
+            return False
+        self._graph = graph
+        return True
+
+    def _capture(self, graph: StepGraph, x: Tensor, y: Tensor) -> None:
         """Record forward, backward and the inner step once (recording runs nothing: the caller replays)."""
-        memory_format = torch.channels_last if self.channels_last and x.dim() == 4 else torch.contiguous_format
-        self._static = (x.clone(memory_format=memory_format), y.clone())
+        # The static input keeps the warm-up batches' exact strides, so the capture meets the very
+        # convolution configurations the warm-up tuned (a 1-channel image is "contiguous" in both
+        # layouts: re-laying it out would show cuDNN a configuration it first sees inside the capture).
+        self._static = (x.clone(), y.clone())  # clone keeps the strides of a dense tensor
         self._lrs = [
             torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device) for g in self.inner.param_groups
         ]
         self._refresh_lr()
         self.opt.zero_grad(set_to_none=True)  # backward in the graph then allocates the gradients in its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._forward_backward(*self._static)
-            self.inner.step()
-        self._graph = graph
-        return graph
+        graph.capture(self._captured_body)
+
+    def _fall_back(self, error: Exception, rng: Tensor, lrs: list[Any]) -> None:
+        """Undo a failed capture: random state, learning rates, gradients from the graph's pool; warn."""
+        set_rng_state(self.device, rng)
+        for group, lr in zip(self.inner.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        self._static, self._lrs, self._pending = (torch.empty(0), torch.empty(0)), [], None
+        self.capture_error = f"{type(error).__name__}: {error}"
+        if error.__context__ is not None:  # e.g. capture_end's error raised while an op's error propagated
+            self.capture_error += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
+        warnings.warn(
+            f"{type(self.model).__name__}: the CUDA graph capture of the training step failed, so this run "
+            f"goes on with eager steps (the same computation, slower); reset_graph() or a resumed run tries "
+            f"again. The error: {self.capture_error}",
+            CaptureFailedWarning,
+            stacklevel=5,  # the caller of the step
+        )
 
     def _refresh_lr(self) -> None:
         """Point every group at its captured lr tensor, holding the group's current value (a scheduler may
@@ -191,8 +253,10 @@ class DeviceStep:
                 group["lr"] = lr
 
     def reset_graph(self) -> None:
-        """Forget the captured graph (recaptured at the next step): after optimizer state is replaced."""
-        self._graph = None
+        """Forget the captured graph (recaptured at the next step): after optimizer state is replaced.
+        After a failed capture this is also the retry: the next step tries to capture again."""
+        self._graph = self._pending = None
+        self.capture_error = None
         self._static = (torch.empty(0), torch.empty(0))
         self._lrs = []
 
@@ -225,7 +289,10 @@ def _check_options(device: torch.device, loss_scale: str, precision: str, graph:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if graph and device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {device}; pass graph=False")
+        raise ValueError(
+            f"CUDA graphs need a model on a CUDA device, this one is on {device}; pass graph=False "
+            "(or a graph_factory: a stand-in graph)"
+        )
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
         raise ValueError(f"warmup_steps must be an integer >= 1 (eager steps before the capture), got {warmup!r}")
 
