@@ -50,12 +50,10 @@ if [ "$QUICK" != 1 ] && [ -d "${CIFAR_PACK:-.devpack/cifar}" ] && [ -z "${LAPERM
 fi
 # Where and with what this window trains: the report gives it for runs that have no summary yet.
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-COMMIT=$COMMIT DEVICE=$DEVICE T0=$T0 "$PY" - >> "$WORK/paper/provenance.jsonl" <<'EOF'
-import json, os, torch
-cuda = os.environ["DEVICE"] != "cpu" and torch.cuda.is_available()
-print(json.dumps({"window_start": int(os.environ["T0"]), "device": torch.cuda.get_device_name() if cuda else "cpu",
-                  "torch": torch.__version__, "commit": os.environ["COMMIT"]}))
-EOF
+GPU=cpu; [ "$DEVICE" != cpu ] && GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+TORCH=$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)
+printf '{"window_start": %s, "device": "%s", "torch": "%s", "commit": "%s"}\n' "$T0" "${GPU:-unknown}" \
+  "${TORCH:-unknown}" "$COMMIT" >> "$WORK/paper/provenance.jsonl"
 
 # 2. Train until the deadline (a timeout behind it, in case a run hangs: SIGTERM also stops cleanly).
 LEFT=$(( T0 + WINDOW_S - PACK_S - $(date +%s) ))
@@ -77,7 +75,9 @@ laperm run paper "${ARGS[@]}" --dry-run >> "$LOG" 2>&1  # where every run stands
 # 3. Pack state and results for the next window (and for results/paper).
 say "packing into $OUT/state"
 rm -rf "$OUT/state"
-if laperm pack --help > /dev/null 2>&1; then
+if ! ls "$WORK"/paper/*/config.yaml > /dev/null 2>&1; then
+  say "no run folder to pack: the next window starts fresh"
+elif laperm pack --help > /dev/null 2>&1; then
   laperm pack "$WORK/paper" --out "$OUT/state" --max-file-mib 16 --max-total-mib "$MAX_TOTAL_MIB" >> "$LOG" 2>&1 \
     || say "error: laperm pack failed (see above)"
 else  # (before `laperm pack` exists: the metrics only; unfinished runs cannot continue from this)
