@@ -50,10 +50,10 @@ def _runs(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_two_windows_in_a_row_continue_and_finish_the_runs(tmp_path: Path):
-    # Window 1: the F1 row's two runs (3 epochs of 430 steps) side by side. Each is taken away at step 500, as a
+    # Window 1: the F1 row's two runs (3 epochs of 79 steps) side by side. Each is taken away at step 100, as a
     # preempted machine would (SIGTERM through the fault hook: a time-based stop would depend on the machine's
     # speed); test_deadline.py covers the deadline itself. Every run ends resumable, none finished.
-    out1, work1 = _window(tmp_path, 1, LAPERM_TEST_FAULT="term@step:500")
+    out1, work1 = _window(tmp_path, 1, LAPERM_TEST_FAULT="term@step:100")
     started = _runs(work1)
     unfinished = {n for n, p in started.items() if not (p / "summary.json").is_file()}
     assert len(started) == 2 and unfinished == set(started), started
@@ -64,7 +64,7 @@ def test_two_windows_in_a_row_continue_and_finish_the_runs(tmp_path: Path):
     assert len(runs) == 2 and all((p / "summary.json").is_file() for p in runs.values()), runs
     logs = "".join(p.read_text() for p in (work2 / "logs").glob("run-*.log"))
     for name in started:
-        assert f"resuming {work2 / name} from ckpt-000000500.pt" in logs  # continued, not restarted
+        assert f"resuming {work2 / name} from ckpt-000000100.pt" in logs  # continued, not restarted
         epochs = [json.loads(x)["epoch"] for x in (runs[name] / "metrics.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, 4))  # window 1's epoch kept, the rest added
     window_lines = (work2 / "provenance.jsonl").read_text().splitlines()
