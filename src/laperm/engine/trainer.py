@@ -308,7 +308,9 @@ class Trainer:
         """Step evaluation, fault point, running totals, the stop agreement and step checkpoints."""
         cfg, st, steps = self.cfg, self.state, len(self.loaders.train)
         if cfg.eval_steps and st.step % cfg.eval_steps == 0 and self.pos < steps:
+            t0 = time.perf_counter()
             self.evaluate_step(epoch)
+            self.deadline.record(time.perf_counter() - t0)  # (work between two deadline checks, like a checkpoint)
         inject_fault(f"step:{st.step}", self.model)
         self.bar.update(1)
         flush = self.pos % FLUSH_EVERY == 0 or self.pos == steps
