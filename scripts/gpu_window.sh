@@ -10,7 +10,7 @@
 # Environment:
 #   OUT       output folder (default /tmp/gpu-out); what comes back: <= 8 files, 16 MiB each, 64 MiB in all
 #   WINDOW_S  seconds this whole script may take (default 540, for a 600 s command limit)
-#   PACK_S    seconds kept at the end for packing (default 40)
+#   PACK_S    seconds kept at the end for the status listing and packing (default 40)
 #   PARALLEL  runs side by side (default 4; QUICK 2)       SEEDS  seeds, e.g. "0 1 2" (default 0)
 #   ONLY      `laperm run --only` filter (QUICK default model=f: the F1/F2 rows)
 #   MAX_RUNS  train at most this many runs this window, unfinished first (default: no cap)

@@ -77,7 +77,6 @@ def _finished(folder: Path) -> dict[str, list[dict]]:
     return {p.name: _metrics(p) for p in sorted(folder.iterdir()) if (p / "summary.json").is_file()}
 
 
-@pytest.mark.slow
 def test_run_with_a_deadline_stops_skips_and_a_second_run_continues(tmp_path, capsys, monkeypatch):
     _tiny(monkeypatch)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
