@@ -135,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = args.resume if args.resume.name not in ("", ".", "..") else args.resume.resolve()
         flags.update(out=str(run_dir.parent), name=run_dir.name)
         saved = read_run_config(run_dir)
+        saved.pop("stop_at", None)  # the deadline of the command that stopped the run, not of this one
         try:
             TrainConfig(**saved).validate()
         except ConfigError as e:

@@ -186,6 +186,15 @@ class TrainConfig:
         metavar="STEPS",
     )
     keep_checkpoints: int = option(2, "checkpoints kept", resume=True, flag=None)
+    # A deadline belongs to the command that sets it: `laperm train --resume` drops a saved one.
+    stop_at: float | None = option(
+        None,
+        "stop cleanly before this Unix time (a checkpoint is saved; --resume continues), for machines "
+        "lent for a limited time; `laperm run --deadline` sets it",
+        resume=True,
+        named=False,
+        metavar="UNIX_TIME",
+    )
     threads: int | None = option(None, "torch CPU threads", resume=True, named=False)
     progress: bool = option(True, "no progress bar", resume=True, named=False)
     nproc: int = option(
@@ -314,11 +323,18 @@ class TrainConfig:
                 "epochs; use a decaying schedule (a factor below 1)"
             )
         parse_init(self.init)
-        return _check_fast_path(self)
+        return _check_fast_path(_check_stop_at(self))
 
 
 MAX_THREADS = 1024
 MAX_COUNT = 10**12  # epochs, steps, batch sizes: anything larger is a typo, not a plan
+
+
+def _check_stop_at(cfg: TrainConfig) -> TrainConfig:
+    v = cfg.stop_at
+    if v is not None and (not _is_number(v) or not _finite(v) or v <= 0):
+        raise ConfigError(f"stop_at must be a Unix time in seconds (e.g. $(date +%s) + 600), got {v!r}")
+    return cfg
 
 
 def _check_fast_path(cfg: TrainConfig) -> TrainConfig:
@@ -700,7 +716,7 @@ def _coerce_k_schedule(values: dict[str, Any]) -> None:
 
 def _coerce_floats(values: dict[str, Any]) -> None:
     # YAML reads 1e-3 as a string; accept integers where floats are expected.
-    for name in ("lr", "adam_eps", "momentum", "l2", "logit_scale"):
+    for name in ("lr", "adam_eps", "momentum", "l2", "logit_scale", "stop_at"):
         v = values.get(name)
         if isinstance(v, str):
             try:

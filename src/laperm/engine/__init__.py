@@ -13,7 +13,7 @@
 
 from .callbacks import Callbacks
 from .checkpointing import CKPT_FORMAT, CKPT_KEYS
-from .errors import InvariantError, NumericalError, TrainingInterrupted
+from .errors import DeadlineReached, InvariantError, NumericalError, TrainingInterrupted
 from .evaluation import Evaluator, batchnorm_modules, evaluate, recalibrate_bn, synced_state
 from .guards import StopFlag, SyncChecker, first_nonfinite, row_fingerprint
 from .session import train
@@ -36,6 +36,7 @@ __all__ = [
     "row_fingerprint",
     "first_nonfinite",
     "TrainingInterrupted",
+    "DeadlineReached",
     "NumericalError",
     "InvariantError",
     "CKPT_FORMAT",

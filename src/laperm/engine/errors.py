@@ -6,11 +6,15 @@ from pathlib import Path
 
 from ..optim import LaPermError
 
-__all__ = ["TrainingInterrupted", "NumericalError", "InvariantError", "numerical_error"]
+__all__ = ["TrainingInterrupted", "DeadlineReached", "NumericalError", "InvariantError", "numerical_error"]
 
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was saved."""
+
+
+class DeadlineReached(TrainingInterrupted):
+    """The run's ``stop_at`` time came near: the current step finished and a checkpoint was saved."""
 
 
 class NumericalError(RuntimeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from .. import checkpoint, reconnect
 from ..optim import LaPerm
 from .errors import InvariantError
 
-__all__ = ["StopFlag", "row_fingerprint", "SyncChecker", "first_nonfinite", "inject_fault"]
+__all__ = ["StopFlag", "Deadline", "row_fingerprint", "SyncChecker", "first_nonfinite", "inject_fault"]
 
 
 class StopFlag:
@@ -50,6 +51,33 @@ class StopFlag:
 
     def describe(self) -> str:
         return signal.Signals(self.signal).name if self.signal is not None else "a signal to another rank"
+
+
+clock = time.time  # the wall clock deadlines are read on (a test replaces it)
+
+
+class Deadline:
+    """``stop_at`` (a Unix time) as a stop condition, checked between steps.
+
+    The run must still write its checkpoint before the deadline, and must not begin work it
+    cannot finish by then (an epoch end: evaluation and checkpoint; the run's end). The margin
+    is a fixed safety plus, per such piece of work ahead, the longest one measured so far.
+    """
+
+    SAFETY_S = 2.0
+
+    def __init__(self, stop_at: float | None) -> None:
+        self.stop_at = stop_at
+        self.slowest = 0.0  # seconds: the longest checkpoint or epoch end of this process
+
+    def record(self, seconds: float) -> None:
+        self.slowest = max(self.slowest, seconds)
+
+    def reached(self, ahead: int = 0) -> bool:
+        """True when stopping now is the last safe moment; ``ahead``: epoch/run ends before the next check."""
+        if self.stop_at is None:
+            return False
+        return clock() + self.SAFETY_S + self.slowest * (1 + ahead) >= self.stop_at
 
 
 def row_fingerprint(rows: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,9 @@ from . import fast
 from . import summary as report
 from .callbacks import Callbacks
 from .checkpointing import Key
-from .errors import InvariantError, TrainingInterrupted, numerical_error
+from .errors import DeadlineReached, InvariantError, TrainingInterrupted, numerical_error
 from .evaluation import Evaluator, evaluate, recalibrate_bn
-from .guards import StopFlag, SyncChecker, first_nonfinite, inject_fault
+from .guards import Deadline, StopFlag, SyncChecker, first_nonfinite, inject_fault
 from .state import TrainingState
 from .text import text_summary
 
@@ -68,6 +68,7 @@ class Trainer:
         self.text = isinstance(ds, TextCorpus)  # a language model: bits per character and a sample
         self.last_saved, saved = resumed
         self.pos, self.start = 0, 0.0  # batch position in the epoch, and when its timing (re)started
+        self.deadline = Deadline(cfg.stop_at)
         self._build_model()
         self.state = TrainingState()
         # Accumulators of the epoch in progress, flushed to `state` every FLUSH_EVERY steps (not at
@@ -205,7 +206,9 @@ class Trainer:
         }
         ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         path = checkpoint.checkpoint_path(ckpt_dir, st.step)
+        t0 = time.perf_counter()
         checkpoint.save(payload, path)
+        self.deadline.record(time.perf_counter() - t0)
         self.last_saved = path
         checkpoint.prune_checkpoints(ckpt_dir, self.cfg.keep_checkpoints)
 
@@ -255,7 +258,9 @@ class Trainer:
         st.elapsed += st.epoch_time
         self.sched.step()
         st.epoch += 1
+        t0 = time.perf_counter()
         self.end_epoch()
+        self.deadline.record(time.perf_counter() - t0)
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """One optimizer step on one (global) batch by the step strategy; LaPerm syncs inside it every k steps."""
@@ -303,16 +308,18 @@ class Trainer:
         """Step evaluation, fault point, running totals, the stop agreement and step checkpoints."""
         cfg, st, steps = self.cfg, self.state, len(self.loaders.train)
         if cfg.eval_steps and st.step % cfg.eval_steps == 0 and self.pos < steps:
+            t0 = time.perf_counter()
             self.evaluate_step(epoch)
+            self.deadline.record(time.perf_counter() - t0)  # (work between two deadline checks, like a checkpoint)
         inject_fault(f"step:{st.step}", self.model)
         self.bar.update(1)
         flush = self.pos % FLUSH_EVERY == 0 or self.pos == steps
         if flush:
             self.flush()
         # Ranks agree to stop only at flush points, so that they stop at the same step.
-        stopping = (
-            (flush and self.d.any(self.stop.signal is not None)) if self.d.enabled else self.stop.signal is not None
-        )
+        ahead = (self.pos == steps) + (self.pos == steps and st.epoch + 1 == cfg.epochs)  # epoch end, run end
+        late = self.stop.signal is not None or self.deadline.reached(ahead)
+        stopping = (flush and self.d.any(late)) if self.d.enabled else late
         # (a step checkpoint on an epoch's last batch is left to the epoch-end one)
         if stopping or (cfg.checkpoint_steps and st.step % cfg.checkpoint_steps == 0 and self.pos < steps):
             st.epoch_time += time.perf_counter() - self.start
@@ -320,10 +327,12 @@ class Trainer:
             self.save_checkpoint()
         if stopping:
             self.bar.close()
-            raise TrainingInterrupted(
-                f"stopped by {self.stop.describe()} at step {st.step}; "
-                f"checkpoint saved. Continue with: laperm train --resume {self.run_dir}"
-            )
+            again = f"checkpoint saved. Continue with: laperm train --resume {self.run_dir}"
+            if self.stop.signal is None and self.deadline.stop_at is not None:
+                raise DeadlineReached(
+                    f"stopped before the deadline (stop_at {self.deadline.stop_at:.0f}) at step {st.step}; {again}"
+                )
+            raise TrainingInterrupted(f"stopped by {self.stop.describe()} at step {st.step}; {again}")
 
     def evaluate_step(self, epoch: int) -> None:
         """An evaluation every ``eval_steps`` steps (the reference evaluates right after each sync)."""

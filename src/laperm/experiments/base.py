@@ -52,15 +52,29 @@ class Run:
     overrides: dict[str, Any]
     tags: dict[str, Any] = field(default_factory=dict)
     hook: str | None = None  # name of an analysis hook in experiments.hooks (rebuild, dynamics)
+    on_cuda: dict[str, Any] = field(default_factory=dict)  # added where the run trains on CUDA (the fast path)
 
-    def config(self, out: Path, seed_threads: int | None = None, data_dir: str | None = None) -> TrainConfig:
+    def settings(self, cuda: bool = False) -> dict[str, Any]:
+        """The overrides this run trains with: ``on_cuda`` on top where the device is a GPU."""
+        return {**self.overrides, **self.on_cuda} if cuda else dict(self.overrides)
+
+    def config(
+        self,
+        out: Path,
+        seed_threads: int | None = None,
+        data_dir: str | None = None,
+        device: str | None = None,
+        cuda: bool = False,
+    ) -> TrainConfig:
         # The experiments' runs train eagerly unless they say otherwise (mode auto would pick fast on
         # CUDA: other random streams, another run name than the results already recorded).
-        layer = dict({"mode": "eager"}, **self.overrides, out=str(out), progress=False)
+        layer = dict({"mode": "eager"}, **self.settings(cuda), out=str(out), progress=False)
         if seed_threads:
             layer["threads"] = seed_threads
         if data_dir:
             layer["data_dir"] = data_dir
+        if device:
+            layer["device"] = device
         return resolve_config(layer)
 
 
@@ -82,10 +96,11 @@ def register(exp: Experiment) -> Experiment:
     return exp
 
 
-def command_for(run: Run, out: Path) -> str:
+def command_for(run: Run, out: Path, cuda: bool = False) -> str:
     """The ``laperm train`` command that reproduces ``run`` (hooks add analysis files only)."""
     args = ["laperm", "train"]
-    for key, value in run.overrides.items():
+    # Runs train eagerly unless they say otherwise (Run.config): say so, or `--mode auto` would pick fast on CUDA.
+    for key, value in {"mode": "eager", **run.settings(cuda)}.items():
         if value is None:
             continue
         flag = "--" + key.replace("_", "-")
@@ -112,6 +127,34 @@ def _save_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(folder / "experiment.json", json.dumps(merged, indent=1) + "\n")
 
 
+@dataclass
+class Window:
+    """``laperm run --deadline``: when every run must have stopped (a Unix time), and the least time worth a start."""
+
+    deadline: float | None = None
+    min_start_s: float = 0.0
+
+    @classmethod
+    def from_seconds(cls, seconds: float | None, min_start_s: float | None) -> Window:
+        from ..engine import guards
+
+        if seconds is None:
+            return cls()
+        return cls(guards.clock() + seconds, MIN_START_S if min_start_s is None else min_start_s)
+
+    def left(self) -> float:
+        from ..engine import guards
+
+        return float("inf") if self.deadline is None else self.deadline - guards.clock()
+
+    def can_start(self) -> bool:
+        return self.left() >= max(self.min_start_s, 0.0)
+
+
+MIN_START_S = 30.0  # `--deadline`: no run is started with less time left than this (start-up, data, capture)
+STOPPED_EXIT = 3  # `laperm train`'s exit code when a run stopped cleanly (signal or deadline): resumable
+
+
 def run_experiment(
     name: str,
     budget: str = "paper",
@@ -123,37 +166,46 @@ def run_experiment(
     dry_run: bool = False,
     log: Callable[[str], None] = print,
     parallel: int = 1,
+    deadline_s: float | None = None,
+    min_start_s: float | None = None,
+    device: str | None = None,
+    max_runs: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train every unfinished run of experiment ``name``; returns the manifest entries.
 
     ``parallel`` > 1: the runs without an analysis hook train as ``laperm train`` processes,
     ``parallel`` at a time (:func:`~laperm.experiments.parallel.run_parallel`), after the loop.
+    ``deadline_s``: every run stops cleanly (finished, or a checkpoint saved) within that many
+    seconds; runs already started go first and none starts with less than ``min_start_s`` left.
+    ``device``: where the runs train (a run's ``on_cuda`` settings apply on a GPU).
+    ``max_runs``: train at most this many runs this time (unfinished ones first).
     """
-    from ..engine import train
-    from . import hooks
-
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    window = Window.from_seconds(deadline_s, min_start_s)
     exp = EXPERIMENTS[name]
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
     runs = exp.make_runs(budget, list(seeds) if seeds else list(exp.default_seeds))
     if only:
         runs = [r for r in runs if only in _label(r)]
+    cuda = _on_cuda(device)
+    if window.deadline is not None or max_runs is not None:
+        runs = unfinished_first(runs, folder, cuda)
     manifest = load_manifest(folder) or {"experiment": name, "runs": {}}
     manifest.update(version=exp.version, description=exp.description)
-    entries, deferred = [], []
+    entries, todo = [], []
     for i, run in enumerate(runs, 1):
-        cfg = run.config(folder, threads, data_dir)
+        cfg = run.config(folder, threads, data_dir, device, cuda)
         run_dir = folder / cfg.run_name()
         entry: dict[str, Any] = {
             "folder": cfg.run_name(),
             "tags": run.tags,
             "budget": budget,
             "hook": run.hook,
-            "command": command_for(run, folder),
+            "command": command_for(run, folder, cuda),
             "experiment_version": exp.version,
         }
         entries.append(entry)
@@ -166,33 +218,119 @@ def run_experiment(
                 # (tags and command as the experiment now defines them; what training recorded is kept)
                 manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
             continue
-        resume = (run_dir / "config.yaml").is_file()
-        if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
-            deferred.append((cfg, entry))
-            continue
-        probe = hooks.make(run.hook, cfg, run_dir)
-        t0 = time.perf_counter()
-        summary = train(cfg, resume=resume, callbacks=probe, log=log)
-        probe.finish(summary)
-        entry["wall_s"] = round(time.perf_counter() - t0, 1)
-        manifest["runs"][entry["folder"]] = entry
-        _save_manifest(folder, manifest)
-    if deferred:
-        _train_parallel(folder, deferred, parallel, manifest)
+        todo.append((run, cfg, entry))
+    if max_runs is not None and len(todo) > max_runs:
+        log(f"[{name}] {len(todo) - max_runs} runs wait for a later call (--max-runs {max_runs})")
+        todo = todo[:max_runs]
+    outcome = _train_all(folder, todo, parallel, manifest, window, log)
     _save_manifest(folder, manifest)
-    if exp.post is not None and not dry_run:
+    if window.deadline is not None:
+        log(_window_summary(name, outcome))
+    if exp.post is not None and not dry_run and not outcome["unfinished"] and not outcome["not started"]:
         exp.post(folder, entries)
     return entries
 
 
+def unfinished_first(runs: list[Run], folder: Path, cuda: bool = False) -> list[Run]:
+    """``runs`` with the started, unfinished ones (a run folder with a config, no summary) first, in order."""
+
+    def started(run: Run) -> bool:
+        run_dir = folder / run.config(folder, cuda=cuda).run_name()
+        return (run_dir / "config.yaml").is_file() and not (run_dir / "summary.json").is_file()
+
+    return sorted(runs, key=lambda r: not started(r))
+
+
+def _on_cuda(device: str | None) -> bool:
+    from ..build import resolve_device
+
+    return resolve_device(device or "auto").type == "cuda"
+
+
+def _train_all(
+    folder: Path,
+    todo: list[tuple[Run, TrainConfig, dict[str, Any]]],
+    parallel: int,
+    manifest: dict[str, Any],
+    window: Window,
+    log: Callable[[str], None],
+) -> dict[str, list[str]]:
+    """Train ``todo`` (in this process, or ``parallel`` processes); the folders finished, unfinished, not started."""
+    import dataclasses
+
+    outcome: dict[str, list[str]] = {"finished": [], "unfinished": [], "not started": []}
+    deferred = []
+    for run, cfg, entry in todo:
+        cfg = dataclasses.replace(cfg, stop_at=window.deadline)
+        if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
+            deferred.append((cfg, entry))
+            continue
+        if not window.can_start():
+            log(f"  {entry['folder']}: not started: too little time left ({max(window.left(), 0):.0f} s)")
+            outcome["not started"].append(entry["folder"])
+            continue
+        outcome["finished" if _train_here(folder, run, cfg, entry, manifest, log) else "unfinished"].append(
+            entry["folder"]
+        )
+    if deferred:
+        for key, folders in _train_parallel(folder, deferred, parallel, manifest, window, log).items():
+            outcome[key] += folders
+    return outcome
+
+
+def _train_here(
+    folder: Path,
+    run: Run,
+    cfg: TrainConfig,
+    entry: dict[str, Any],
+    manifest: dict[str, Any],
+    log: Callable[[str], None],
+) -> bool:
+    """Train one run in this process; False if it stopped at its deadline (resumable)."""
+    from ..engine import DeadlineReached, train
+    from . import hooks
+
+    run_dir = folder / cfg.run_name()
+    resume = (run_dir / "config.yaml").is_file()
+    probe = hooks.make(run.hook, cfg, run_dir)
+    t0 = time.perf_counter()
+    try:
+        summary = train(cfg, resume=resume, callbacks=probe, log=log)
+    except DeadlineReached as stop:
+        log(f"  {stop}")
+        manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
+        _save_manifest(folder, manifest)
+        return False
+    probe.finish(summary)
+    entry["wall_s"] = round(time.perf_counter() - t0, 1)
+    manifest["runs"][entry["folder"]] = entry
+    _save_manifest(folder, manifest)
+    return True
+
+
+def _window_summary(name: str, outcome: dict[str, list[str]]) -> str:
+    n = {k: len(v) for k, v in outcome.items()}
+    text = f"[{name}] deadline: {n['finished']} finished, {n['unfinished']} unfinished (resumable), "
+    text += f"{n['not started']} not started"
+    if n["unfinished"] or n["not started"]:
+        text += "; run the same command again to continue"
+    return text
+
+
 def _train_parallel(
-    folder: Path, jobs: list[tuple[TrainConfig, dict[str, Any]]], parallel: int, manifest: dict[str, Any]
-) -> None:
-    """Train ``jobs`` as ``laperm train --config`` processes, ``parallel`` at a time; record the finished ones.
+    folder: Path,
+    jobs: list[tuple[TrainConfig, dict[str, Any]]],
+    parallel: int,
+    manifest: dict[str, Any],
+    window: Window,
+    log: Callable[[str], None],
+) -> dict[str, list[str]]:
+    """Train ``jobs`` as ``laperm train --config`` processes, ``parallel`` at a time; record the started ones.
 
     Each gets its full config as a file (k_schedule has no flag) and its output in ``logs/run-<i>.log``.
+    With a deadline, a run that stopped at it (exit 3) is unfinished, not failed, and none starts late.
     """
-    from .parallel import run_parallel
+    from .parallel import NOT_STARTED, run_parallel
 
     logs = folder / PARALLEL_LOGS
     logs.mkdir(exist_ok=True)
@@ -204,17 +342,28 @@ def _train_parallel(
         resume = ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else []
         commands.append([sys.executable, "-m", "laperm", "train", "--config", str(config_file), *resume])
     t0 = time.perf_counter()
-    codes = run_parallel(commands, parallel, log_dir=logs)
+    start_before = None if window.deadline is None else window.deadline - window.min_start_s
+    codes = run_parallel(commands, parallel, log_dir=logs, start_before=start_before)
+    outcome: dict[str, list[str]] = {"finished": [], "unfinished": [], "not started": []}
     for (_, entry), code in zip(jobs, codes, strict=True):
         if code == 0:
             entry["wall_s"] = round(time.perf_counter() - t0, 1)  # (the batch's wall time: runs overlap)
-            manifest["runs"][entry["folder"]] = entry
+        if code in (0, STOPPED_EXIT):
+            manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
+        key = {0: "finished", STOPPED_EXIT: "unfinished", NOT_STARTED: "not started"}.get(code)
+        if key is not None and window.deadline is not None:
+            outcome[key].append(entry["folder"])
+            if key != "finished":
+                what = "stopped before the deadline" if code == STOPPED_EXIT else "not started: too little time left"
+                log(f"  {entry['folder']}: {what} (resumable)")
     _save_manifest(folder, manifest)
-    failed = [f"{logs / f'run-{i}.log'} (exit {c})" for i, c in enumerate(codes) if c != 0]
+    ok = (0, STOPPED_EXIT, NOT_STARTED) if window.deadline is not None else (0,)
+    failed = [f"{logs / f'run-{i}.log'} (exit {c})" for i, c in enumerate(codes) if c not in ok]
     if failed:
         raise ExperimentError(
             f"{len(failed)} of {len(jobs)} runs failed: see {', '.join(failed)}; `laperm run` again resumes them"
         )
+    return outcome
 
 
 def _reuse(root: Path, name: str, run_dir: Path, log: Callable[[str], None]) -> bool:

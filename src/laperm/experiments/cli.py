@@ -13,6 +13,8 @@ examples:
   laperm run k --budget quick --out /tmp/r    # smoke test of the k sweep
   laperm run dense --only conv7 --threads 1   # only the runs whose tags mention conv7
   laperm run agnostic --parallel 4            # 4 runs at once (one GPU fits several small runs)
+  laperm run paper --dry-run                  # every README row of the paper and its runs
+  laperm run paper --deadline 480 --parallel 4  # stop every run cleanly within 8 minutes (resumable)
   laperm report                               # docs/results.md + docs/figures from results/
 """
 
@@ -48,6 +50,21 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="every run stops cleanly within SECONDS (finished, or a checkpoint saved: run again to continue); "
+        "started runs go first",
+    )
+    p.add_argument(
+        "--min-start",
+        type=float,
+        metavar="SECONDS",
+        help="with --deadline: start no run with less time left than this (default 30)",
+    )
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N; on CUDA the paper runs use the fast path")
+    p.add_argument("--max-runs", type=int, metavar="N", help="train at most N runs this time (unfinished ones first)")
+    p.add_argument(
         "--evaluate-unfinished",
         action="store_true",
         help="train nothing; evaluate the newest checkpoint of each unfinished run (partial.json)",
@@ -76,6 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be at least 1 (runs at once), got {args.parallel}")
+    if args.deadline is not None and not args.deadline > 0:
+        raise ConfigError(f"--deadline must be a positive number of seconds, got {args.deadline:g}")
+    if args.max_runs is not None and args.max_runs < 1:
+        raise ConfigError(f"--max-runs must be at least 1, got {args.max_runs}")
     if args.experiment not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {args.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}")
     try:
@@ -108,6 +129,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
         data_dir=args.data_dir,
         dry_run=args.dry_run or args.evaluate_unfinished,
         parallel=args.parallel,
+        deadline_s=args.deadline,
+        min_start_s=args.min_start,
+        device=args.device,
+        max_runs=args.max_runs,
     )
 
 

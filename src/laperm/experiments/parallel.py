@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..launch import parent_death_preexec
 
-__all__ = ["run_parallel"]
+__all__ = ["run_parallel", "NOT_STARTED"]
+
+NOT_STARTED = -1  # the exit code given to a command never started (``start_before`` passed)
 
 
 def run_parallel(
@@ -31,11 +33,15 @@ def run_parallel(
     env: Mapping[str, str] | None = None,
     log_dir: Path | None = None,
     poll_s: float = 0.1,
+    start_before: float | None = None,
 ) -> list[int]:
     """Run ``commands`` (argument lists), at most ``parallel`` at a time; their exit codes, in order.
 
     ``log_dir``: each command's stdout and stderr go to ``log_dir/run-<i>.log`` (else inherited).
+    ``start_before``: a Unix time after which no command is started (those get :data:`NOT_STARTED`).
     """
+    from ..engine import guards
+
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be an integer >= 1 (runs at once), got {parallel!r}")
     if log_dir is not None:
@@ -45,6 +51,8 @@ def run_parallel(
     waiting = list(range(len(commands)))
     try:
         while waiting or running:
+            if start_before is not None and waiting and guards.clock() >= start_before:
+                waiting.clear()  # too late to start any more
             while waiting and len(running) < parallel:
                 i = waiting.pop(0)
                 running[i] = _start(commands[i], env, None if log_dir is None else log_dir / f"run-{i}.log")
@@ -56,7 +64,7 @@ def run_parallel(
                 time.sleep(poll_s)
     finally:
         _stop(running.values())
-    return [c if c is not None else -1 for c in codes]
+    return [c if c is not None else NOT_STARTED for c in codes]
 
 
 def _start(command: Sequence[str], env: Mapping[str, str] | None, log: Path | None) -> subprocess.Popen:

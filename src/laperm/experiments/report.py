@@ -22,6 +22,7 @@ import numpy as np
 from .. import rundir
 from ..analysis import plots
 from .base import load_manifest
+from .report_paper import paper_rows
 from .report_transformers import transformers_section
 
 __all__ = ["load_runs", "write_report", "mean_std", "fmt_acc"]
@@ -338,6 +339,11 @@ def _readme_table(rep: Report) -> None:
         "means are shown.",
         "",
     )
+
+
+def _paper(rep: Report) -> None:
+    rep.add(*paper_rows(rep.results, rep.runs.get("paper", []), _table))
+    rep.notes("paper")
 
 
 def _agnostic(rep: Report) -> None:
@@ -834,6 +840,7 @@ def _dynamics(rep: Report) -> None:
 
 SECTIONS: list[Callable[[Report], None]] = [
     _readme_table,
+    _paper,
     _agnostic,
     _f2_research,
     _full,
@@ -866,7 +873,8 @@ def write_report(results: str | Path = "results", docs: str | Path = "docs") -> 
         "experiment.json`; re-run a section with `laperm run <experiment>` (finished runs are skipped).",
         "",
         f"Hardware: a shared 2-core x86-64 CPU ({platform.machine()}), one torch thread per run, except "
-        f"the `full` experiment, which ran on {_gpu_name(rep)}; torch "
+        f"the `full` experiment, which ran on {_gpu_name(rep)}, and the rows of `results/paper`, whose device "
+        "is given per row; torch "
         f"{', '.join(sorted(torch_versions)) or '?'}. Data: the bundled "
         "MNIST (x/255, no augmentation unless the preset says so), and for CIFAR-10 the JPEG CIFAR-10 copy "
         "(quality 75, not bit-exact), normalised per channel with its own mean and std. Validation: 5,000 "

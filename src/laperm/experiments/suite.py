@@ -357,4 +357,5 @@ register(
 )
 
 
+from . import paper as _paper  # noqa: E402,F401 - registers "paper" (every README row, for GPU windows)
 from . import transformers  # noqa: E402,F401 - registers "transformers" (beyond the paper)
