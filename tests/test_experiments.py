@@ -172,7 +172,7 @@ def test_command_for_round_trips_flags():
     run = Run({"preset": "f2", "k": 20, "permute_biases": False, "k_schedule": {0: 1}})
     assert (
         base.command_for(run, Path("results/k"))
-        == "laperm train --preset f2 --k 20 --no-permute-biases --out results/k"
+        == "laperm train --preset f2 --k 20 --no-permute-biases --mode eager --out results/k"
     )
 
 

@@ -100,7 +100,8 @@ def command_for(run: Run, out: Path, cuda: bool = False) -> str:
     """The ``laperm train`` command that reproduces ``run`` (hooks add analysis files only)."""
     args = ["laperm", "train"]
     # Runs train eagerly unless they say otherwise (Run.config): say so, or `--mode auto` would pick fast on CUDA.
-    for key, value in {"mode": "eager", **run.settings(cuda)}.items():
+    settings = run.settings(cuda)
+    for key, value in {**settings, "mode": settings.get("mode", "eager")}.items():
         if value is None:
             continue
         flag = "--" + key.replace("_", "-")
