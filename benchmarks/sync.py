@@ -17,7 +17,7 @@ shared machine; absolute times are not comparable across machines.
 A second table (:func:`run_many`) times the batched syncs of many tensors at
 once, on every permuted tensor of a model as ``LaPerm`` picks them (ResNet50:
 52 tensors, 7 row lengths): ``flat`` (:func:`laperm.flat_sync.sync_flat_`, LaPerm's
-CUDA path), ``per_length`` (:func:`laperm.reconnect.sync_many_`, the former CUDA
+CUDA path, both strategies: ``flat_global``, ``flat_by_length``), ``per_length`` (:func:`laperm.reconnect.sync_many_`, the former CUDA
 path), ``per_tensor`` (``sync_tensor_`` on each, LaPerm's CPU path), against
 ``sort_by_length`` (one stable ``torch.sort`` per row length of the stacked rows:
 the floor ``benchmarks.gpu.sync_one`` compares with) and ``sort_flat`` (one
@@ -171,7 +171,7 @@ def _many_methods(sorted_vals, inner, work, layouts) -> dict[str, Callable[[], N
         rows = reconnect.to_rows(w, lay)
         by_length.setdefault(rows.shape[1], []).append(rows)
     stacks = [torch.cat(rs) for rs in by_length.values()]
-    flat = torch.cat([w.reshape(-1) for w in inner])
+    every_value = torch.cat([w.reshape(-1) for w in inner])
 
     def per_tensor() -> None:
         for w, s, lay in zip(work, sorted_vals, layouts):
@@ -181,12 +181,23 @@ def _many_methods(sorted_vals, inner, work, layouts) -> dict[str, Callable[[], N
         for st in stacks:
             torch.sort(st, dim=1, stable=True)
 
+    def flat(strategy: str) -> Callable[[], None]:
+        def fn() -> None:
+            saved, flat_sync.STRATEGY = flat_sync.STRATEGY, strategy
+            try:
+                flat_sync.sync_flat_(work, sorted_vals, layouts)
+            finally:
+                flat_sync.STRATEGY = saved
+
+        return fn
+
     return {
-        "flat": lambda: flat_sync.sync_flat_(work, sorted_vals, layouts),
+        "flat_global": flat("global"),
+        "flat_by_length": flat("by_length"),
         "per_length": lambda: reconnect.sync_many_(work, sorted_vals, layouts),
         "per_tensor": per_tensor,
         "sort_by_length": sort_by_length,
-        "sort_flat": lambda: torch.sort(flat, stable=True) and None,
+        "sort_flat": lambda: torch.sort(every_value, stable=True) and None,
     }
 
 
@@ -194,9 +205,8 @@ def run_many(quick: bool = False, repeats: int | None = None, names=MANY) -> lis
     """Time the syncs of all of a model's permuted tensors at once; one dict per model.
 
     Keys: ``model``, ``weights``, ``tensors``, ``row_lengths``, ``repeats``, ``<method>_ms``
-    (median) for :func:`_many_methods`' methods, and ``flat_over_sort_by_length``,
-    ``per_length_over_sort_by_length``, ``flat_over_sort_flat``, ``flat_over_per_length``,
-    ``flat_over_per_tensor``.
+    (median) for :func:`_many_methods`' methods, ``<method>_over_sort_by_length`` for the four
+    syncs, and ``flat_global_over_sort_flat``.
     """
     repeats = repeats or (3 if quick else 11)
     out = []
@@ -214,7 +224,7 @@ def run_many(quick: bool = False, repeats: int | None = None, names=MANY) -> lis
                 methods[m]()
                 if k:
                     times[m].append(time.perf_counter() - t)
-                if m in ("flat", "per_length", "per_tensor"):  # exactness, every time
+                if not m.startswith("sort"):  # exactness, every time
                     assert all(torch.equal(w, x) for w, x in zip(work, want)), (name, m)
         med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
         row = {
@@ -225,10 +235,9 @@ def run_many(quick: bool = False, repeats: int | None = None, names=MANY) -> lis
             "repeats": repeats,
         }
         row.update({f"{m}_ms": t for m, t in med.items()})
-        for a, b in (("flat", "sort_by_length"), ("per_length", "sort_by_length"), ("flat", "sort_flat")):
-            row[f"{a}_over_{b}"] = med[a] / med[b]
-        row["flat_over_per_length"] = med["flat"] / med["per_length"]
-        row["flat_over_per_tensor"] = med["flat"] / med["per_tensor"]
+        for m in ("flat_global", "flat_by_length", "per_length", "per_tensor"):
+            row[f"{m}_over_sort_by_length"] = med[m] / med["sort_by_length"]
+        row["flat_global_over_sort_flat"] = med["flat_global"] / med["sort_flat"]
         out.append(row)
     return out
 
@@ -262,20 +271,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_many_table(rows: list[dict]) -> str:
-    head = (
-        f"{'model':9} {'weights':>9} {'tensors':>7} {'lengths':>7} {'flat':>8} {'per_len':>8} {'per_ten':>8} "
-        f"{'sort_len':>8} {'sort_1':>8} | {'flat/sort_len':>13} {'per_len/sort_len':>16} {'flat/sort_1':>11} "
-        f"{'flat/per_len':>12} {'flat/per_ten':>12}"
-    )
+    cols = ("flat_global", "flat_by_length", "per_length", "per_tensor", "sort_by_length", "sort_flat")
+    short = ("flat_gl", "flat_bl", "per_len", "per_ten", "sort_len", "sort_1")
+    head = f"{'model':9} {'weights':>9} {'tensors':>7} {'lengths':>7} " + " ".join(f"{c:>8}" for c in short)
+    head += " | " + " ".join(f"{c + '/sort_len':>16}" for c in short[:4]) + f" {'flat_gl/sort_1':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(
-            f"{r['model']:9} {r['weights']:>9,} {r['tensors']:>7} {r['row_lengths']:>7} {r['flat_ms']:>8.2f} "
-            f"{r['per_length_ms']:>8.2f} {r['per_tensor_ms']:>8.2f} {r['sort_by_length_ms']:>8.2f} "
-            f"{r['sort_flat_ms']:>8.2f} | {r['flat_over_sort_by_length']:>13.2f} "
-            f"{r['per_length_over_sort_by_length']:>16.2f} {r['flat_over_sort_flat']:>11.2f} "
-            f"{r['flat_over_per_length']:>12.2f} {r['flat_over_per_tensor']:>12.2f}"
-        )
+        line = f"{r['model']:9} {r['weights']:>9,} {r['tensors']:>7} {r['row_lengths']:>7} "
+        line += " ".join(f"{r[c + '_ms']:>8.2f}" for c in cols) + " | "
+        line += " ".join(f"{r[c + '_over_sort_by_length']:>16.2f}" for c in cols[:4])
+        lines.append(line + f" {r['flat_global_over_sort_flat']:>14.2f}")
     return "\n".join(lines)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +18,17 @@ from laperm.reconnect import RowLayout
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 KINDS = ["linear", "conv", "conv_cl", "bias", "convT", "tensor", "empty"]
+STRATEGIES = ["global", "by_length"]
+
+
+@contextlib.contextmanager
+def _strategy(name: str) -> Iterator[None]:
+    saved = flat_sync.STRATEGY
+    flat_sync.STRATEGY = name
+    try:
+        yield
+    finally:
+        flat_sync.STRATEGY = saved
 
 
 def _shape_and_layout(kind: str, a: int, b: int) -> tuple[tuple[int, ...], RowLayout]:
@@ -86,20 +100,23 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=80, deadline=None)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@settings(max_examples=60, deadline=None)
 @given(problem=_problem())
-def test_flat_sync_is_bit_identical_to_the_per_tensor_sync_and_the_reference(device, problem):
+def test_flat_sync_is_bit_identical_to_the_per_tensor_sync_and_the_reference(device, strategy, problem):
     tensors, inits, layouts = problem
     want = [reconnect.sync_tensor_(_clone(t), s, lay) for t, s, lay in zip(tensors, inits, layouts, strict=True)]
     ref = [reconnect.reference_sync(t, s, lay) for t, s, lay in zip(tensors, inits, layouts, strict=True)]
     got = [_clone(t).to(device) for t in tensors]
-    flat_sync.sync_flat_(got, [s.to(device) for s in inits], layouts)
+    with _strategy(strategy):
+        flat_sync.sync_flat_(got, [s.to(device) for s in inits], layouts)
     _assert_bit_identical(got, want)
     _assert_bit_identical(got, [r.to(memory_format=torch.preserve_format) for r in ref])
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_flat_sync_of_every_layout_and_tie_kind_at_once(dtype):
+def test_flat_sync_of_every_layout_and_tie_kind_at_once(dtype, strategy):
     tensors, inits, layouts = [], [], []
     for i, kind in enumerate(KINDS):
         for j, ties in enumerate(["none", "few", "shared", "equal"]):
@@ -109,7 +126,8 @@ def test_flat_sync_of_every_layout_and_tie_kind_at_once(dtype):
             layouts.append(layout)
     want = [reconnect.sync_tensor_(_clone(t), s, lay) for t, s, lay in zip(tensors, inits, layouts, strict=True)]
     got = [_clone(t) for t in tensors]
-    flat_sync.sync_flat_(got, inits, layouts)
+    with _strategy(strategy):
+        flat_sync.sync_flat_(got, inits, layouts)
     _assert_bit_identical(got, want)
     assert got[KINDS.index("conv_cl") * 4].is_contiguous(memory_format=torch.channels_last)
 
@@ -172,30 +190,49 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ops_of_one_sync(sync, n: int) -> list[str]:  # type: ignore[no-untyped-def]
-    """The kernel-like ops of one (warm) sync of ``n`` tensors of varied shapes, row lengths and layouts."""
+def _problem_of(n: int, cycle: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[RowLayout]]:
+    """``n`` tensors of varied kinds, shapes and row lengths (``cycle``: the first ``cycle`` shapes repeated)."""
     g = torch.Generator().manual_seed(n)
     tensors, layouts = [], []
     for i in range(n):
-        kind = KINDS[(i + 2) % 6]  # (2 tensors: one channels_last, so both sets need the row-order gather)
-        shape, layout = _shape_and_layout(kind, 2 + i % 5, 2 + i % 11)
+        j = i if cycle is None else i % cycle
+        kind = KINDS[(j + 2) % 6]  # (2 tensors: one channels_last, so both sets need the row-order gather)
+        shape, layout = _shape_and_layout(kind, 2 + j % 5, 2 + j % 11)
         t = torch.randn(shape, generator=g)
         tensors.append(t.contiguous(memory_format=torch.channels_last) if kind == "conv_cl" else t)
         layouts.append(layout)
     inits = [reconnect.sorted_rows(torch.randn_like(t), lay) for t, lay in zip(tensors, layouts, strict=True)]
-    sync(tensors, inits, layouts)  # builds and caches the plan
+    return tensors, inits, layouts
+
+
+def _ops_of_one_sync(sync, n: int, cycle: int | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    """The kernel-like ops of one (warm: plan cached) sync of :func:`_problem_of`'s tensors."""
+    tensors, inits, layouts = _problem_of(n, cycle)
+    sync(tensors, inits, layouts)
     with _CountOps() as counter:
         sync(tensors, inits, layouts)
     return counter.ops
 
 
-def test_one_flat_sync_dispatches_the_same_ops_for_2_or_50_tensors():
+def test_one_global_flat_sync_dispatches_the_same_ops_for_2_or_50_tensors_of_any_lengths():
     # A device-independent proxy for the kernel launches of one sync on a GPU.
-    few, many = _ops_of_one_sync(flat_sync.sync_flat_, 2), _ops_of_one_sync(flat_sync.sync_flat_, 50)
+    with _strategy("global"):
+        few, many = _ops_of_one_sync(flat_sync.sync_flat_, 2), _ops_of_one_sync(flat_sync.sync_flat_, 50)
     assert many == few, (few, many)
-    assert len(few) <= 12
+    assert len(few) <= 10 and few.count("aten.sort.stable") == 2
     # The per-length kernel's count grows with the tensors and row lengths: what this measure sees.
     assert len(_ops_of_one_sync(reconnect.sync_many_, 50)) > 3 * len(_ops_of_one_sync(reconnect.sync_many_, 2))
+
+
+def test_one_by_length_flat_sync_dispatches_ops_per_row_length_not_per_tensor():
+    with _strategy("by_length"):
+        few = _ops_of_one_sync(flat_sync.sync_flat_, 6, cycle=6)
+        many = _ops_of_one_sync(flat_sync.sync_flat_, 60, cycle=6)
+    assert many == few, (few, many)
+    tensors, _, layouts = _problem_of(6)
+    lengths = {reconnect.to_rows(t, lay).shape[1] for t, lay in zip(tensors, layouts, strict=True)}
+    assert few.count("aten.sort.stable") == len(lengths) and len(few) <= 2 * len(lengths) + 7
+    assert len(_ops_of_one_sync(reconnect.sync_many_, 60, cycle=6)) > 3 * len(many)
 
 
 def _train(batched: bool, monkeypatch: pytest.MonkeyPatch, channels_last: bool) -> list[torch.Tensor]:

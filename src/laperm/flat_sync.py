@@ -1,26 +1,32 @@
-"""One sync of many tensors in a fixed handful of kernels, whatever their number and row lengths.
+"""One sync of many tensors in a fixed handful of kernels, whatever their number.
 
 :func:`sync_flat_` synchronises every row of every tensor at once (docs/algorithm.md §2's rule,
 bit-identical to :func:`laperm.reconnect.sync_tensor_` on each tensor):
 
 1. the tensors' memory (each seen as a flat view in its own memory order: contiguous,
-   channels_last, or any other dense layout) is concatenated into one buffer (one ``cat``);
-2. one precomputed gather puts every element in *row order* (rows of all tensors one after
-   another, each row in the column order of :func:`laperm.reconnect.to_rows`), skipped when that
-   already is the memory order;
-3. two stable sorts give every row's stable argsort at once: all values by value (ties keep row
-   order), then those positions by their row id (which keeps, within a row, the order by
-   ``(value, column)``);
-4. the concatenated sorted initial rows are scattered to those positions (mapped back to memory
-   positions), and one ``_foreach_copy_`` writes every tensor in place.
+   channels_last, or any other dense layout) is concatenated into one buffer (one ``cat``),
+   tensors of equal row length next to each other;
+2. one precomputed gather puts every element in *row order* (rows one after another, each row in
+   the column order of :func:`laperm.reconnect.to_rows`), skipped when that already is the
+   memory order;
+3. every row's stable argsort, by one of two strategies (:data:`STRATEGY`):
 
-The index tensors (row id of every element, the row-order gather) depend only on the tensors'
-shapes, strides and layouts; they are built once and cached (:data:`PLAN_CACHE_SIZE` sets of
-shapes).  So a sync is about ten kernels plus the per-tensor *views* (no kernels), where the
-per-length kernel (:func:`laperm.reconnect.sync_many_`) launches a sort, a scatter and copies
-per row length and per non-contiguous tensor.  The sorts are global, not per row: on CPU the
-threaded per-tensor kernel stays faster (``benchmarks/sync.py``), so :class:`laperm.optim.LaPerm`
-uses this one for CUDA tensors.  Assumes finite values (the optional ``check`` runs first).
+   * ``"global"``: two stable sorts of everything, by value (ties keep row order), then by row
+     id (which keeps, within a row, the order by ``(value, column)``): two sorts in all;
+   * ``"by_length"``: one stable 2-D ``torch.sort`` per distinct row length, each over a
+     contiguous block of the buffer (on CUDA the segmented sort ``torch.sort`` uses for rows):
+     as many sorts as row lengths, not tensors, and no more work than sorting the rows;
+
+4. the concatenated sorted initial rows are scattered to those positions (mapped back to memory
+   positions) with one ``index_put_``, and one ``_foreach_copy_`` writes every tensor in place.
+
+The index tensors (the gather, row ids or row offsets) depend only on the tensors' shapes,
+strides and layouts; they are built once and cached (:data:`PLAN_CACHE_SIZE` sets of shapes), as
+int32 (4 bytes per weight each).  A sync is then a fixed number of kernels plus per-tensor
+*views* (no kernels), where :func:`laperm.reconnect.sync_many_` launches sorts, scatters and
+copies per row length and per non-contiguous tensor.  On CPU the threaded per-tensor kernel
+stays faster (``benchmarks/sync.py``), so :class:`laperm.optim.LaPerm` uses this one for CUDA
+tensors.  Assumes finite values (the optional ``check`` runs first).
 """
 
 from __future__ import annotations
@@ -35,21 +41,32 @@ from torch import Tensor
 
 from .reconnect import RowLayout, sync_many_, to_rows
 
-__all__ = ["sync_flat_", "PLAN_CACHE_SIZE"]
+__all__ = ["sync_flat_", "PLAN_CACHE_SIZE", "STRATEGY", "GLOBAL_MAX_ELEMENTS", "STRATEGIES"]
 
 PLAN_CACHE_SIZE = 16
 """Sets of (shapes, strides, layouts) whose index tensors are kept (least recently used dropped)."""
+
+STRATEGIES = ("auto", "global", "by_length")
+STRATEGY = "auto"
+"""How rows are sorted (see the module docstring); ``"auto"``: ``"global"`` up to
+:data:`GLOBAL_MAX_ELEMENTS` elements (where launches, not bytes, cost most: two sorts whatever the
+row lengths), ``"by_length"`` above (where a global sort of everything would cost more than
+sorting each row)."""
+
+GLOBAL_MAX_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
 class _Plan:
     """The static part of a flat sync of tensors with given shapes, strides and layouts."""
 
+    perm: tuple[int, ...]  # the tensors in buffer order (equal row lengths adjacent)
     orders: tuple[tuple[int, ...] | None, ...]  # dim order making each tensor contiguous (None: already)
     sizes: tuple[int, ...]  # elements of each tensor
     rows: tuple[tuple[int, int], ...]  # each tensor's row-matrix shape
-    segments: Tensor  # row id of every element, in row order (int32; int64 past 2**31 rows)
     gather: Tensor | None  # memory position of every row-order position (None: the identity)
+    segments: Tensor | None  # "global": row id of every row-order position
+    blocks: tuple[tuple[int, int, int, Tensor], ...]  # "by_length": (start, rows, length, row starts (rows, 1))
 
 
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
@@ -110,7 +127,7 @@ def _gather(tensors: list[Tensor], layouts: list[RowLayout], sorted_vals: list[T
                 f"row matrix shape {shape} of a {tuple(t.shape)} tensor does not match the stored "
                 f"sorted values {tuple(s.shape)}"
             )
-    views = [_memory_view(t.detach(), order) for t, order in zip(tensors, plan.orders, strict=True)]
+    views = [_memory_view(tensors[i].detach(), order) for i, order in zip(plan.perm, plan.orders, strict=True)]
     memory = torch.cat(views)
     return _Gathered(plan, views, memory, memory if plan.gather is None else memory[plan.gather])
 
@@ -118,18 +135,27 @@ def _gather(tensors: list[Tensor], layouts: list[RowLayout], sorted_vals: list[T
 def _write(g: _Gathered, sorted_vals: list[Tensor]) -> None:
     """Give every row's sorted initial values to its ranks, and write the tensors in place."""
     plan = g.plan
-    order = torch.sort(g.values, stable=True).indices  # by value; ties in row order
-    order = order[torch.sort(plan.segments[order], stable=True).indices]  # then by row: (row, value, column)
+    if plan.segments is not None:
+        order = torch.sort(g.values, stable=True).indices  # by value; ties in row order
+        order = order[torch.sort(plan.segments[order], stable=True).indices]  # then by row: (row, value, column)
+    else:
+        parts = [
+            torch.sort(g.values[a : a + r * n].view(r, n), dim=1, stable=True).indices.add_(starts).view(-1)
+            for a, r, n, starts in plan.blocks
+        ]
+        order = torch.cat(parts) if len(parts) != 1 else parts[0]
     target = order if plan.gather is None else plan.gather[order]
-    new = torch.cat([s.reshape(-1) for s in sorted_vals]).to(device=g.memory.device, dtype=g.memory.dtype)
-    g.memory.index_put_((target,), new)  # (memory is the cat's fresh output, not the tensors)
+    new = torch.cat([sorted_vals[i].reshape(-1) for i in plan.perm])
+    g.memory.index_put_((target,), new.to(device=g.memory.device, dtype=g.memory.dtype))  # (a fresh buffer)
     torch._foreach_copy_(g.views, list(g.memory.split(plan.sizes)))
 
 
 def _plan(tensors: list[Tensor], layouts: list[RowLayout]) -> _Plan:
     """The cached plan for these shapes, strides and layouts (built on first use)."""
+    if STRATEGY not in STRATEGIES:
+        raise ValueError(f"flat_sync.STRATEGY must be one of {STRATEGIES}, got {STRATEGY!r}")
     device = tensors[0].device
-    key = (device, *((tuple(t.shape), t.stride(), lay) for t, lay in zip(tensors, layouts, strict=True)))
+    key = (device, STRATEGY, *((tuple(t.shape), t.stride(), lay) for t, lay in zip(tensors, layouts, strict=True)))
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(tensors, layouts, device)
@@ -142,33 +168,52 @@ def _plan(tensors: list[Tensor], layouts: list[RowLayout]) -> _Plan:
 
 
 def _build_plan(tensors: list[Tensor], layouts: list[RowLayout], device: torch.device) -> _Plan:
-    orders, sizes, rows, segments, gather = [], [], [], [], []
-    offset = first_row = 0
-    for t, layout in zip(tensors, layouts, strict=True):
-        order = _dense_order(t)
+    rows = [tuple(to_rows(torch.empty(t.shape, device="meta"), lay).shape) for t, lay in zip(tensors, layouts)]
+    perm = sorted(range(len(tensors)), key=lambda i: rows[i][1])  # (stable: equal lengths keep their order)
+    orders, gather = [], []
+    offset = 0
+    for i in perm:
+        t, order = tensors[i], _dense_order(tensors[i])
         if order is False:  # (sync_flat_ routes these elsewhere)
             raise AssertionError("a tensor without dense memory reached the flat plan")
         # Memory position of every element, laid out like t: to_rows of it is the gather.
         where = torch.empty_strided(t.shape, t.stride(), dtype=torch.int64)
         _memory_view(where, order).copy_(torch.arange(offset, offset + t.numel()))
-        r = to_rows(where, layout)
         orders.append(order)
-        sizes.append(t.numel())
-        rows.append((int(r.shape[0]), int(r.shape[1])))
-        gather.append(r.reshape(-1))
-        segments.append(torch.arange(first_row, first_row + r.shape[0]).repeat_interleave(r.shape[1]))
+        gather.append(to_rows(where, layouts[i]).reshape(-1))
         offset += t.numel()
-        first_row += r.shape[0]
-    flat = torch.cat(gather)
-    identity = bool(torch.equal(flat, torch.arange(offset)))
-    seg_type = torch.int32 if first_row < 2**31 else torch.int64
+    flat = torch.cat(gather) if gather else torch.zeros(0, dtype=torch.int64)
+    index_type = torch.int32 if offset < 2**31 else torch.int64
+    strategy = STRATEGY if STRATEGY != "auto" else "global" if offset <= GLOBAL_MAX_ELEMENTS else "by_length"
+    ordered_rows = [(int(rows[i][0]), int(rows[i][1])) for i in perm]
     return _Plan(
+        tuple(perm),
         tuple(orders),
-        tuple(sizes),
-        tuple(rows),
-        torch.cat(segments).to(device=device, dtype=seg_type),
-        None if identity else flat.to(device),
+        tuple(tensors[i].numel() for i in perm),
+        tuple((int(r), int(n)) for r, n in rows),
+        None if torch.equal(flat, torch.arange(offset)) else flat.to(device=device, dtype=index_type),
+        _segments(ordered_rows).to(device=device, dtype=index_type) if strategy == "global" else None,
+        _blocks(ordered_rows, device) if strategy == "by_length" else (),
     )
+
+
+def _segments(rows: list[tuple[int, int]]) -> Tensor:
+    """The row id of every element, for row matrices ``rows`` one after another."""
+    per_row = [torch.full((r,), n, dtype=torch.int64) for r, n in rows]
+    lengths = torch.cat(per_row) if per_row else torch.zeros(0, dtype=torch.int64)
+    return torch.arange(len(lengths)).repeat_interleave(lengths)
+
+
+def _blocks(rows: list[tuple[int, int]], device: torch.device) -> tuple[tuple[int, int, int, Tensor], ...]:
+    """``(start, rows, length, row starts)`` of each run of equal row lengths (empty ones left out)."""
+    out = []
+    start = 0
+    for n in sorted({n for _, n in rows}):
+        r = sum(rr for rr, nn in rows if nn == n)
+        if r and n:
+            out.append((start, r, n, (start + n * torch.arange(r, device=device)).view(r, 1)))
+        start += r * n
+    return tuple(out)
 
 
 def _dense_order(t: Tensor) -> tuple[int, ...] | None | Literal[False]:
