@@ -143,7 +143,7 @@ def _write(g: _Gathered, sorted_vals: list[Tensor]) -> None:
             torch.sort(g.values[a : a + r * n].view(r, n), dim=1, stable=True).indices.add_(starts).view(-1)
             for a, r, n, starts in plan.blocks
         ]
-        order = torch.cat(parts) if len(parts) != 1 else parts[0]
+        order = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else g.values.new_zeros(0, dtype=torch.int64)
     target = order if plan.gather is None else plan.gather[order]
     new = torch.cat([sorted_vals[i].reshape(-1) for i in plan.perm])
     g.memory.index_put_((target,), new.to(device=g.memory.device, dtype=g.memory.dtype))  # (a fresh buffer)
