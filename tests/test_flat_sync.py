@@ -276,3 +276,23 @@ def test_laperm_flat_sync_refuses_non_finite_weights_before_writing_any(monkeypa
     with pytest.raises(LaPermError, match=r"1\.weight holds NaN or inf"):
         opt.sync()
     assert torch.equal(model[0].weight.detach(), before)
+
+
+def test_auto_strategy_sorts_small_sets_globally_and_large_ones_by_row_length(monkeypatch):
+    tensors, inits, layouts = _problem_of(8)
+    total = sum(t.numel() for t in tensors)
+    monkeypatch.setattr(flat_sync, "STRATEGY", "auto")
+    for limit, strategy in ((total, "global"), (total - 1, "by_length")):
+        monkeypatch.setattr(flat_sync, "GLOBAL_MAX_ELEMENTS", limit)
+        flat_sync._plans.clear()
+        with _CountOps() as counter:
+            flat_sync.sync_flat_([_clone(t) for t in tensors], inits, layouts)
+        plan = next(iter(flat_sync._plans.values()))
+        assert (plan.segments is not None, bool(plan.blocks)) == (strategy == "global", strategy == "by_length")
+        assert counter.ops.count("aten.sort.stable") == (2 if strategy == "global" else len(plan.blocks))
+
+
+def test_an_unknown_strategy_is_refused(monkeypatch):
+    monkeypatch.setattr(flat_sync, "STRATEGY", "fastest")
+    with pytest.raises(ValueError, match="STRATEGY must be one of"):
+        flat_sync.sync_flat_([torch.randn(2, 3)], [torch.randn(2, 3)], [RowLayout()])

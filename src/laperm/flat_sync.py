@@ -21,12 +21,14 @@ bit-identical to :func:`laperm.reconnect.sync_tensor_` on each tensor):
    positions) with one ``index_put_``, and one ``_foreach_copy_`` writes every tensor in place.
 
 The index tensors (the gather, row ids or row offsets) depend only on the tensors' shapes,
-strides and layouts; they are built once and cached (:data:`PLAN_CACHE_SIZE` sets of shapes), as
-int32 (4 bytes per weight each).  A sync is then a fixed number of kernels plus per-tensor
-*views* (no kernels), where :func:`laperm.reconnect.sync_many_` launches sorts, scatters and
-copies per row length and per non-contiguous tensor.  On CPU the threaded per-tensor kernel
-stays faster (``benchmarks/sync.py``), so :class:`laperm.optim.LaPerm` uses this one for CUDA
-tensors.  Assumes finite values (the optional ``check`` runs first).
+strides and layouts; they are built once and cached (:data:`PLAN_CACHE_SIZE` sets of shapes):
+the gather as int64 (8 bytes per weight, only where memory order is not row order, e.g.
+channels_last), the row ids as int32 (4 bytes per weight, ``"global"`` only).  A sync is then a
+fixed number of kernels plus per-tensor *views* (no kernels), where
+:func:`laperm.reconnect.sync_many_` launches sorts, scatters and copies per row length and per
+non-contiguous tensor.  On CPU the threaded per-tensor kernel stays faster
+(``benchmarks/sync.py``), so :class:`laperm.optim.LaPerm` uses this one for CUDA tensors.
+Assumes finite values (the optional ``check`` runs first).
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ def _build_plan(tensors: list[Tensor], layouts: list[RowLayout], device: torch.d
         tuple(orders),
         tuple(tensors[i].numel() for i in perm),
         tuple((int(r), int(n)) for r, n in rows),
-        None if torch.equal(flat, torch.arange(offset)) else flat.to(device=device, dtype=index_type),
+        None if torch.equal(flat, torch.arange(offset)) else flat.to(device),  # (int64: index ops would cast int32)
         _segments(ordered_rows).to(device=device, dtype=index_type) if strategy == "global" else None,
         _blocks(ordered_rows, device) if strategy == "by_length" else (),
     )
