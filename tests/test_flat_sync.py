@@ -219,7 +219,7 @@ def test_one_global_flat_sync_dispatches_the_same_ops_for_2_or_50_tensors_of_any
     with _strategy("global"):
         few, many = _ops_of_one_sync(flat_sync.sync_flat_, 2), _ops_of_one_sync(flat_sync.sync_flat_, 50)
     assert many == few, (few, many)
-    assert len(few) <= 10 and few.count("aten.sort.stable") == 2
+    assert len(few) <= 11 and few.count("aten.sort.stable") == 2
     # The per-length kernel's count grows with the tensors and row lengths: what this measure sees.
     assert len(_ops_of_one_sync(reconnect.sync_many_, 50)) > 3 * len(_ops_of_one_sync(reconnect.sync_many_, 2))
 
@@ -231,7 +231,7 @@ def test_one_by_length_flat_sync_dispatches_ops_per_row_length_not_per_tensor():
     assert many == few, (few, many)
     tensors, _, layouts = _problem_of(6)
     lengths = {reconnect.to_rows(t, lay).shape[1] for t, lay in zip(tensors, layouts, strict=True)}
-    assert few.count("aten.sort.stable") == len(lengths) and len(few) <= 2 * len(lengths) + 7
+    assert few.count("aten.sort.stable") == len(lengths) and len(few) <= 2 * len(lengths) + 8
     assert len(_ops_of_one_sync(reconnect.sync_many_, 60, cycle=6)) > 3 * len(many)
 
 
@@ -296,3 +296,21 @@ def test_an_unknown_strategy_is_refused(monkeypatch):
     monkeypatch.setattr(flat_sync, "STRATEGY", "fastest")
     with pytest.raises(ValueError, match="STRATEGY must be one of"):
         flat_sync.sync_flat_([torch.randn(2, 3)], [torch.randn(2, 3)], [RowLayout()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_signed_zeros_tie_in_long_rows_and_large_sets(device, strategy):
+    # Long enough that a GPU sorts by radix (rows and the whole set > 4096), where -0.0 and 0.0
+    # would differ by their bits: they must still tie, in index order, as in the per-tensor sync.
+    g = torch.Generator().manual_seed(3)
+    pool = torch.tensor([-0.0, 0.0, 0.5, -0.5])
+    tensors = [pool[torch.randint(4, shape, generator=g)] for shape in ((3, 5000), (2, 70, 9, 9))]
+    tensors[1] = tensors[1].contiguous(memory_format=torch.channels_last)
+    layouts = [RowLayout(), RowLayout()]
+    inits = [_init_for(t, RowLayout(), seed=i) for i, t in enumerate(tensors)]
+    want = [reconnect.sync_tensor_(_clone(t), s) for t, s in zip(tensors, inits, strict=True)]
+    got = [_clone(t).to(device) for t in tensors]
+    with _strategy(strategy):
+        flat_sync.sync_flat_(got, [s.to(device) for s in inits], layouts)
+    _assert_bit_identical(got, want)

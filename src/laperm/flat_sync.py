@@ -137,6 +137,10 @@ def _gather(tensors: list[Tensor], layouts: list[RowLayout], sorted_vals: list[T
 def _write(g: _Gathered, sorted_vals: list[Tensor]) -> None:
     """Give every row's sorted initial values to its ranks, and write the tensors in place."""
     plan = g.plan
+    # -0.0 and 0.0 must tie (the rule's, and the CPU kernel's, order); a radix sort (CUDA, long
+    # rows) may order them by bits, so make every zero +0.0 first: x + 0.0 is x bit for bit
+    # otherwise.  (values is scratch: the memory it may be is overwritten below, every element.)
+    g.values.add_(0.0)
     if plan.segments is not None:
         order = torch.sort(g.values, stable=True).indices  # by value; ties in row order
         order = order[torch.sort(plan.segments[order], stable=True).indices]  # then by row: (row, value, column)
