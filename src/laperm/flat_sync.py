@@ -33,6 +33,7 @@ Assumes finite values (the optional ``check`` runs first).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class _Plan:
 
 
 _plans: OrderedDict[tuple, _Plan] = OrderedDict()
+_plans_lock = threading.Lock()
 
 
 def sync_flat_(
@@ -161,15 +163,18 @@ def _plan(tensors: list[Tensor], layouts: list[RowLayout]) -> _Plan:
     if STRATEGY not in STRATEGIES:
         raise ValueError(f"flat_sync.STRATEGY must be one of {STRATEGIES}, got {STRATEGY!r}")
     device = tensors[0].device
-    key = (device, STRATEGY, *((tuple(t.shape), t.stride(), lay) for t, lay in zip(tensors, layouts, strict=True)))
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _build_plan(tensors, layouts, device)
+    shapes = ((tuple(t.shape), t.stride(), lay) for t, lay in zip(tensors, layouts, strict=True))
+    key = (device, STRATEGY, GLOBAL_MAX_ELEMENTS, *shapes)
+    with _plans_lock:  # (syncs may run in several threads)
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
+    plan = _build_plan(tensors, layouts, device)
+    with _plans_lock:
         _plans[key] = plan
         while len(_plans) > PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
     return plan
 
 
