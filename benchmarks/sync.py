@@ -14,7 +14,16 @@ The methods run interleaved (rotating order) in one process and each time is
 the median over the repeats, so that the ratios stay meaningful on a noisy,
 shared machine; absolute times are not comparable across machines.
 
-    python -m benchmarks.sync [--quick] [--repeats N] [--models conv13,lenet300,f2]
+A second table (:func:`run_many`) times the batched syncs of many tensors at
+once, on every permuted tensor of a model as ``LaPerm`` picks them (ResNet50:
+52 tensors, 7 row lengths): ``flat`` (:func:`laperm.flat_sync.sync_flat_`, LaPerm's
+CUDA path, both strategies: ``flat_global``, ``flat_by_length``), ``per_length`` (:func:`laperm.reconnect.sync_many_`, the former CUDA
+path), ``per_tensor`` (``sync_tensor_`` on each, LaPerm's CPU path), against
+``sort_by_length`` (one stable ``torch.sort`` per row length of the stacked rows:
+the floor ``benchmarks.gpu.sync_one`` compares with) and ``sort_flat`` (one
+stable ``torch.sort`` of all values as one 1-D tensor).
+
+    python -m benchmarks.sync [--quick] [--repeats N] [--models conv13,lenet300,f2] [--many resnet50] [--threads N]
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from laperm import models, reconnect
+from laperm import flat_sync, models, reconnect
+from laperm.optim import LaPerm, laperm_param_groups
 
 MODELS = ("conv13", "lenet300", "f2")
+MANY = ("resnet50",)
 
 
 def _case(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -139,6 +150,98 @@ def run(quick: bool = False, repeats: int | None = None, names=MODELS) -> list[d
     return out
 
 
+def _many_case(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list]:
+    """LaPerm's permuted tensors of ``name``: (θ0-sorted rows, inner weights, working tensors, layouts)."""
+    net = models.build(name, seed=0)
+    opt = LaPerm(torch.optim.SGD(laperm_param_groups(net), lr=0.1), k=1000)
+    g = torch.Generator().manual_seed(1)
+    sorted_vals, inner, work, layouts = [], [], [], []
+    for _, p in opt.permuted_parameters():
+        w0 = p.detach().clone()
+        sorted_vals.append(opt.initial_sorted(p))
+        inner.append(w0 + 1e-3 * w0.abs().mean() * torch.randn(w0.shape, generator=g))
+        work.append(torch.empty_like(w0))
+        layouts.append(opt.layout_of(p))
+    return sorted_vals, inner, work, layouts
+
+
+def _many_methods(sorted_vals, inner, work, layouts) -> dict[str, Callable[[], None]]:  # type: ignore[no-untyped-def]
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for w, lay in zip(inner, layouts):
+        rows = reconnect.to_rows(w, lay)
+        by_length.setdefault(rows.shape[1], []).append(rows)
+    stacks = [torch.cat(rs) for rs in by_length.values()]
+    every_value = torch.cat([w.reshape(-1) for w in inner])
+
+    def per_tensor() -> None:
+        for w, s, lay in zip(work, sorted_vals, layouts):
+            reconnect.sync_tensor_(w, s, lay)
+
+    def sort_by_length() -> None:
+        for st in stacks:
+            torch.sort(st, dim=1, stable=True)
+
+    def flat(strategy: str) -> Callable[[], None]:
+        def fn() -> None:
+            saved, flat_sync.STRATEGY = flat_sync.STRATEGY, strategy
+            try:
+                flat_sync.sync_flat_(work, sorted_vals, layouts)
+            finally:
+                flat_sync.STRATEGY = saved
+
+        return fn
+
+    return {
+        "flat_global": flat("global"),
+        "flat_by_length": flat("by_length"),
+        "per_length": lambda: reconnect.sync_many_(work, sorted_vals, layouts),
+        "per_tensor": per_tensor,
+        "sort_by_length": sort_by_length,
+        "sort_flat": lambda: torch.sort(every_value, stable=True) and None,
+    }
+
+
+def run_many(quick: bool = False, repeats: int | None = None, names=MANY) -> list[dict]:
+    """Time the syncs of all of a model's permuted tensors at once; one dict per model.
+
+    Keys: ``model``, ``weights``, ``tensors``, ``row_lengths``, ``repeats``, ``<method>_ms``
+    (median) for :func:`_many_methods`' methods, ``<method>_over_sort_by_length`` for the four
+    syncs, and ``flat_global_over_sort_flat``.
+    """
+    repeats = repeats or (3 if quick else 11)
+    out = []
+    for name in names:
+        sorted_vals, inner, work, layouts = _many_case(name)
+        methods = _many_methods(sorted_vals, inner, work, layouts)
+        want = [reconnect.reference_sync(i, s, lay) for i, s, lay in zip(inner, sorted_vals, layouts)]
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        order = list(methods)
+        for k in range(repeats + 1):  # round 0: warm-up (and the flat plan built), not timed
+            for m in order[k % len(order) :] + order[: k % len(order)]:
+                for w, i in zip(work, inner):
+                    w.copy_(i)
+                t = time.perf_counter()
+                methods[m]()
+                if k:
+                    times[m].append(time.perf_counter() - t)
+                if not m.startswith("sort"):  # exactness, every time
+                    assert all(torch.equal(w, x) for w, x in zip(work, want)), (name, m)
+        med = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+        row = {
+            "model": name,
+            "weights": sum(w.numel() for w in inner),
+            "tensors": len(inner),
+            "row_lengths": len({s.shape[1] for s in sorted_vals}),
+            "repeats": repeats,
+        }
+        row.update({f"{m}_ms": t for m, t in med.items()})
+        for m in ("flat_global", "flat_by_length", "per_length", "per_tensor"):
+            row[f"{m}_over_sort_by_length"] = med[m] / med["sort_by_length"]
+        row["flat_global_over_sort_flat"] = med["flat_global"] / med["sort_flat"]
+        out.append(row)
+    return out
+
+
 def machine_info() -> dict:
     """What the numbers were measured on."""
     return {
@@ -167,12 +270,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_many_table(rows: list[dict]) -> str:
+    cols = ("flat_global", "flat_by_length", "per_length", "per_tensor", "sort_by_length", "sort_flat")
+    short = ("flat_gl", "flat_bl", "per_len", "per_ten", "sort_len", "sort_1")
+    head = f"{'model':9} {'weights':>9} {'tensors':>7} {'lengths':>7} " + " ".join(f"{c:>8}" for c in short)
+    head += " | " + " ".join(f"{c + '/sort_len':>16}" for c in short[:4]) + f" {'flat_gl/sort_1':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['model']:9} {r['weights']:>9,} {r['tensors']:>7} {r['row_lengths']:>7} "
+        line += " ".join(f"{r[c + '_ms']:>8.2f}" for c in cols) + " | "
+        line += " ".join(f"{r[c + '_over_sort_by_length']:>16.2f}" for c in cols[:4])
+        lines.append(line + f" {r['flat_global_over_sort_flat']:>14.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats per method")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated model names")
+    ap.add_argument(
+        "--many", default=",".join(MANY), help="models for the many-tensor table (comma-separated; '' for none)"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(" ".join(f"{k}={v}" for k, v in machine_info().items()))
     rows = run(args.quick, args.repeats, args.models.split(","))
     print(
@@ -180,6 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         "single-threaded np.argsort of the same rows"
     )
     print(format_table(rows))
+    if args.many:
+        many = run_many(args.quick, args.repeats, args.many.split(","))
+        print(
+            f"\nall permuted tensors at once (torch threads {torch.get_num_threads()}): median of "
+            f"{many[0]['repeats']} interleaved runs, ms"
+        )
+        print(format_many_table(many))
 
 
 if __name__ == "__main__":

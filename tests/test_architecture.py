@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundations",
         (
             "laperm.initial_values",
+            "laperm.flat_sync",
             "laperm.optim_format",
             "laperm.optim_state",
             "laperm.sharding",

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laperm import optim, reconnect
+from laperm import flat_sync, optim, reconnect
 from laperm.optim import LaPerm, laperm_param_groups
 from laperm.reconnect import RowLayout
 
@@ -102,16 +102,16 @@ def _train(batched: bool | None, monkeypatch: pytest.MonkeyPatch, device: str = 
 
 
 def test_laperm_through_the_batched_sync_trains_bit_identically(monkeypatch):
-    # The CUDA call site, exercised on CPU: the batched sync must not change a run.
+    # The CUDA call site (the flat sync), exercised on CPU: it must not change a run.
     plain = _train(False, monkeypatch)
     batched = _train(True, monkeypatch)
     assert all(torch.equal(a, b) for a, b in zip(plain, batched, strict=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_laperm_on_cuda_uses_the_batched_sync(monkeypatch):
+def test_laperm_on_cuda_uses_the_flat_sync(monkeypatch):
     calls = []
-    real = reconnect.sync_many_
-    monkeypatch.setattr(reconnect, "sync_many_", lambda *a: calls.append(1) or real(*a))
+    real = flat_sync.sync_flat_
+    monkeypatch.setattr(flat_sync, "sync_flat_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     _train(None, monkeypatch, device="cuda")
     assert calls

@@ -65,7 +65,7 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
-from . import optim_state, reconnect, sharding
+from . import flat_sync, optim_state, reconnect, sharding
 from .initial_values import COUNTS, SORTED, SortedRows
 from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
 from .optim_state import INNER, INNER_COUNT
@@ -458,17 +458,18 @@ class LaPerm(torch.optim.Optimizer):
                     "create the optimizer after the model's final shape is set"
                 )
             todo.append((p, t, st))
-        if self.check_finite:
-            self._check_finite(todo)
-        if todo and _batched_sync(todo[0][1]):  # CUDA: one segmented sort per row length (docs/gpu.md)
-            reconnect.sync_many_(
+        if todo and _batched_sync(todo[0][1]):  # CUDA: all rows in a few kernels (docs/gpu.md)
+            flat_sync.sync_flat_(
                 [t for _, t, _ in todo],
                 [self._sorted_rows(p).dense() for p, _, _ in todo],
                 [st.layout for _, _, st in todo],
+                check=_finite_check(todo) if self.check_finite else None,
             )
-        else:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
-            for p, t, st in todo:
-                reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
+            return [p for p, _, _ in todo]
+        if self.check_finite:
+            self._check_finite(todo)
+        for p, t, st in todo:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
+            reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
         return [p for p, _, _ in todo]
 
     @staticmethod
@@ -697,8 +698,19 @@ def _observed() -> bool:
 
 
 def _batched_sync(p: Tensor) -> bool:
-    """Whether a group whose first permuted tensor is ``p`` syncs through :func:`reconnect.sync_many_`."""
+    """Whether a group whose first permuted tensor is ``p`` syncs through :func:`flat_sync.sync_flat_`."""
     return p.is_cuda
+
+
+def _finite_check(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> Callable[[list[Tensor]], None]:
+    """:meth:`LaPerm._check_finite` for the flat sync: the extremes of its flat values, read once."""
+
+    def check(values: list[Tensor]) -> None:
+        ext = [e.double() for v in values if v.numel() for e in torch.aminmax(v)]
+        if ext and not bool(torch.isfinite(torch.stack(ext)).all()):
+            LaPerm._check_finite(todo)  # names the culprit and raises
+
+    return check
 
 
 def _check_rule(rule: Any) -> None:

@@ -217,8 +217,10 @@ def sync_many_(tensors: Sequence[Tensor], sorted_vals: Sequence[Tensor], layouts
     back.  Row by row this is exactly :func:`sync_tensor_`'s rule, so the
     result is bit-identical to syncing each tensor on its own; what it saves
     on a GPU is one sort and scatter launch per tensor.  On CPU the per-tensor
-    kernel (:func:`sync_rows_`, int64 keys, threaded) is faster: this function
-    is meant for CUDA tensors (it runs anywhere, for tests).  Assumes finite
+    kernel (:func:`sync_rows_`, int64 keys, threaded) is faster; on CUDA
+    :class:`laperm.optim.LaPerm` uses :func:`laperm.flat_sync.sync_flat_`, which
+    needs a fixed number of launches whatever the number of tensors (it falls
+    back to this function for tensors without dense memory).  Assumes finite
     values, like :func:`sync_rows_`.
     """
     if not len(tensors) == len(sorted_vals) == len(layouts):
