@@ -115,7 +115,7 @@ def check_row(
         "k": fast["k"],
         "graph": fast["graph"],
         "captured": captured,
-        "capture_source": fast["capture_source"],
+        "capture_error": fast["capture_error"],
         "warnings": fast["warnings"],
         "loss_eager_first": eager["first_loss"],
         "loss_eager": eager["final_loss"],
@@ -222,15 +222,10 @@ def _train(
 
 
 def _capture_state(step: DeviceStep) -> dict[str, Any]:
-    """Whether the step ran from a captured CUDA graph.  ``DeviceStep.captured`` where the fail-safe
-    capture (issue 21, item 3) provides it; until then whether it holds a graph (``_graph``)."""
-    graph = bool(step.use_graph)
-    captured = getattr(step, "captured", None)
-    source = "DeviceStep.captured"
-    if not isinstance(captured, bool):
-        captured = getattr(step, "_graph", None) is not None
-        source = "DeviceStep._graph is set (DeviceStep has no `captured` attribute yet)"
-    return {"graph": graph, "captured": captured if graph else None, "capture_source": source if graph else "no graph"}
+    """Whether the step ran from a captured CUDA graph (``DeviceStep.captured``), and the capture error if it fell back."""
+    if not step.use_graph:
+        return {"graph": False, "captured": None, "capture_error": None}
+    return {"graph": True, "captured": step.captured, "capture_error": step.capture_error}
 
 
 def _sync(device: torch.device) -> None:

@@ -9,7 +9,7 @@ On CUDA (``graph=None`` picks it there) forward, backward and the inner optimize
 captured once in a CUDA graph (``torch.cuda.graph``, static input buffers) and replayed each step:
 one launch instead of hundreds, which is what limits small networks at batch 50.  LaPerm's part
 stays in Python, outside the graph: it counts steps on the host (no device read) and, every k
-steps, runs the sync (one batched sort per row length, :func:`laperm.reconnect.sync_many_`) and its
+steps, runs the sync (every row of every tensor at once, :func:`laperm.flat_sync.sync_flat_`) and its
 finite check (one reduction over all synced tensors, read once).  The sync writes the parameters
 in place, so the graph stays valid.  On CPU the same component runs eagerly, computing exactly
 what the plain loop computes (tests check identical weights).
@@ -136,6 +136,11 @@ class DeviceStep:
         self.capture_error: str | None = None  # set when a capture failed: the steps are eager until a retry
         self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self._lrs: list[Tensor] = []
+
+    @property
+    def captured(self) -> bool:
+        """Whether the steps now replay a captured CUDA graph (False: eager, before or after a failed capture)."""
+        return self._graph is not None
 
     # -- the step ---------------------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> None:
