@@ -51,6 +51,7 @@ def test_fields_added_later_keep_run_names():
             "mode",
             "precision",
             "channels_last",
+            "stop_at",
         }
     }
     import hashlib
