@@ -200,7 +200,7 @@ class StackTrainer:
         with StopFlag() as flag:
             for m in self.members:
                 m.stop = flag
-            while self.alive() and first.state.epoch < first.cfg.epochs:
+            while self.alive() and self.alive()[0].state.epoch < first.cfg.epochs:
                 self.run_epoch()
         return [s for m in self.alive() if (s := self._guarded(m, self._finish)) is not None]
 
@@ -247,7 +247,7 @@ class StackTrainer:
                 bar.close()
                 raise TrainingInterrupted(interrupted[0])
         bar.close()
-        for m in members:
+        for m in self.alive():
             self._guarded(m, Member.close_epoch)
 
     def step(self, members: list[Member], pairs: tuple[Any, ...], interrupted: list[str]) -> None:

@@ -121,8 +121,12 @@ def run_experiment(
     dry_run: bool = False,
     log: Callable[[str], None] = print,
     parallel: int = 1,
+    stack: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every unfinished run of experiment ``name``; returns the manifest entries.
+
+    ``stack``: runs that differ only in seed and optimizer train as one stacked model
+    (:mod:`~laperm.experiments.stacking`), after the loop; each keeps its own run folder.
 
     ``parallel`` > 1: the runs without an analysis hook train as ``laperm train`` processes,
     ``parallel`` at a time (:func:`~laperm.experiments.parallel.run_parallel`), after the loop.
@@ -165,7 +169,7 @@ def run_experiment(
                 manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
             continue
         resume = (run_dir / "config.yaml").is_file()
-        if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
+        if (parallel > 1 or stack) and run.hook is None:  # (a hook's probe rides on callbacks: this process only)
             deferred.append((cfg, entry))
             continue
         probe = hooks.make(run.hook, cfg, run_dir)
@@ -176,11 +180,39 @@ def run_experiment(
         manifest["runs"][entry["folder"]] = entry
         _save_manifest(folder, manifest)
     if deferred:
-        _train_parallel(folder, deferred, parallel, manifest)
+        _train_deferred(folder, deferred, parallel, stack, manifest, log)
     _save_manifest(folder, manifest)
     if exp.post is not None and not dry_run:
         exp.post(folder, entries)
     return entries
+
+
+def _train_deferred(
+    folder: Path,
+    jobs: list[tuple[TrainConfig, dict[str, Any]]],
+    parallel: int,
+    stack: bool,
+    manifest: dict[str, Any],
+    log: Callable[[str], None],
+) -> None:
+    """The runs left for after the loop: stacks first (``stack``), the others in parallel or in turn."""
+    from ..engine import train
+    from .stacking import stack_groups, train_stacks
+
+    stopped: list[str] = []
+    if stack:
+        stacks, jobs = stack_groups(jobs, folder)
+        stopped = train_stacks(folder, stacks, manifest, lambda: _save_manifest(folder, manifest), log)
+    if parallel > 1 and jobs:
+        _train_parallel(folder, jobs, parallel, manifest)
+    for cfg, entry in jobs if parallel == 1 else []:
+        t0 = time.perf_counter()
+        train(cfg, resume=(folder / cfg.run_name() / "config.yaml").is_file(), log=log)
+        entry["wall_s"] = round(time.perf_counter() - t0, 1)
+        manifest["runs"][entry["folder"]] = entry
+        _save_manifest(folder, manifest)
+    if stopped:
+        raise ExperimentError(f"{len(stopped)} stacked runs stopped early (NaN): {', '.join(stopped)}")
 
 
 def _train_parallel(
