@@ -25,7 +25,7 @@ import torch
 
 from laperm import reconnect
 
-from . import compact, engine, gpu, memory, overhead, sync
+from . import compact, engine, gpu, memory, overhead, stacked, sync
 from .common import fmt_bytes, load_average, machine_info, mark, md_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,9 +382,12 @@ def run_gpu(device: str, quick: bool, output: Path, gpu_json: Path) -> int:
         print("error: the GPU section measures a GPU; on CPU only its smoke run exists: add --quick", file=sys.stderr)
         return 2
     res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True))
+    # stacked training (issue 22): N runs as one stacked model against one run alone
+    res["stacked"] = stacked.run(device, quick, log=lambda m: print(m, flush=True))
     gpu_json.parent.mkdir(parents=True, exist_ok=True)
     gpu_json.write_text(json.dumps(res, indent=1) + "\n")
-    section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{GPU_END}\n"
+    stack_table = f"**Stacked runs** (`benchmarks/stacked.py`)\n\n{stacked.markdown(res['stacked'])}"
+    section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{stack_table}\n{GPU_END}\n"
     doc = output.read_text() if output.exists() else "# Benchmarks\n\n"
     if GPU_START in doc and GPU_END in doc:
         head, rest = doc.split(GPU_START, 1)

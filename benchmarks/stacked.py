@@ -103,7 +103,14 @@ def single_throughput(
         opt.step()
 
     steps, wall = _timed(step, dev, seconds, k, warmup=3)
-    return {"model": model, "members": 0, "batch": batch, "k": k, "device": device, "images_per_s": batch * steps / wall}
+    return {
+        "model": model,
+        "members": 0,
+        "batch": batch,
+        "k": k,
+        "device": device,
+        "images_per_s": batch * steps / wall,
+    }
 
 
 def run(

@@ -24,7 +24,7 @@ from laperm.config import ConfigError, TrainConfig
 from laperm.engine import train
 from laperm.engine.stack_session import parse_seeds, plan_stack, train_stack
 from laperm.models.stacked import LossSpec, StackedModel
-from laperm.rundir import read_metrics
+from laperm.rundir import read_metrics, read_run_config
 
 
 def quiet(message: str) -> None:
@@ -67,8 +67,10 @@ def test_member_loop_equals_single_runs_bit_for_bit(tmp_path, model, extra):
             other = files(single)[name]
             assert all(torch.equal(state[k], other[k]) for k in state), (c.run_name(), name)
         assert metrics(stacked) == metrics(single)
-        assert verify.verify_run(stacked).ok
-        assert (stacked / "config.yaml").read_text() == (single / "config.yaml").read_text()
+        if c.optimizer == "laperm":  # (a baseline's folder has nothing to verify, as a single run's)
+            assert verify.verify_run(stacked).ok
+        a, b = (read_run_config(d) for d in (stacked, single))
+        assert {**a, "out": ""} == {**b, "out": ""}
         s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (stacked, single))
         assert (s1["final_test_acc"], s1["selected_epoch"]) == (s2["final_test_acc"], s2["selected_epoch"])
 
@@ -81,7 +83,8 @@ def test_vectorized_stack_matches_single_runs_within_float_tolerance(tmp_path, m
     singles(cfgs, tmp_path / "single")
     for c in cfgs:
         stacked, single = tmp_path / "stack" / c.run_name(), tmp_path / "single" / c.run_name()
-        assert verify.verify_run(stacked).ok
+        if c.optimizer == "laperm":  # (a baseline's folder has nothing to verify, as a single run's)
+            assert verify.verify_run(stacked).ok
         # vmap's batched matmuls sum in another order: float32 rounding (~1e-7 relative per step)
         # that 8 Adam steps carry to at most ~1e-6 in any weight; a LaPerm sync maps the inner
         # weights back to θ0's values, so its synced rows match unless two weights were within that.
