@@ -168,6 +168,7 @@ def test_parse_seeds_and_refusals(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_cli_seeds_and_optimizers_write_verified_member_folders(tmp_path, capsys):
     args = ["train", "--dataset", "synthetic", "--model", "f1", "--epochs", "1", "--k", "2", "--val-size", "0"]
     code = cli.main([*args, "--seeds", "0-1", "--optimizer", "laperm,adam", "--out", str(tmp_path), "--no-progress"])
@@ -255,3 +256,26 @@ def test_sigkilled_stack_resumes_to_the_uninterrupted_results(tmp_path, monkeypa
         ]
         if "-laperm-" in r:
             assert cli.main(["verify", str(victim / r)]) == 0
+
+
+@pytest.mark.slow
+def test_laperm_run_stacks_runs_that_differ_in_seed_and_optimizer(tmp_path, monkeypatch, capsys):
+    from laperm.experiments import base
+    from laperm.experiments.base import Experiment, Run
+
+    common = dict(model="f1", dataset="synthetic", epochs=1, batch_size=64, val_size=64, k=4)
+    runs = [
+        Run(dict(common, seed=s, optimizer=o), {"seed": s, "method": o}) for s in (0, 1) for o in ("laperm", "adam")
+    ]
+    runs.append(Run(dict(common, seed=0, k=2), {"seed": 0, "k": 2}))  # another k: trains alone
+    monkeypatch.setitem(base.EXPERIMENTS, "tiny", Experiment("tiny", 1, "test", lambda b, s: runs))
+    assert cli.main(["run", "tiny", "--out", str(tmp_path), "--threads", "1", "--stack"]) == 0
+    out = capsys.readouterr().out
+    assert "stacking 4 runs" in out
+    manifest = json.loads((tmp_path / "tiny" / "experiment.json").read_text())["runs"]
+    assert len(manifest) == 5 and sorted(e.get("stacked", 1) for e in manifest.values()) == [1, 4, 4, 4, 4]
+    for name, entry in manifest.items():
+        assert (tmp_path / "tiny" / name / "summary.json").is_file()
+        assert (tmp_path / "tiny" / name / "stack.json").is_file() == (entry.get("stacked") == 4)
+    assert cli.main(["run", "tiny", "--out", str(tmp_path), "--stack"]) == 0  # all done: nothing retrained
+    assert capsys.readouterr().out.count("(done)") == 5

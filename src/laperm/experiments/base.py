@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
+from ..build import resolve_device
 from ..checkpoint import atomic_write_text
-from ..config import TrainConfig, resolve_config
+from ..config import ConfigError, TrainConfig, resolve_config
 
 __all__ = [
     "Run",
@@ -121,12 +122,14 @@ def run_experiment(
     dry_run: bool = False,
     log: Callable[[str], None] = print,
     parallel: int = 1,
-    stack: bool = True,
+    stack: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train every unfinished run of experiment ``name``; returns the manifest entries.
 
     ``stack``: runs that differ only in seed and optimizer train as one stacked model
     (:mod:`~laperm.experiments.stacking`), after the loop; each keeps its own run folder.
+    None (default): stack the runs that train on a CUDA device (on the CPU a stack saves
+    little time, and single runs give results that do not depend on what they were stacked with).
 
     ``parallel`` > 1: the runs without an analysis hook train as ``laperm train`` processes,
     ``parallel`` at a time (:func:`~laperm.experiments.parallel.run_parallel`), after the loop.
@@ -169,8 +172,9 @@ def run_experiment(
                 manifest["runs"][entry["folder"]] = {**manifest["runs"].get(entry["folder"], {}), **entry}
             continue
         resume = (run_dir / "config.yaml").is_file()
-        if (parallel > 1 or stack) and run.hook is None:  # (a hook's probe rides on callbacks: this process only)
-            deferred.append((cfg, entry))
+        stacked = stack if stack is not None else _on_cuda(cfg)
+        if (parallel > 1 or stacked) and run.hook is None:  # (a hook's probe rides on callbacks: this process only)
+            deferred.append((cfg, entry, stacked))
             continue
         probe = hooks.make(run.hook, cfg, run_dir)
         t0 = time.perf_counter()
@@ -180,29 +184,35 @@ def run_experiment(
         manifest["runs"][entry["folder"]] = entry
         _save_manifest(folder, manifest)
     if deferred:
-        _train_deferred(folder, deferred, parallel, stack, manifest, log)
+        _train_deferred(folder, deferred, parallel, manifest, log)
     _save_manifest(folder, manifest)
     if exp.post is not None and not dry_run:
         exp.post(folder, entries)
     return entries
 
 
+def _on_cuda(cfg: TrainConfig) -> bool:
+    try:
+        return resolve_device(cfg.device).type == "cuda"
+    except ConfigError:  # (the run itself reports it)
+        return False
+
+
 def _train_deferred(
     folder: Path,
-    jobs: list[tuple[TrainConfig, dict[str, Any]]],
+    deferred: list[tuple[TrainConfig, dict[str, Any], bool]],
     parallel: int,
-    stack: bool,
     manifest: dict[str, Any],
     log: Callable[[str], None],
 ) -> None:
-    """The runs left for after the loop: stacks first (``stack``), the others in parallel or in turn."""
+    """The runs left for after the loop: stacks first (those marked for stacking), the others in
+    parallel or in turn."""
     from ..engine import train
     from .stacking import stack_groups, train_stacks
 
-    stopped: list[str] = []
-    if stack:
-        stacks, jobs = stack_groups(jobs, folder)
-        stopped = train_stacks(folder, stacks, manifest, lambda: _save_manifest(folder, manifest), log)
+    stacks, jobs = stack_groups([(c, e) for c, e, s in deferred if s], folder)
+    jobs += [(c, e) for c, e, s in deferred if not s]
+    stopped = train_stacks(folder, stacks, manifest, lambda: _save_manifest(folder, manifest), log)
     if parallel > 1 and jobs:
         _train_parallel(folder, jobs, parallel, manifest)
     for cfg, entry in jobs if parallel == 1 else []:

@@ -47,10 +47,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         help="train N runs at once, each a `laperm train` process logging to EXPERIMENT/logs (default 1: in turn)",
     )
     p.add_argument(
-        "--no-stack",
-        action="store_true",
-        help="train every run alone (default: runs that differ only in seed and optimizer train as one "
-        "stacked model, each in its own run folder)",
+        "--stack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train runs that differ only in seed and optimizer as one stacked model, each in its own run "
+        "folder (default: on for runs on a CUDA device); --no-stack trains every run alone",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument(
@@ -114,7 +115,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         data_dir=args.data_dir,
         dry_run=args.dry_run or args.evaluate_unfinished,
         parallel=args.parallel,
-        stack=not args.no_stack,
+        stack=args.stack,
     )
 
 
