@@ -279,3 +279,13 @@ def test_laperm_run_stacks_runs_that_differ_in_seed_and_optimizer(tmp_path, monk
         assert (tmp_path / "tiny" / name / "stack.json").is_file() == (entry.get("stacked") == 4)
     assert cli.main(["run", "tiny", "--out", str(tmp_path), "--stack"]) == 0  # all done: nothing retrained
     assert capsys.readouterr().out.count("(done)") == 5
+
+
+@pytest.mark.slow
+def test_stacked_benchmark_is_a_function_of_simple_arguments():
+    from benchmarks import stacked as bench
+
+    rows = bench.run("cpu", quick=True, names=("lenet300",), log=quiet)
+    assert [(r["model"], r["members"]) for r in rows] == [("lenet300", 1), ("lenet300", 4)]
+    assert all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in rows)
+    assert "| lenet300 | 4 |" in bench.markdown(rows)
