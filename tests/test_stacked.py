@@ -180,6 +180,9 @@ def test_cli_seeds_and_optimizers_write_verified_member_folders(tmp_path, capsys
         assert (tmp_path / r / "summary.json").is_file()
         if "-laperm-" in r:  # (verify has nothing to check in a baseline's folder, as for a single run)
             assert cli.main(["verify", str(tmp_path / r)]) == 0
+    member = TrainConfig(**{**read_run_config(tmp_path / runs[0]), "name": runs[0]})
+    with pytest.raises(ConfigError, match="member of a stacked run"):  # alone it would lose the stack's state
+        train(member, resume=True, log=quiet)
 
 
 STACK_ARGS = [

@@ -206,6 +206,10 @@ def _train_stack(args: argparse.Namespace, flags: dict[str, Any], file_layer: An
         base = resolve_config(file_layer, {**flags, "optimizer": optimizers[0] if optimizers else None})
         seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         cfgs = plan_stack(base, seeds, optimizers or [base.optimizer])
+    if args.tensorboard is not None:
+        from .config import ConfigError
+
+        raise ConfigError("--tensorboard does not log stacked runs yet; train the runs alone to use it")
     summaries = train_stack(cfgs, resume=args.resume is not None, overwrite=args.overwrite)
     for s in summaries:
         print_summary(s, time.perf_counter() - t0)
