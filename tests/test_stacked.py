@@ -53,13 +53,15 @@ def metrics(run: Path) -> list[tuple[float, float, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "extra"),
-    [("lenet300", {}), ("f2", {"init": "shared:0.05:0.6"}), ("conv2", {"train_subset": 64, "epochs": 1})],
+    [("lenet300", {}), ("f2", {"init": "shared:0.05:0.6"}), ("conv2", {"train_subset": 64, "epochs": 1, "k": 1})],
 )
 def test_member_loop_equals_single_runs_bit_for_bit(tmp_path, model, extra):
     """LaPerm and Adam members (syncs every 3 steps, BN and dropout in Conv2): the same files as single runs."""
     cfgs = plan_stack(base_config(tmp_path / "stack", model, **extra), [0, 1], ["laperm", "adam"])
+    if model == "conv2":  # (4.3M weights: two members, a LaPerm and an Adam one, keep it short)
+        cfgs = [cfgs[0], cfgs[3]]
     summaries = train_stack(cfgs, vectorize=False, log=quiet)
-    assert len(summaries) == 4
+    assert len(summaries) == len(cfgs)
     singles(cfgs, tmp_path / "single")
     for c in cfgs:
         stacked, single = tmp_path / "stack" / c.run_name(), tmp_path / "single" / c.run_name()

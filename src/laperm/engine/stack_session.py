@@ -24,7 +24,7 @@ from .stacked import Member, StackTrainer, read_stack_file, write_stack_file
 
 __all__ = ["parse_seeds", "plan_stack", "check_stackable", "stackable_reason", "train_stack", "resume_configs"]
 
-VARYING = ("seed", "optimizer")  # what may differ between the members of a stack
+VARYING = ("seed", "optimizer", "name")  # what may differ between the members of a stack (name: on resume)
 
 
 def parse_seeds(text: str) -> list[int]:
