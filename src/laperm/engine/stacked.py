@@ -258,7 +258,8 @@ class StackTrainer:
         xs = [by_index.get(i, (first_x, first_y)) for i in range(len(self.members))]  # stopped: any batch
         x, y = torch.stack([p[0] for p in xs]), torch.stack([p[1] for p in xs])
         epoch = members[0].state.epoch
-        with self.rng.active():
+        # vmap draws every member's dropout from the stack's stream; the loop from each member's own
+        with self.rng.active() if self.vectorize else contextlib.nullcontext():
             losses, logits = self.model.train_pass(x, y, self.loss, self.vectorize, around=self._member_stream)
         with self.model.frozen_rows(sorted(self.stopped)):
             self.opt.step()
