@@ -157,6 +157,10 @@ def _run(
         write_stack_file(dirs, {})
     if cfgs[0].threads:
         torch.set_num_threads(cfgs[0].threads)
+    if device.type == "cuda" and isinstance(ds, Dataset):  # one copy on the GPU for every member's loaders
+        ds = dataclasses.replace(
+            ds, **{f: getattr(ds, f).to(device) for f in ("train_x", "train_y", "test_x", "test_y")}
+        )
     members = [
         Member(c, d, device, spec, ds, build.build_loaders(c, ds, device), log, Callbacks(), distributed.Dist(), r)
         for c, d, r in zip(cfgs, dirs, resumed, strict=True)
