@@ -27,7 +27,7 @@ import torch
 
 from laperm import reconnect
 
-from . import compact, engine, gpu, memory, overhead, sync
+from . import compact, engine, gpu, memory, overhead, stacked, sync
 from .common import fmt_bytes, load_average, machine_info, mark, md_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,8 +388,12 @@ def run_gpu(device: str, quick: bool, output: Path, gpu_json: Path) -> int:
         _write_gpu(res, output, gpu_json)
 
     res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True), save=save)
+    # stacked training (issue 22): N runs as one stacked model against one run alone, each row its own process
+    res["stacked"] = stacked.run(device, quick, log=lambda m: print(m, flush=True))
     save(res)
-    failed = sum(bool(r.get("error")) for key in ("sync", "throughput", "parallel") for r in res[key])
+    failed = sum(
+        bool(r.get("error")) for key in ("sync", "throughput", "parallel", "stacked") for r in res.get(key, [])
+    )
     print(f"\n{gpu.markdown(res)}\nwrote {gpu_json} and the GPU section of {output}; {failed} contender(s) failed")
     return 0
 
@@ -404,7 +408,8 @@ def _write_gpu(res: dict, output: Path, gpu_json: Path) -> None:
 
 def splice_gpu_section(doc: str, res: dict) -> str:
     """``doc`` with its GPU section replaced by (or, without one, ended with) the one for ``res``."""
-    section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{GPU_END}\n"
+    stack_table = f"**Stacked runs** (`benchmarks/stacked.py`)\n\n{stacked.markdown(res.get('stacked', []))}"
+    section = f"{GPU_START}\n## GPU fast path\n\n{gpu.markdown(res)}\n{stack_table}\n{GPU_END}\n"
     if GPU_START in doc and GPU_END in doc:
         head, rest = doc.split(GPU_START, 1)
         return head + section + rest.split(GPU_END, 1)[1].lstrip("\n")

@@ -42,7 +42,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         meta, flag = f.metadata, flag_name(f)
         assert flag is not None  # flag_fields() has only fields with a flag
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] or None}
-        if meta["choices"]:
+        if f.name == "optimizer":  # a comma list trains a stack: --optimizer laperm,adam
+            kwargs.update(type=_optimizer_list(meta["choices"]), metavar="{" + ",".join(meta["choices"]) + "}[,...]")
+        elif meta["choices"]:
             kwargs["choices"] = list(meta["choices"])
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
@@ -58,6 +60,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             if base is not None:
                 kwargs["type"] = base
         groups[meta["group"]].add_argument(flag, **kwargs)
+    groups[WHAT].add_argument(
+        "--seeds",
+        metavar="SEEDS",
+        help="train these seeds (e.g. 0-7 or 0,3,5; with a list of --optimizer, each) as one stacked model "
+        "in one process, one run folder each",
+    )
     g = groups[RUN]
     g.add_argument(
         "--tensorboard",
@@ -75,6 +83,18 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "only --lr, --epochs and where/how to run may change",
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+
+def _optimizer_list(choices: tuple[str, ...]) -> Any:
+    """``--optimizer``'s type: one of ``choices``, or a comma list of them (a stack)."""
+
+    def parse(text: str) -> str:
+        for name in text.split(","):
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(choices)})")
+        return text
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     flags = {f.name: getattr(args, f.name) for f in flag_fields()}
     file_layer = load_config_file(args.config) if args.config else None
+    stacked = _train_stack(args, flags, file_layer)
+    if stacked is not None:
+        return stacked
     if args.resume is not None:
         if args.overwrite:
             raise RunDirError("choose either --resume or --overwrite, not both")
@@ -162,6 +185,43 @@ def cmd_train(args: argparse.Namespace) -> int:
             callbacks.close()
     if _rank() == 0:
         print_summary(summary, time.perf_counter() - t0)
+    return 0
+
+
+def _train_stack(args: argparse.Namespace, flags: dict[str, Any], file_layer: Any) -> int | None:
+    """``--seeds``, a list of ``--optimizer``s, or ``--resume`` of a stack's member: train the stack
+    (engine.stack_session), print each member's summary; None when this is a single run."""
+    from .config import override_config, resolve_config
+    from .engine.stack_session import parse_seeds, plan_stack, resume_configs, train_stack
+
+    t0 = time.perf_counter()
+    if args.resume is not None:
+        if args.overwrite:
+            return None  # (cmd_train refuses the pair)
+        run_dir = args.resume if args.resume.name not in ("", ".", "..") else args.resume.resolve()
+        cfgs = resume_configs(
+            run_dir,
+            lambda saved, name: override_config(saved, file_layer, {**flags, "out": str(run_dir.parent), "name": name}),
+        )
+        if cfgs is None:
+            return None
+    else:
+        optimizers = flags["optimizer"].split(",") if flags["optimizer"] else None
+        if args.seeds is None and (optimizers is None or len(optimizers) == 1):
+            return None
+        base = resolve_config(file_layer, {**flags, "optimizer": optimizers[0] if optimizers else None})
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+        cfgs = plan_stack(base, seeds, optimizers or [base.optimizer])
+    if args.tensorboard is not None:
+        from .config import ConfigError
+
+        raise ConfigError("--tensorboard does not log stacked runs yet; train the runs alone to use it")
+    summaries = train_stack(cfgs, resume=args.resume is not None, overwrite=args.overwrite)
+    for s in summaries:
+        print_summary(s, time.perf_counter() - t0)
+    if len(summaries) < len(cfgs):
+        print(f"{len(cfgs) - len(summaries)} of the {len(cfgs)} stacked runs stopped early (see above)")
+        return 1
     return 0
 
 

@@ -83,6 +83,10 @@ def _checked_run(
     if d.is_main:  # (other ranks might see the folder rank 0 has just made)
         rundir.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
+        if (run_dir / "stack.json").exists():  # (engine.stacked.STACK_FILE; its optimizer state is the stack's)
+            raise ConfigError(
+                f"{run_dir} is a member of a stacked run; resume the whole stack: laperm train --resume {run_dir}"
+            )
         cfg = resume_config(cfg, rundir.read_run_config(run_dir), run_dir)
     spec = models.get_spec(cfg.model)
     ds = build.load_data(cfg, spec)

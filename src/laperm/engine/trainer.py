@@ -203,6 +203,7 @@ class Trainer:
             Key.ACC: (float(self.loss_acc), int(self.correct_acc)),
             Key.PREV_SYNCED: self.evaluator.prev_synced,
             Key.BEST_MODEL: self.evaluator.best_model,
+            **self.checkpoint_extras(),
         }
         ckpt_dir = self.run_dir / rundir.CHECKPOINTS
         path = checkpoint.checkpoint_path(ckpt_dir, st.step)
@@ -211,6 +212,10 @@ class Trainer:
         self.deadline.record(time.perf_counter() - t0)
         self.last_saved = path
         checkpoint.prune_checkpoints(ckpt_dir, self.cfg.keep_checkpoints)
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """Keys a subclass adds to every checkpoint (a stacked run's member: its share of the stack)."""
+        return {}
 
     def _numerical(self, what: str, step: int) -> Exception:
         return numerical_error(what, step, self.run_dir, self.last_saved, self.cfg.lr)

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
+from ..build import resolve_device
 from ..checkpoint import atomic_write_text
-from ..config import TrainConfig, resolve_config
+from ..config import ConfigError, TrainConfig, resolve_config
 
 __all__ = [
     "Run",
@@ -171,8 +172,14 @@ def run_experiment(
     min_start_s: float | None = None,
     device: str | None = None,
     max_runs: int | None = None,
+    stack: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train every unfinished run of experiment ``name``; returns the manifest entries.
+
+    ``stack``: runs that differ only in seed and optimizer train as one stacked model
+    (:mod:`~laperm.experiments.stacking`), after the loop; each keeps its own run folder.
+    None (default): stack the runs that train on a CUDA device (on the CPU a stack saves
+    little time, and single runs give results that do not depend on what they were stacked with).
 
     ``parallel`` > 1: the runs without an analysis hook train as ``laperm train`` processes,
     ``parallel`` at a time (:func:`~laperm.experiments.parallel.run_parallel`), after the loop.
@@ -223,7 +230,7 @@ def run_experiment(
     if max_runs is not None and len(todo) > max_runs:
         log(f"[{name}] {len(todo) - max_runs} runs wait for a later call (--max-runs {max_runs})")
         todo = todo[:max_runs]
-    outcome = _train_all(folder, todo, parallel, manifest, window, log)
+    outcome = _train_all(folder, todo, parallel, manifest, window, log, stack)
     _save_manifest(folder, manifest)
     if window.deadline is not None:
         log(_window_summary(name, outcome))
@@ -243,8 +250,6 @@ def unfinished_first(runs: list[Run], folder: Path, cuda: bool = False) -> list[
 
 
 def _on_cuda(device: str | None) -> bool:
-    from ..build import resolve_device
-
     return resolve_device(device or "auto").type == "cuda"
 
 
@@ -255,16 +260,19 @@ def _train_all(
     manifest: dict[str, Any],
     window: Window,
     log: Callable[[str], None],
+    stack: bool | None = None,
 ) -> dict[str, list[str]]:
-    """Train ``todo`` (in this process, or ``parallel`` processes); the folders finished, unfinished, not started."""
+    """Train ``todo`` (in this process, as stacks, or ``parallel`` processes); the folders finished,
+    unfinished, not started."""
     import dataclasses
 
     outcome: dict[str, list[str]] = {"finished": [], "unfinished": [], "not started": []}
     deferred = []
     for run, cfg, entry in todo:
         cfg = dataclasses.replace(cfg, stop_at=window.deadline)
-        if parallel > 1 and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
-            deferred.append((cfg, entry))
+        stacked = _stacks(stack, cfg, window, log)
+        if (parallel > 1 or stacked) and run.hook is None:  # (a hook's probe rides on callbacks: in this process only)
+            deferred.append((run, cfg, entry, stacked))
             continue
         if not window.can_start():
             log(f"  {entry['folder']}: not started: too little time left ({max(window.left(), 0):.0f} s)")
@@ -274,8 +282,60 @@ def _train_all(
             entry["folder"]
         )
     if deferred:
-        for key, folders in _train_parallel(folder, deferred, parallel, manifest, window, log).items():
+        for key, folders in _train_deferred(folder, deferred, parallel, manifest, window, log).items():
             outcome[key] += folders
+    return outcome
+
+
+def _stacks(stack: bool | None, cfg: TrainConfig, window: Window, log: Callable[[str], None]) -> bool:
+    """Whether a run joins a stack: as asked, else on a CUDA device; never under a deadline (a stack
+    does not stop at one yet: its runs train alone, each stopping cleanly)."""
+    wanted = stack if stack is not None else _cfg_on_cuda(cfg)
+    if wanted and window.deadline is not None:
+        if stack:
+            log(f"  {cfg.run_name()}: trains alone: stacked runs do not stop at a --deadline yet")
+        return False
+    return wanted
+
+
+def _cfg_on_cuda(cfg: TrainConfig) -> bool:
+    try:
+        return resolve_device(cfg.device).type == "cuda"
+    except ConfigError:  # (the run itself reports it)
+        return False
+
+
+def _train_deferred(
+    folder: Path,
+    deferred: list[tuple[Run, TrainConfig, dict[str, Any], bool]],
+    parallel: int,
+    manifest: dict[str, Any],
+    window: Window,
+    log: Callable[[str], None],
+) -> dict[str, list[str]]:
+    """The runs left for after the loop: stacks first (those marked for stacking), the others as
+    ``parallel`` processes or in turn in this process."""
+    from .stacking import stack_groups, train_stacks
+
+    outcome: dict[str, list[str]] = {"finished": [], "unfinished": [], "not started": []}
+    stacks, jobs = stack_groups([(c, e) for _, c, e, s in deferred if s], folder)
+    stopped = train_stacks(folder, stacks, manifest, lambda: _save_manifest(folder, manifest), log)
+    outcome["finished"] += [
+        e["folder"] for group in stacks for _, e in group if str(folder / e["folder"]) not in stopped
+    ]
+    run_of = {e["folder"]: r for r, _, e, _ in deferred}
+    alone = [(r, c, e) for r, c, e, s in deferred if not s]
+    alone += [(run_of[e["folder"]], c, e) for c, e in jobs]  # (stack_groups hands back the runs that form no stack)
+    if parallel > 1 and alone:
+        for key, folders in _train_parallel(
+            folder, [(c, e) for _, c, e in alone], parallel, manifest, window, log
+        ).items():
+            outcome[key] += folders
+    for run, cfg, entry in alone if parallel == 1 else []:
+        done = _train_here(folder, run, cfg, entry, manifest, log)
+        outcome["finished" if done else "unfinished"].append(entry["folder"])
+    if stopped:
+        raise ExperimentError(f"{len(stopped)} stacked runs stopped early (NaN): {', '.join(stopped)}")
     return outcome
 
 

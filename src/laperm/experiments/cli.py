@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
         metavar="N",
         help="train N runs at once, each a `laperm train` process logging to EXPERIMENT/logs (default 1: in turn)",
     )
+    p.add_argument(
+        "--stack",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train runs that differ only in seed and optimizer as one stacked model, each in its own run "
+        "folder (default: on for runs on a CUDA device); --no-stack trains every run alone",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
     p.add_argument(
         "--deadline",
@@ -133,6 +140,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         min_start_s=args.min_start,
         device=args.device,
         max_runs=args.max_runs,
+        stack=args.stack,
     )
 
 

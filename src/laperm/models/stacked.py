@@ -1,0 +1,163 @@
+"""N models of one architecture trained as one: every parameter and buffer stacked along a new dim 0.
+
+The members stay ordinary modules: after :meth:`StackedModel.bind`, each member's parameters and
+buffers are views of its slice of the stacked tensors, so whatever works on a module (evaluation,
+``state_dict``, LaPerm's sync of its rows, BatchNorm recalibration) works on a member unchanged,
+in place on the stack. Training runs the N forward and backward passes as one: ``torch.func.vmap``
+over ``functional_call`` (``vectorize=True``), or a loop over the members that computes exactly
+what N single runs compute (``vectorize=False``: the reference the vectorised path is tested
+against, and bit for bit equal to single runs on the same machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+__all__ = ["LossSpec", "StackedModel", "StackError"]
+
+
+class StackError(ValueError):
+    """Models that cannot be stacked (different architectures, or nothing to stack)."""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A member's training objective, as a single run computes it (engine.trainer's eager step).
+
+    ``l2_names``: the parameters of the coupled L2 penalty, in the order of ``l2_parameters()``."""
+
+    l2: float = 0.0
+    l2_names: tuple[str, ...] = ()
+    logit_scale: float = 1.0
+    sum_scale: bool = False  # loss_scale "sum": the objective times the batch size
+
+
+def _clone_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A member's state_dict holds copies: views would save the whole stack's storage (N times the bytes)."""
+    for key, value in state_dict.items():
+        if isinstance(value, Tensor):
+            state_dict[key] = value.clone()
+
+
+class StackedModel:
+    """The stacked parameters (leaves with ``.grad``) and buffers of ``members``, and their training pass."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        if not members:
+            raise StackError("a stack needs at least one model")
+        self.members = members
+        self.template = members[0]  # functional_call runs its code with each member's tensors
+        shapes = _signature(self.template)
+        for i, m in enumerate(members[1:], 1):
+            if _signature(m) != shapes:
+                raise StackError(f"member {i} is not the same architecture as member 0; only equal models stack")
+        self.params: dict[str, Tensor] = {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in members]).requires_grad_()
+            for n, _ in self.template.named_parameters()
+        }
+        self.buffers: dict[str, Tensor] = {
+            n: torch.stack([dict(m.named_buffers())[n].detach() for m in members])
+            for n, _ in self.template.named_buffers()
+        }
+        self.bind()
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def bind(self) -> None:
+        """Make every member's parameters and buffers views of its slice of the stack."""
+        for i, m in enumerate(self.members):
+            for n, p in m.named_parameters():
+                p.data = self.params[n].detach()[i]
+            for n in dict(m.named_buffers()):
+                owner, _, leaf = n.rpartition(".")
+                setattr(m.get_submodule(owner), leaf, self.buffers[n][i])
+            if not getattr(m, "_laperm_stack_hook", False):
+                m.register_state_dict_post_hook(_clone_state)
+                m._laperm_stack_hook = True  # type: ignore[assignment]
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def train_pass(
+        self,
+        x: Tensor,
+        y: Tensor,
+        loss: LossSpec,
+        vectorize: bool = True,
+        around: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Forward and backward of every member on its batch ``x[i]``, ``y[i]``; gradients into ``.grad``.
+
+        Returns each member's reported loss (objective before ``sum_scale``) and its logits. ``around(i)``
+        (loop path only) is entered around member ``i``'s forward: e.g. its own random stream."""
+        for p in self.params.values():
+            p.grad = None
+        if vectorize:
+            losses, logits = self._vectorized(x, y, loss)
+            objective = losses.sum()
+        else:
+            pairs = [self._member_pass(i, x[i], y[i], loss, around) for i in range(len(self))]
+            losses, logits = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            objective = sum((p[0] for p in pairs), torch.zeros((), device=x.device))
+        (objective * y.shape[1] if loss.sum_scale else objective).backward()
+        return losses.detach(), logits.detach()
+
+    def _vectorized(self, x: Tensor, y: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
+        def one(params: dict[str, Tensor], buffers: dict[str, Tensor], xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+            logits = functional_call(self.template, (params, buffers), (xb,))
+            return _member_loss(logits, yb, params, spec), logits
+
+        # randomness "different": each member draws its own dropout masks from the (one) global stream
+        return vmap(one, randomness="different")(self.params, self.buffers, x, y)
+
+    def _member_pass(
+        self,
+        i: int,
+        xb: Tensor,
+        yb: Tensor,
+        spec: LossSpec,
+        around: Callable[[int], contextlib.AbstractContextManager[Any]] | None,
+    ) -> tuple[Tensor, Tensor]:
+        params = {n: p[i] for n, p in self.params.items()}
+        buffers = {n: b[i] for n, b in self.buffers.items()}
+        with around(i) if around is not None else contextlib.nullcontext():
+            logits = functional_call(self.template, (params, buffers), (xb,))
+        return _member_loss(logits, yb, params, spec), logits
+
+    @contextlib.contextmanager
+    def frozen_rows(self, members: list[int]) -> Iterator[None]:
+        """The stacked tensors of ``members`` restored on exit (members that stopped keep their values)."""
+        if not members:
+            yield
+            return
+        idx = torch.tensor(members, device=next(iter(self.params.values())).device)
+        saved = {n: p.detach()[idx].clone() for n, p in self.params.items()}
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p[idx] = saved[n]
+
+
+def _member_loss(logits: Tensor, yb: Tensor, params: dict[str, Tensor], spec: LossSpec) -> Tensor:
+    """Cross-entropy of (scaled) logits plus the L2 penalty, in the single run's order of operations."""
+    scaled = logits if spec.logit_scale == 1.0 else logits * spec.logit_scale
+    loss = F.cross_entropy(scaled, yb)
+    if spec.l2_names:
+        loss = loss + spec.l2 * sum(params[n].pow(2).sum() for n in spec.l2_names)
+    return loss
+
+
+def _signature(m: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    tensors = [*m.named_parameters(), *m.named_buffers()]
+    return [(n, tuple(t.shape), t.dtype) for n, t in tensors]
