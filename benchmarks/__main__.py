@@ -389,7 +389,7 @@ def run_gpu(device: str, quick: bool, output: Path, gpu_json: Path) -> int:
 
     res = gpu.run(torch.device(device), quick, log=lambda m: print(m, flush=True), save=save)
     # stacked training (issue 22): N runs as one stacked model against one run alone, each row its own process
-    res["stacked"] = stacked.run(device, quick, log=lambda m: print(m, flush=True))
+    res["stacked"] = stacked.run(device, quick, seconds=4.0, log=lambda m: print(m, flush=True))
     save(res)
     failed = sum(
         bool(r.get("error")) for key in ("sync", "throughput", "parallel", "stacked") for r in res.get(key, [])

@@ -294,3 +294,18 @@ def test_stacked_benchmark_is_a_function_of_simple_arguments():
     assert [(r["model"], r["members"]) for r in rows] == [("lenet300", 1), ("lenet300", 4)]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in rows)
     assert "| lenet300 | 4 |" in bench.markdown(rows)
+
+
+@pytest.mark.slow  # three processes
+def test_a_failed_stacked_contender_is_a_row_with_its_traceback(monkeypatch):
+    """Each stacked measurement is its own process: one that fails is a row, the others still run."""
+    from benchmarks import isolate
+    from benchmarks import stacked as bench
+
+    monkeypatch.setenv(isolate.PLANT_ENV, "stacked:lenet300:stacked:4")
+    rows = bench.run("cpu", quick=True, names=("lenet300",), log=quiet)
+    ok, failed = rows
+    assert ok["error"] is None and ok["images_per_s"] > 0
+    assert failed["members"] == 4 and failed["images_per_s"] is None
+    assert "planted failure" in failed["error"]["traceback"]
+    assert "**failed**" in bench.markdown(rows)
