@@ -416,6 +416,15 @@ def splice_gpu_section(doc: str, res: dict) -> str:
     return doc.rstrip("\n") + "\n\n" + section
 
 
+KEPT = "<!-- below: hand-written sections and the GPU section, which `python -m benchmarks` keeps as they are -->"
+
+
+def kept_sections(output: Path) -> str:
+    """What a regeneration of the CPU sections keeps of ``output``: everything after the ``KEPT`` line."""
+    text = output.read_text() if output.exists() else ""
+    return KEPT + (text.split(KEPT, 1)[1].rstrip("\n") + "\n" if KEPT in text else "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, meaningless numbers")
@@ -484,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *parts,
             DISTRIBUTED,
+            kept_sections(args.output),
         ]
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,17 @@ def test_quick_benchmarks_write_every_table(tmp_path):
         assert f"| f2    | {k:>4} |" in doc
     assert "reloads bit-exactly" in doc and "| NO |" not in doc
     assert "## 1. Sync" in res.stdout  # the tables are printed too
+
+
+def test_regeneration_keeps_what_follows_the_kept_line(tmp_path):
+    """Hand-written sections and the GPU section sit after ``KEPT``: a CPU regeneration keeps them as they are."""
+    from benchmarks.__main__ import KEPT, kept_sections, splice_gpu_section
+
+    out = tmp_path / "bench.md"
+    assert kept_sections(out) == KEPT + "\n"  # a new file gets the line, nothing after it
+    hand = "## Test time\n\nmeasured by hand\n"
+    out.write_text(f"# Benchmarks\n\n## 1. generated\n\nold\n\n{KEPT}\n\n{hand}")
+    res = {"device": "cpu", "torch": "x", "sync": [], "throughput": [], "parallel": []}
+    out.write_text(splice_gpu_section(out.read_text(), res))
+    kept = kept_sections(out)
+    assert kept.startswith(KEPT) and hand in kept and "## GPU fast path" in kept and "old" not in kept
