@@ -131,8 +131,8 @@ def run(
     broken CUDA context stays there, and becomes a row holding its error while the other rows still run."""
     if quick:
         names, sizes, seconds = names[:1], sizes[:2], 0.2
-    common = ["--device", device, "--seconds", str(seconds), "--batch", str(8 if quick else BATCH)]
-    common += ["--k", str(2 if quick else K)]
+    batch, k = (8, 2) if quick else (BATCH, K)
+    common = ["--device", device, "--seconds", str(seconds), "--batch", str(batch), "--k", str(k)]
     rows = []
     for name in names:
         single, single_error = isolate.run_isolated("benchmarks.stacked", ["single", name, *common], TIMEOUT_S)
@@ -140,7 +140,8 @@ def run(
             args = ["stacked", name, "--members", str(n), *common]
             r, error = isolate.run_isolated("benchmarks.stacked", args, TIMEOUT_S)
             error = single_error or error
-            row = {"model": name, "members": n, "images_per_s": None, **(r or {}), "error": error}
+            ident = {"model": name, "members": n, "batch": batch, "k": k, "device": device}
+            row = {**ident, "steps": None, "images_per_s": None, **(r or {}), "error": error}
             row["single_images_per_s"] = single["images_per_s"] if single else None
             row["ratio"] = row["images_per_s"] / single["images_per_s"] if single and r else None
             rows.append(row)

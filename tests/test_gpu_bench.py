@@ -28,6 +28,18 @@ KEYS = {
     "throughput": {"model", "optimizer", "batch", "mode", "precision", "images_per_s", "error"},
     "sync": {"model", "laperm_ms", "torch_sort_ms", "error"},
     "parallel": {"model", "runs", "single_images_per_s", "aggregate_images_per_s", "error"},
+    "stacked": {
+        "model",
+        "members",
+        "batch",
+        "k",
+        "device",
+        "steps",
+        "images_per_s",
+        "single_images_per_s",
+        "ratio",
+        "error",
+    },
 }
 PLANTED = "throughput:conv7:adam:fast:fp32,sync:conv2!abort"
 
