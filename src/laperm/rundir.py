@@ -53,6 +53,21 @@ class RunDirError(RuntimeError):
     """The run folder cannot be used as asked (exists, unwritable, incomplete)."""
 
 
+@contextlib.contextmanager
+def write_errors_explained(run_dir: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while a run writes (disk full, read-only) into a :class:`RunDirError` naming the
+    file and the command that continues the run.  Every write is atomic, so what is on disk is the last
+    complete version of each file."""
+    try:
+        yield
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise RunDirError(
+            f"cannot write{where} ({e.strerror or e}); the files already written are intact. "
+            f"Free some space or fix the permissions, then continue with: laperm train --resume {run_dir}"
+        ) from None
+
+
 # The files of a run folder (their names are the run-folder format).
 MARKER = CONFIG = "config.yaml"
 LOCK = ".lock"

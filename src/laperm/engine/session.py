@@ -99,15 +99,8 @@ def _checked_run(
         run_dir = rundir.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     d.barrier()  # the folder exists (and damaged files are set aside) before other ranks look
     with rundir.locked(run_dir) if d.is_main else contextlib.nullcontext():
-        try:
+        with rundir.write_errors_explained(run_dir):
             return _run(cfg, run_dir, resume, device, spec, ds, log, callbacks, d)
-        except OSError as e:
-            # Every write is atomic, so what is on disk is the last complete version of each file.
-            where = f" {e.filename}" if e.filename else ""
-            raise rundir.RunDirError(
-                f"cannot write{where} ({e.strerror or e}); the files already in {run_dir} are intact. "
-                f"Free some space or fix the permissions, then continue with: laperm train --resume {run_dir}"
-            ) from None
 
 
 def _run(

@@ -129,14 +129,8 @@ def train_stack(
     with contextlib.ExitStack() as locks:
         for d in dirs:
             locks.enter_context(rundir.locked(d))
-        try:
+        with rundir.write_errors_explained(dirs[0]):  # (any member's folder resumes the stack)
             return _run(cfgs, dirs, resume, device, spec, ds, log, vectorize)
-        except OSError as e:
-            where = f" {e.filename}" if e.filename else ""
-            raise rundir.RunDirError(
-                f"cannot write{where} ({e.strerror or e}); the files already written are intact. "
-                f"Free some space or fix the permissions, then continue with: laperm train --resume {dirs[0]}"
-            ) from None
 
 
 def _run(
