@@ -163,8 +163,8 @@ def test_parse_seeds_and_refusals(tmp_path):
         with pytest.raises(ConfigError, match="seeds"):
             parse_seeds(bad)
     base = base_config(tmp_path)
-    with pytest.raises(ConfigError, match="fast"):
-        train_stack(plan_stack(TrainConfig(**{**base.to_dict(), "mode": "fast"}), [0, 1], ["laperm"]))
+    with pytest.raises(ConfigError, match="sync rule"):
+        train_stack(plan_stack(TrainConfig(**{**base.to_dict(), "sync_rule": "latent"}), [0, 1], ["laperm"]))
     with pytest.raises(ConfigError, match="differ only in seed"):
         train_stack([base, TrainConfig(**{**base.to_dict(), "seed": 1, "lr": 0.1})])
     assert not list(tmp_path.iterdir())  # refused before anything was written
