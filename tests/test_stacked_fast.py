@@ -1,0 +1,156 @@
+"""Stacked training in fast mode (issue 22): the stack's step on the fast path's machinery.
+
+On CPU fast mode computes eagerly (no CUDA graph): the member loop is then the single ``--mode fast``
+runs' computation (bit for bit), and the graph path is driven with stand-in graphs
+(``laperm.engine.fast.GRAPH_FACTORY``, as tests/test_capture_failsafe.py does for single runs).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_capture_failsafe import EagerGraph, FailingCapture
+from test_stacked import base_config, files, metrics, quiet, singles
+
+from laperm import checkpoint, verify
+from laperm.config import TrainConfig
+from laperm.engine import fast as engine_fast
+from laperm.engine.errors import TrainingInterrupted
+from laperm.engine.stack_session import plan_stack, train_stack
+from laperm.engine.stack_step import StackStep
+from laperm.fast.capture_check import check_stack
+from laperm.fast.step import CaptureFailedWarning
+from laperm.rundir import read_run_config
+
+pytestmark = pytest.mark.usefixtures("clean_engine_state")
+
+# F2 on a shared-value init with L2 (fast mode's _foreach_norm penalty) and augmentation (drawn on the device)
+F2 = {"model": "f2", "init": "shared:0.05:0.6", "augment": "mnist-paper"}
+
+
+def fast_stack(out: Path, **kw) -> list[TrainConfig]:
+    return plan_stack(base_config(out, **{"mode": "fast", **F2, **kw}), [0, 1], ["laperm", "adam"])
+
+
+def same_files(a: Path, b: Path, cfgs: list[TrainConfig]) -> None:
+    for c in cfgs:
+        for name, state in files(a / c.run_name()).items():
+            other = files(b / c.run_name())[name]
+            assert all(torch.equal(state[k], other[k]) for k in state), (c.run_name(), name)
+        assert metrics(a / c.run_name()) == metrics(b / c.run_name())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lenet300", "f2"])
+def test_fast_member_loop_equals_single_fast_runs_bit_for_bit(tmp_path, model):
+    """The member loop on device-resident batches computes what each single --mode fast run computes."""
+    cfgs = (
+        fast_stack(tmp_path / "stack")
+        if model == "f2"
+        else plan_stack(base_config(tmp_path / "stack", model, mode="fast"), [0, 1], ["laperm", "adam"])
+    )
+    assert len(train_stack(cfgs, vectorize=False, log=quiet)) == 4
+    singles(cfgs, tmp_path / "single")
+    same_files(tmp_path / "stack", tmp_path / "single", cfgs)
+    for c in cfgs:
+        if c.optimizer == "laperm":
+            assert verify.verify_run(tmp_path / "stack" / c.run_name()).ok
+
+
+@pytest.mark.slow
+def test_fast_stack_trains_verifies_and_resumes_to_the_same_results(tmp_path, monkeypatch):
+    """Vectorised fast stack: stopped in epoch 2 (every member checkpoints), resumed: the uninterrupted files."""
+    cfgs = fast_stack(tmp_path / "ref", epochs=2, checkpoint_steps=3)
+    train_stack(cfgs, log=quiet)
+    victim = [TrainConfig(**{**c.to_dict(), "out": str(tmp_path / "victim")}) for c in cfgs]
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "int@step:6")
+    with pytest.raises(TrainingInterrupted):
+        train_stack(victim, log=quiet)
+    monkeypatch.delenv(checkpoint.FAULT_ENV)
+    assert not (tmp_path / "victim" / cfgs[0].run_name() / "final.pt").exists()
+    assert len(train_stack(victim, resume=True, log=quiet)) == 4
+    same_files(tmp_path / "ref", tmp_path / "victim", cfgs)
+    for c in cfgs:
+        if c.optimizer == "laperm":
+            assert verify.verify_run(tmp_path / "victim" / c.run_name()).ok
+
+
+@pytest.mark.parametrize("stand_in", [EagerGraph, FailingCapture])
+def test_the_graph_path_computes_the_eager_fast_stack(tmp_path, monkeypatch, stand_in):
+    """A stand-in graph that replays the captured body, or one whose capture fails (eager fallback, one
+    warning): the same computation as the eager fast stack, so the same weights bit for bit."""
+    cfgs = fast_stack(tmp_path / "eager", epochs=1)[1:3]  # (a LaPerm and an Adam member)
+    train_stack(cfgs, log=quiet)
+    monkeypatch.setattr(engine_fast, "GRAPH_FACTORY", stand_in)
+    stand_in.captures = 0
+    graphed = [TrainConfig(**{**c.to_dict(), "out": str(tmp_path / "graph")}) for c in cfgs]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(train_stack(graphed, log=quiet)) == 2
+    failed = [w for w in caught if issubclass(w.category, CaptureFailedWarning)]
+    assert stand_in.captures == 1  # captured once (after 3 eager warm-up steps), then replayed
+    assert len(failed) == (stand_in is FailingCapture)
+    if failed:
+        assert str(failed[0].message).startswith("a stack of 2 F2:")
+    same_files(tmp_path / "eager", tmp_path / "graph", cfgs)
+
+
+def test_the_member_loop_is_never_captured(tmp_path):
+    from laperm.models import build
+    from laperm.models.stacked import LossSpec, StackedModel
+
+    stack = StackedModel([build("lenet300", seed=s) for s in (0, 1)])
+    opt = torch.optim.Adam(stack.parameters())
+    totals = (torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cannot be captured"):
+        StackStep(stack, opt, LossSpec(), totals, vectorize=False, graph=True, graph_factory=EagerGraph)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_stacked_captured_region_of_conv2_is_capture_safe(precision):
+    checker = check_stack("conv2", members=2, precision=precision)
+    checker.assert_safe(f"conv2 x2 {precision}")
+
+
+def test_the_stack_checker_sees_a_host_sync_in_the_stacked_region(monkeypatch):
+    """The control: a .item() put into the stacked training pass is found (and named)."""
+    from laperm.models.stacked import StackedModel
+
+    train_pass = StackedModel.train_pass
+
+    def syncing(self, *args, **kwargs):
+        losses, logits = train_pass(self, *args, **kwargs)
+        float(losses.sum())  # a host read: illegal inside a capture
+        return losses, logits
+
+    monkeypatch.setattr(StackedModel, "train_pass", syncing)
+    checker = check_stack("lenet300", members=2, channels_last=False)
+    assert checker.captures == 1
+    assert any("_local_scalar_dense" in str(v) or "__float__" in str(v) for v in checker.violations)
+
+
+@pytest.mark.slow
+def test_laperm_run_stacks_fast_mode_runs(tmp_path, monkeypatch, capsys):
+    """Runs whose config is fast mode (as the paper experiment's on_cuda settings: fast, channels_last) stack."""
+    from laperm import cli
+    from laperm.experiments import base
+    from laperm.experiments.base import Experiment, Run
+
+    common = dict(model="f1", dataset="synthetic", epochs=1, batch_size=64, val_size=64, k=4)
+    fast = dict(common, mode="fast", channels_last=True)
+    runs = [Run(dict(fast, seed=s, optimizer=o), {"seed": s, "method": o}) for s in (0, 1) for o in ("laperm", "adam")]
+    monkeypatch.setitem(base.EXPERIMENTS, "tinyfast", Experiment("tinyfast", 1, "test", lambda b, s: runs))
+    assert cli.main(["run", "tinyfast", "--out", str(tmp_path), "--threads", "1", "--stack"]) == 0
+    assert "stacking 4 runs" in capsys.readouterr().out
+    folder = tmp_path / "tinyfast"
+    manifest = json.loads((folder / "experiment.json").read_text())["runs"]
+    assert sorted(e.get("stacked") for e in manifest.values()) == [4, 4, 4, 4]
+    for name in manifest:
+        assert read_run_config(folder / name)["mode"] == "fast"
+        if "-laperm-" in name:
+            assert verify.verify_run(folder / name).ok
