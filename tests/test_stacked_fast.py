@@ -19,11 +19,14 @@ from test_stacked import base_config, files, metrics, quiet, singles
 from laperm import checkpoint, verify
 from laperm.config import TrainConfig
 from laperm.engine import fast as engine_fast
+from laperm.engine import stacked
 from laperm.engine.errors import TrainingInterrupted
 from laperm.engine.stack_session import plan_stack, train_stack
 from laperm.engine.stack_step import StackStep
+from laperm.engine.stack_sync import sync_together
 from laperm.fast.capture_check import check_stack
-from laperm.fast.step import CaptureFailedWarning
+from laperm.fast.step import CaptureFailedWarning, inner_step_done
+from laperm.optim import LaPerm
 from laperm.rundir import read_run_config
 
 pytestmark = pytest.mark.usefixtures("clean_engine_state")
@@ -154,3 +157,95 @@ def test_laperm_run_stacks_fast_mode_runs(tmp_path, monkeypatch, capsys):
         assert read_run_config(folder / name)["mode"] == "fast"
         if "-laperm-" in name:
             assert verify.verify_run(folder / name).ok
+
+
+# -- one sync for all LaPerm members (engine.stack_sync) --------------------------------------------------------
+
+
+def _laperms(n: int) -> list[LaPerm]:
+    """``n`` LaPerm optimizers over small nets (a conv, two linears), two param groups of different k."""
+    opts = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 8))
+        net.add_module("head", torch.nn.Linear(8, 5))
+        groups = [
+            {"params": [*net[0].parameters(), *net[2].parameters()], "k": 2},
+            {"params": net.head.parameters(), "k": 3},
+        ]
+        opts.append(LaPerm(torch.optim.Adam(groups, lr=1e-2), k=2))
+        opts[-1].param_groups[1]["k"] = 3
+    return opts
+
+
+def _perturb(opts: list[LaPerm], step: int) -> None:
+    """Stand in for the inner step: move every weight by a seeded amount."""
+    g = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for opt in opts:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _weights(opts: list[LaPerm]) -> list[torch.Tensor]:
+    return [p.detach().clone() for opt in opts for group in opt.param_groups for p in group["params"]]
+
+
+def test_one_sync_for_all_members_equals_their_own_syncs():
+    """Counts, synced flags, hooks and every weight as each member's own LaPerm.step (bit for bit: the
+    flat sync's contract), over steps where one group, both, or none is due."""
+    own, together = _laperms(3), _laperms(3)
+    calls: dict[str, list[tuple[int, int]]] = {"own": [], "together": []}
+    for key, opts in (("own", own), ("together", together)):
+        for i, opt in enumerate(opts):
+            opt.register_sync_hook(lambda o, ps, i=i, key=key: calls[key].append((i, len(ps))))
+    for step in range(1, 7):
+        _perturb(own, step)
+        _perturb(together, step)
+        for opt in own:
+            with inner_step_done(opt.base_optimizer):
+                opt.step()
+        assert sync_together(together) == []
+        assert all(torch.equal(a, b) for a, b in zip(_weights(own), _weights(together), strict=True)), step
+        assert [[g["laperm_step"] for g in o.param_groups] for o in together] == [[step, step]] * 3
+        assert [o.is_synced for o in together] == [o.is_synced for o in own]
+    assert calls["together"] == calls["own"] and len(calls["own"]) == 3 * 4  # steps 2, 3, 4, 6
+
+
+def test_one_sync_leaves_a_nan_member_unsynced_and_syncs_the_others():
+    opts, reference = _laperms(3), _laperms(3)
+    _perturb(opts, 1)
+    _perturb(reference, 1)
+    with torch.no_grad():
+        opts[1].param_groups[0]["params"][0][0, 0, 0, 0] = float("nan")
+    before = [p.detach().clone() for p in opts[1].param_groups[0]["params"]]
+    assert sync_together(opts) == []  # step 1: nothing due
+    assert sync_together(opts) == [1]  # step 2: group 0 due everywhere; member 1 holds a NaN
+    for opt in reference:
+        for _ in range(2):
+            with inner_step_done(opt.base_optimizer):
+                opt.step()
+    got, want = _weights(opts), _weights(reference)
+    n = len(got) // 3
+    assert all(torch.equal(a, b) for a, b in zip(got[:n] + got[2 * n :], want[:n] + want[2 * n :], strict=True))
+    after = opts[1].param_groups[0]["params"]
+    assert all(torch.equal(a.nan_to_num(), b.detach().nan_to_num()) for a, b in zip(before, after, strict=True))
+    assert opts[1].param_groups[0]["laperm_step"] == 2
+
+
+@pytest.mark.slow
+def test_a_stack_synced_as_one_trains_as_with_each_members_own_sync(tmp_path, monkeypatch):
+    """End to end on CPU (the combined sync is CUDA's default): the same files; a NaN member stops alone."""
+    cfgs = fast_stack(tmp_path / "own", epochs=1)
+    train_stack(cfgs, log=quiet)
+    monkeypatch.setattr(stacked, "SYNC_TOGETHER", True)
+    together = [TrainConfig(**{**c.to_dict(), "out": str(tmp_path / "together")}) for c in cfgs]
+    train_stack(together, log=quiet)
+    same_files(tmp_path / "own", tmp_path / "together", cfgs)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "nan@step:2")
+    nan = [TrainConfig(**{**c.to_dict(), "out": str(tmp_path / "nan")}) for c in cfgs]
+    lines: list[str] = []
+    summaries = train_stack(nan, log=lines.append)
+    assert [s["run"] for s in summaries] == [c.run_name() for c in cfgs[1:]]
+    assert any("stopped" in line and "NaN" in line for line in lines)

@@ -34,11 +34,13 @@ from ..config import TrainConfig, k_for_epoch
 from ..data.loader import derive_seed
 from ..fast.step import inner_step_done, make_adam
 from ..models.stacked import LossSpec, StackedModel
+from ..optim import LaPerm, LaPermError
 from . import checkpointing as ckpt
 from . import fast
 from .errors import NumericalError, TrainingInterrupted
 from .guards import StopFlag
 from .stack_step import StackStep
+from .stack_sync import sync_together
 from .trainer import Trainer
 
 __all__ = ["Member", "StackTrainer", "RngStream", "STACK_FILE", "STACK_KEY"]
@@ -47,6 +49,9 @@ STACK_FILE = "stack.json"  # in every member's run folder: the stack's members a
 STACK_KEY = "stack"  # a member checkpoint's share of the stack
 STACK_FORMAT = "laperm-stack/1"
 STACK_SEED = 9  # derive_seed(first member's seed, STACK_SEED): the stack's own random stream (vmap's dropout)
+# The LaPerm members' syncs as one flat sync (engine.stack_sync); None: on CUDA, where LaPerm's own sync is
+# the flat one too (on CPU each member's per-tensor kernel is faster). A test sets True to run it on CPU.
+SYNC_TOGETHER: bool | None = None
 
 
 class RngStream:
@@ -72,6 +77,7 @@ class Member(Trainer):
         self.saved_stack: dict[str, Any] | None = None
         self.stack: StackTrainer | None = None
         self.index = 0
+        self.sync_failed = False  # the stack's sync found this member's weights NaN or inf
         super().__init__(*args, **kwargs)
         self.rng = RngStream(self.device)  # its own stream as a single run would have it now
 
@@ -90,9 +96,15 @@ class Member(Trainer):
 
     def _stacked_update(self, xb: torch.Tensor, yb: torch.Tensor, batch: int) -> None:
         """The stack has stepped the inner optimizer and added to this member's totals: LaPerm's count and sync."""
-        if self.laperm is not None:
-            with inner_step_done(self.laperm.base_optimizer):  # (its parameters hold no gradient)
-                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+        if self.laperm is None:
+            return
+        assert self.stack is not None
+        if self.stack.sync_together:  # the stack has counted this step and synced (StackTrainer._sync_members)
+            if self.sync_failed:
+                raise LaPermError("a permuted weight holds NaN or inf at a synchronisation")  # (reported by train_step)
+            return
+        with inner_step_done(self.laperm.base_optimizer):  # (its parameters hold no gradient)
+            self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
 
     def begin_epoch(self) -> None:
         """Trainer.run_epoch's start, for this member."""
@@ -151,6 +163,7 @@ class StackTrainer:
         self.model = StackedModel([m.model for m in members], channels_last=cfg.channels_last)
         self.opt = inner_optimizer(cfg, self.model.parameters())
         self.stopped: dict[int, str] = {}
+        self.sync_together = SYNC_TOGETHER if SYNC_TOGETHER is not None else self.device.type == "cuda"
         saved = [m.saved_stack for m in members]
         if saved[0] is not None:
             self._restore(cast(list[dict[str, Any]], saved))
@@ -300,6 +313,8 @@ class StackTrainer:
             self.model.frozen_rows(sorted(self.stopped)),
         ):
             self.update(x, y)
+        if self.sync_together:
+            self._sync_members(members)
         for m, (xb, yb) in zip(members, pairs, strict=True):
             if m.index in self.stopped:
                 continue
@@ -307,6 +322,15 @@ class StackTrainer:
                 self._guarded(m, functools.partial(_member_step, xb=xb, yb=yb, epoch=epoch))
             except TrainingInterrupted as e:  # every member saves its checkpoint before the stack stops
                 interrupted.append(str(e))
+
+    def _sync_members(self, members: list[Member]) -> None:
+        """Every running LaPerm member's step count and due sync, as one sync (engine.stack_sync)."""
+        synced = [m for m in members if m.laperm is not None and m.index not in self.stopped]
+        for m in synced:
+            if m.checker is not None:
+                m.checker.step = m.state.step + 1  # (the step train_step is about to count: the hook's message)
+        for k in sync_together([cast(LaPerm, m.laperm) for m in synced]):
+            synced[k].sync_failed = True
 
     def _member_stream(self, i: int) -> contextlib.AbstractContextManager[None]:
         return self.members[i].rng.active()
