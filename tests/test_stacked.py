@@ -293,7 +293,7 @@ def test_stacked_benchmark_is_a_function_of_simple_arguments():
     rows = bench.run("cpu", quick=True, names=("lenet300",), log=quiet)
     assert [(r["model"], r["members"]) for r in rows] == [("lenet300", 1), ("lenet300", 4)]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in rows)
-    assert "| lenet300 | 4 |" in bench.markdown(rows)
+    assert "| lenet300 | eager | 4 |" in bench.markdown(rows)  # (CPU: eager mode by default)
 
 
 @pytest.mark.slow  # three processes

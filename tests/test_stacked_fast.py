@@ -249,3 +249,14 @@ def test_a_stack_synced_as_one_trains_as_with_each_members_own_sync(tmp_path, mo
     summaries = train_stack(nan, log=lines.append)
     assert [s["run"] for s in summaries] == [c.run_name() for c in cfgs[1:]]
     assert any("stopped" in line and "NaN" in line for line in lines)
+
+
+def test_the_stacked_benchmark_times_the_fast_path():
+    """benchmarks.stacked in fast mode (CUDA's default) runs StackStep and the one sync; on CPU, eagerly."""
+    from benchmarks import stacked as bench
+
+    row = bench.stacked_throughput("lenet300", 2, "cpu", seconds=0.05, batch=4, k=2, mode="fast")
+    one = bench.single_throughput("lenet300", "cpu", seconds=0.05, batch=4, k=2, mode="fast")
+    assert row["mode"] == one["mode"] == "fast" and row["steps"] % 2 == 0
+    assert row["images_per_s"] > 0 and one["images_per_s"] > 0
+    assert bench.default_mode("cpu") == "eager"
