@@ -305,7 +305,7 @@ class StackTrainer:
         first_x, first_y = pairs[0]
         by_index = {m.index: p for m, p in zip(members, pairs, strict=True)}
         xs = [by_index.get(i, (first_x, first_y)) for i in range(len(self.members))]  # stopped: any batch
-        x, y = torch.stack([p[0] for p in xs]), torch.stack([p[1] for p in xs])
+        x, y = self.model.stack_inputs([p[0] for p in xs]), torch.stack([p[1] for p in xs])
         epoch = members[0].state.epoch
         # vmap draws every member's dropout from the stack's stream; the loop from each member's own
         with (

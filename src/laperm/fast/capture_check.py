@@ -439,7 +439,7 @@ def check_stack(
     step = StackStep(stack, opt, loss, totals, vectorize=True, graph=True, warmup_steps=1, graph_factory=checker)
     loaders = [_batches(name, batch, dev, channels_last, seed=s) for s in range(members)]
     for pairs in zip(*loaders, strict=True):
-        step(torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs]))
+        step(stack.stack_inputs([x for x, _ in pairs]), torch.stack([y for _, y in pairs]))
     return checker
 
 

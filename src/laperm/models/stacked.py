@@ -55,7 +55,7 @@ class StackedModel:
     def __init__(self, members: list[nn.Module], channels_last: bool = False) -> None:
         if not members:
             raise StackError("a stack needs at least one model")
-        self.members = members
+        self.members, self.channels_last = members, channels_last
         self.template = members[0]  # functional_call runs its code with each member's tensors
         shapes = _signature(self.template)
         for i, m in enumerate(members[1:], 1):
@@ -92,6 +92,18 @@ class StackedModel:
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
+
+    def stack_inputs(self, xs: list[Tensor]) -> Tensor:
+        """The members' batches as one ``[N, B, ...]`` tensor. With ``channels_last`` images are laid out
+        ``[B, H, W, N, C]`` in memory: vmap's grouped convolution then sees its ``[B, N*C, H, W]`` input as
+        a channels_last view, as the weights (no re-layout copy before each convolution)."""
+        if not self.channels_last or xs[0].dim() != 4:
+            return torch.stack(xs)
+        n, (b, c, h, w) = len(xs), xs[0].shape
+        out = torch.empty((b, h, w, n, c), dtype=xs[0].dtype, device=xs[0].device).permute(3, 0, 4, 1, 2)
+        for i, x in enumerate(xs):
+            out[i].copy_(x)
+        return out
 
     def train_pass(
         self,
