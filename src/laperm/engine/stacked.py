@@ -5,10 +5,13 @@ seeded θ0, loaders (data order, augmentation), random stream (dropout), evaluat
 statistics, metrics, checkpoints and summary -- everything a single run has. Only the training
 step is shared: the members' parameters are views of stacked tensors (:class:`StackedModel`),
 one forward/backward computes every member's gradients, one inner optimizer over the stacked
-tensors is N inner optimizers (elementwise), and each LaPerm member then syncs its own rows
+tensors is N inner optimizers (elementwise) -- :class:`~laperm.engine.stack_step.StackStep`, eager
+or (fast mode on CUDA) one CUDA graph -- and each LaPerm member then syncs its own rows
 (``LaPerm.step`` on a member whose own parameters hold no gradient: no inner step, the count
-and the sync). Baseline members have no sync. A member whose loss or weights become NaN stops
-alone (its rows are frozen); the others go on.
+and the sync; on CUDA all members' due syncs as one, :mod:`laperm.engine.stack_sync`). Baseline
+members have no sync. A member whose loss or weights become NaN stops alone (its rows are
+frozen); the others go on. In fast mode each member's training batches come from its own
+device-resident loader (``engine.fast.device_loaders``), as in its single fast run.
 
 A member's checkpoint holds its slice of the stacked optimizer state and the stack's random
 stream (``Key.STACK``); ``stack.json`` in every member folder names the members, so resuming any
