@@ -7,7 +7,13 @@ LaPerm member's count and sync of its own rows every k steps. Batches are synthe
 model's input shape already on the device (no loader: the step itself is measured). It warms up,
 then runs whole multiples of k steps for about ``seconds``, timed with a device sync at both ends,
 and reports the aggregate images/s of all members. :func:`single_throughput` is the same for one
-unstacked run (eager LaPerm(Adam) step), the reference the ratios are taken against.
+unstacked run (LaPerm(Adam) step), the reference the ratios are taken against.
+
+``mode`` (default: fast on CUDA, eager elsewhere) is the engine's: ``eager`` times the plain steps;
+``fast`` times the fast path -- the stack's :class:`~laperm.engine.stack_step.StackStep` (on CUDA one
+CUDA graph, fused capturable Adam) with every member's sync as one
+(:func:`~laperm.engine.stack_sync.sync_together`), against one run's
+:class:`~laperm.fast.step.DeviceStep`.
 
 Both are plain functions of simple arguments returning a dict, so that a harness may run each
 contender in its own process. ``python -m benchmarks.stacked --device cuda`` prints the table.
@@ -26,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from laperm import models
+from laperm.engine.stack_step import StackStep
+from laperm.engine.stack_sync import sync_together
+from laperm.fast.step import DeviceStep, inner_step_done, make_adam
 from laperm.models.stacked import LossSpec, StackedModel
 from laperm.optim import LaPerm, laperm_param_groups
 
@@ -62,27 +71,53 @@ def _timed(step: Any, device: torch.device, seconds: float, k: int, warmup: int)
     return done, time.perf_counter() - t0
 
 
+def default_mode(device: str) -> str:
+    return "fast" if torch.device(device).type == "cuda" else "eager"
+
+
 def stacked_throughput(
-    model: str, members: int, device: str = "cuda", seconds: float = 10.0, batch: int = BATCH, k: int = K
+    model: str,
+    members: int,
+    device: str = "cuda",
+    seconds: float = 10.0,
+    batch: int = BATCH,
+    k: int = K,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """Aggregate images/s of ``members`` LaPerm(Adam) runs of ``model`` trained as one stack."""
-    dev = torch.device(device)
+    dev, mode = torch.device(device), mode or default_mode(device)
     nets = [models.build(model, seed=s).to(dev) for s in range(members)]
     stack = StackedModel(nets)
-    opt = torch.optim.Adam(stack.parameters(), lr=1e-3)
-    # each member's LaPerm: no inner step of its own (its parameters get no gradient), its count and sync
-    syncs = [LaPerm(torch.optim.Adam(laperm_param_groups(m), lr=1e-3), k=k) for m in nets]
     x, y = _data(model, members, batch, dev)
+    if mode == "fast":
+        opt = make_adam(stack.parameters(), lr=1e-3, eps=1e-8, device=dev)
+        totals = (
+            torch.zeros(members, dtype=torch.float64, device=dev),
+            torch.zeros(members, dtype=torch.int64, device=dev),
+        )
+        graphed = StackStep(stack, opt, LossSpec(), totals, vectorize=True, graph=dev.type == "cuda")
+        # each member's LaPerm: no inner step of its own (its parameters get no gradient), its count and sync
+        syncs = [LaPerm(make_adam(laperm_param_groups(m), lr=1e-3, eps=1e-8, device=dev), k=k) for m in nets]
 
-    def step() -> None:
-        stack.train_pass(x, y, LossSpec(), vectorize=True)
-        opt.step()
-        for s in syncs:
-            s.step()
+        def step() -> None:
+            graphed(x, y)
+            sync_together(syncs)
 
-    steps, wall = _timed(step, dev, seconds, k, warmup=3)
+    else:
+        plain = torch.optim.Adam(stack.parameters(), lr=1e-3)
+        syncs = [LaPerm(torch.optim.Adam(laperm_param_groups(m), lr=1e-3), k=k) for m in nets]
+
+        def step() -> None:
+            stack.train_pass(x, y, LossSpec(), vectorize=True)
+            plain.step()
+            for s in syncs:
+                with inner_step_done(s.base_optimizer):
+                    s.step()
+
+    steps, wall = _timed(step, dev, seconds, k, warmup=3 if mode == "eager" else 5)
     return {
         "model": model,
+        "mode": mode,
         "members": members,
         "batch": batch,
         "k": k,
@@ -93,22 +128,30 @@ def stacked_throughput(
 
 
 def single_throughput(
-    model: str, device: str = "cuda", seconds: float = 10.0, batch: int = BATCH, k: int = K
+    model: str, device: str = "cuda", seconds: float = 10.0, batch: int = BATCH, k: int = K, mode: str | None = None
 ) -> dict[str, Any]:
-    """Images/s of one unstacked eager LaPerm(Adam) run of ``model`` (the engine's eager step)."""
-    dev = torch.device(device)
+    """Images/s of one unstacked LaPerm(Adam) run of ``model`` (the engine's eager step, or fast mode's DeviceStep)."""
+    dev, mode = torch.device(device), mode or default_mode(device)
     net = models.build(model, seed=0).to(dev)
-    opt = LaPerm(torch.optim.Adam(laperm_param_groups(net), lr=1e-3), k=k)
     x, y = _data(model, 1, batch, dev)
+    if mode == "fast":
+        fast = DeviceStep(net, LaPerm(make_adam(laperm_param_groups(net), lr=1e-3, eps=1e-8, device=dev), k=k))
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x[0]), y[0]).backward()
-        opt.step()
+        def step() -> None:
+            fast(x[0], y[0])
 
-    steps, wall = _timed(step, dev, seconds, k, warmup=3)
+    else:
+        opt = LaPerm(torch.optim.Adam(laperm_param_groups(net), lr=1e-3), k=k)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[0]), y[0]).backward()
+            opt.step()
+
+    steps, wall = _timed(step, dev, seconds, k, warmup=3 if mode == "eager" else 5)
     return {
         "model": model,
+        "mode": mode,
         "members": 0,
         "batch": batch,
         "k": k,
@@ -124,6 +167,7 @@ def run(
     sizes: tuple[int, ...] = MEMBERS,
     seconds: float = 8.0,
     log: Any = print,
+    mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for every model and stack size, each with ``ratio``: its images/s over one run's.
 
@@ -131,8 +175,8 @@ def run(
     broken CUDA context stays there, and becomes a row holding its error while the other rows still run."""
     if quick:
         names, sizes, seconds = names[:1], sizes[:2], 0.2
-    batch, k = (8, 2) if quick else (BATCH, K)
-    common = ["--device", device, "--seconds", str(seconds), "--batch", str(batch), "--k", str(k)]
+    (batch, k), mode = (8, 2) if quick else (BATCH, K), mode or default_mode(device)
+    common = ["--device", device, "--seconds", str(seconds), "--batch", str(batch), "--k", str(k), "--mode", mode]
     rows = []
     for name in names:
         single, single_error = isolate.run_isolated("benchmarks.stacked", ["single", name, *common], TIMEOUT_S)
@@ -140,7 +184,7 @@ def run(
             args = ["stacked", name, "--members", str(n), *common]
             r, error = isolate.run_isolated("benchmarks.stacked", args, TIMEOUT_S)
             error = single_error or error
-            ident = {"model": name, "members": n, "batch": batch, "k": k, "device": device}
+            ident = {"model": name, "members": n, "batch": batch, "k": k, "device": device, "mode": mode}
             row = {**ident, "steps": None, "images_per_s": None, **(r or {}), "error": error}
             row["single_images_per_s"] = single["images_per_s"] if single else None
             row["ratio"] = row["images_per_s"] / single["images_per_s"] if single and r else None
@@ -150,11 +194,13 @@ def run(
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| model | runs stacked | aggregate images/s | one run images/s | ratio |\n|---|---|---|---|---|\n"
+    head = (
+        "| model | mode | runs stacked | aggregate images/s | one run images/s | ratio |\n|---|---|---|---|---|---|\n"
+    )
     body = "".join(
-        f"| {r['model']} | {r['members']} | **failed** (exit {r['error']['returncode']}) | | |\n"
+        f"| {r['model']} | {r.get('mode', '')} | {r['members']} | **failed** (exit {r['error']['returncode']}) | | |\n"
         if r.get("error")
-        else f"| {r['model']} | {r['members']} | {r['images_per_s']:,.0f} | {r['single_images_per_s']:,.0f} "
+        else f"| {r['model']} | {r['mode']} | {r['members']} | {r['images_per_s']:,.0f} | {r['single_images_per_s']:,.0f} "
         f"| {r['ratio']:.2f} |\n"
         for r in rows
     )
@@ -171,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", default=",".join(map(str, MEMBERS)))
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--mode", choices=["eager", "fast"], default=None, help="default: fast on CUDA, eager elsewhere")
     a = ap.parse_args(argv)
     models_, sizes = tuple(a.models.split(",")), tuple(int(n) for n in a.members.split(","))
-    print(markdown(run(a.device, a.quick, models_, sizes, a.seconds)))
+    print(markdown(run(a.device, a.quick, models_, sizes, a.seconds, mode=a.mode)))
     return 0
 
 
@@ -187,12 +234,13 @@ def _contender(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--k", type=int, default=K)
+    ap.add_argument("--mode", choices=["eager", "fast"], default=None)
     ap.add_argument("--result", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.role == "single":
-        fn = lambda: single_throughput(a.model, a.device, a.seconds, batch=a.batch, k=a.k)  # noqa: E731
+        fn = lambda: single_throughput(a.model, a.device, a.seconds, batch=a.batch, k=a.k, mode=a.mode)  # noqa: E731
     else:
-        fn = lambda: stacked_throughput(a.model, a.members, a.device, a.seconds, batch=a.batch, k=a.k)  # noqa: E731
+        fn = lambda: stacked_throughput(a.model, a.members, a.device, a.seconds, batch=a.batch, k=a.k, mode=a.mode)  # noqa: E731
     return isolate.child_main(f"stacked:{a.model}:{a.role}:{a.members}", a.result, fn)
 
 

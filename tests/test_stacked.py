@@ -163,8 +163,8 @@ def test_parse_seeds_and_refusals(tmp_path):
         with pytest.raises(ConfigError, match="seeds"):
             parse_seeds(bad)
     base = base_config(tmp_path)
-    with pytest.raises(ConfigError, match="fast"):
-        train_stack(plan_stack(TrainConfig(**{**base.to_dict(), "mode": "fast"}), [0, 1], ["laperm"]))
+    with pytest.raises(ConfigError, match="sync rule"):
+        train_stack(plan_stack(TrainConfig(**{**base.to_dict(), "sync_rule": "latent"}), [0, 1], ["laperm"]))
     with pytest.raises(ConfigError, match="differ only in seed"):
         train_stack([base, TrainConfig(**{**base.to_dict(), "seed": 1, "lr": 0.1})])
     assert not list(tmp_path.iterdir())  # refused before anything was written
@@ -293,7 +293,7 @@ def test_stacked_benchmark_is_a_function_of_simple_arguments():
     rows = bench.run("cpu", quick=True, names=("lenet300",), log=quiet)
     assert [(r["model"], r["members"]) for r in rows] == [("lenet300", 1), ("lenet300", 4)]
     assert all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in rows)
-    assert "| lenet300 | 4 |" in bench.markdown(rows)
+    assert "| lenet300 | eager | 4 |" in bench.markdown(rows)  # (CPU: eager mode by default)
 
 
 @pytest.mark.slow  # three processes

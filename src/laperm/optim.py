@@ -437,6 +437,23 @@ class LaPerm(torch.optim.Optimizer):
             hook(self, params)
 
     def _sync_group(self, group: dict[str, Any]) -> list[Tensor]:
+        todo = self._sync_todo(group)
+        if todo and _batched_sync(todo[0][1]):  # CUDA: all rows in a few kernels (docs/gpu.md)
+            flat_sync.sync_flat_(
+                [t for _, t, _ in todo],
+                [self._sorted_rows(p).dense() for p, _, _ in todo],
+                [st.layout for _, _, st in todo],
+                check=_finite_check(todo) if self.check_finite else None,
+            )
+            return [p for p, _, _ in todo]
+        if self.check_finite:
+            self._check_finite(todo)
+        for p, t, st in todo:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
+            reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
+        return [p for p, _, _ in todo]
+
+    def _sync_todo(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor, _Permuted]]:
+        """The group's permuted parameters to sync: (parameter, its local tensor, its θ0 record)."""
         if group.get("sync_rule") != "overwrite":  # (one look-up per sync: the overwrite path stays lean)
             self._check_rule_unchanged(next(i for i, g in enumerate(self.param_groups) if g is group))
         todo = []
@@ -458,19 +475,7 @@ class LaPerm(torch.optim.Optimizer):
                     "create the optimizer after the model's final shape is set"
                 )
             todo.append((p, t, st))
-        if todo and _batched_sync(todo[0][1]):  # CUDA: all rows in a few kernels (docs/gpu.md)
-            flat_sync.sync_flat_(
-                [t for _, t, _ in todo],
-                [self._sorted_rows(p).dense() for p, _, _ in todo],
-                [st.layout for _, _, st in todo],
-                check=_finite_check(todo) if self.check_finite else None,
-            )
-            return [p for p, _, _ in todo]
-        if self.check_finite:
-            self._check_finite(todo)
-        for p, t, st in todo:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
-            reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
-        return [p for p, _, _ in todo]
+        return todo
 
     @staticmethod
     def _check_finite(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> None:

@@ -65,8 +65,6 @@ def stackable_reason(cfgs: list[TrainConfig]) -> str | None:
         return f"model {first.model} is a language model; stacking supports the image models"
     if first.nproc != 1:
         return "a stack runs in one process; drop --nproc"
-    if first.mode == "fast":
-        return "stacked training runs in eager mode only (fast mode with stacking is not implemented); drop --mode fast"
     if any(c.optimizer == "laperm" for c in cfgs) and first.sync_rule != "overwrite":
         return "stacked LaPerm supports the overwrite sync rule only; drop --sync-rule"
     kinds = {c.inner if c.optimizer == "laperm" else c.optimizer for c in cfgs}
@@ -108,13 +106,13 @@ def train_stack(
 ) -> list[dict[str, Any]]:
     """Train ``cfgs`` as one stacked model, one run folder each; the summaries of the members that finished.
 
-    ``vectorize=False`` runs the members one by one inside each step (bit for bit the single runs' computation)."""
-    # `--mode auto` decides eager for a stack (the fast path does not stack yet); auto and eager name runs alike
-    cfgs = [dataclasses.replace(c, mode="eager") if c.mode == "auto" else c for c in cfgs]
+    ``vectorize=False`` runs the members one by one inside each step (bit for bit the single runs' computation;
+    in fast mode it never captures a CUDA graph)."""
     for c in cfgs:
         c.validate()
+    device = build.resolve_device(cfgs[0].device) if cfgs else torch.device("cpu")
+    cfgs = [build.resolve_mode(c, device) for c in cfgs]  # mode auto: fast on CUDA, as for a single run
     check_stackable(cfgs)
-    device = build.resolve_device(cfgs[0].device)
     dirs = [Path(c.out) / c.run_name() for c in cfgs]
     for d in dirs:
         rundir.check_run_dir(d, resume=resume, overwrite=overwrite)

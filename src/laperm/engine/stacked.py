@@ -5,10 +5,13 @@ seeded θ0, loaders (data order, augmentation), random stream (dropout), evaluat
 statistics, metrics, checkpoints and summary -- everything a single run has. Only the training
 step is shared: the members' parameters are views of stacked tensors (:class:`StackedModel`),
 one forward/backward computes every member's gradients, one inner optimizer over the stacked
-tensors is N inner optimizers (elementwise), and each LaPerm member then syncs its own rows
+tensors is N inner optimizers (elementwise) -- :class:`~laperm.engine.stack_step.StackStep`, eager
+or (fast mode on CUDA) one CUDA graph -- and each LaPerm member then syncs its own rows
 (``LaPerm.step`` on a member whose own parameters hold no gradient: no inner step, the count
-and the sync). Baseline members have no sync. A member whose loss or weights become NaN stops
-alone (its rows are frozen); the others go on.
+and the sync; on CUDA all members' due syncs as one, :mod:`laperm.engine.stack_sync`). Baseline
+members have no sync. A member whose loss or weights become NaN stops alone (its rows are
+frozen); the others go on. In fast mode each member's training batches come from its own
+device-resident loader (``engine.fast.device_loaders``), as in its single fast run.
 
 A member's checkpoint holds its slice of the stacked optimizer state and the stack's random
 stream (``Key.STACK``); ``stack.json`` in every member folder names the members, so resuming any
@@ -32,10 +35,15 @@ from tqdm import tqdm
 from .. import checkpoint, rundir
 from ..config import TrainConfig, k_for_epoch
 from ..data.loader import derive_seed
+from ..fast.step import inner_step_done, make_adam
 from ..models.stacked import LossSpec, StackedModel
+from ..optim import LaPerm, LaPermError
 from . import checkpointing as ckpt
+from . import fast
 from .errors import NumericalError, TrainingInterrupted
 from .guards import StopFlag
+from .stack_step import StackStep
+from .stack_sync import sync_together
 from .trainer import Trainer
 
 __all__ = ["Member", "StackTrainer", "RngStream", "STACK_FILE", "STACK_KEY"]
@@ -44,6 +52,9 @@ STACK_FILE = "stack.json"  # in every member's run folder: the stack's members a
 STACK_KEY = "stack"  # a member checkpoint's share of the stack
 STACK_FORMAT = "laperm-stack/1"
 STACK_SEED = 9  # derive_seed(first member's seed, STACK_SEED): the stack's own random stream (vmap's dropout)
+# The LaPerm members' syncs as one flat sync (engine.stack_sync); None: on CUDA, where LaPerm's own sync is
+# the flat one too (on CPU each member's per-tensor kernel is faster). A test sets True to run it on CPU.
+SYNC_TOGETHER: bool | None = None
 
 
 class RngStream:
@@ -69,9 +80,8 @@ class Member(Trainer):
         self.saved_stack: dict[str, Any] | None = None
         self.stack: StackTrainer | None = None
         self.index = 0
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sync_failed = False  # the stack's sync found this member's weights NaN or inf
         super().__init__(*args, **kwargs)
-        self.update = self._stacked_update
         self.rng = RngStream(self.device)  # its own stream as a single run would have it now
 
     def _restore(self, saved: dict[str, Any]) -> None:
@@ -84,14 +94,20 @@ class Member(Trainer):
         assert self.stack is not None
         return {STACK_KEY: self.stack.member_share(self.index)}
 
+    def _step_strategy(self) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+        return self._stacked_update  # (in both modes: the stack computes the step, StackStep)
+
     def _stacked_update(self, xb: torch.Tensor, yb: torch.Tensor, batch: int) -> None:
-        """The stack has stepped the inner optimizer; the totals, then LaPerm's count and sync of this member."""
-        assert self.pending is not None
-        loss, logits = self.pending
-        self.loss_acc += loss.double() * len(yb)
-        self.correct_acc += (logits.argmax(1) == yb).sum()
-        if self.laperm is not None:
-            self.laperm.step()  # its parameters hold no gradient: no inner step, only the count and the sync
+        """The stack has stepped the inner optimizer and added to this member's totals: LaPerm's count and sync."""
+        if self.laperm is None:
+            return
+        assert self.stack is not None
+        if self.stack.sync_together:  # the stack has counted this step and synced (StackTrainer._sync_members)
+            if self.sync_failed:
+                raise LaPermError("a permuted weight holds NaN or inf at a synchronisation")  # (reported by train_step)
+            return
+        with inner_step_done(self.laperm.base_optimizer):  # (its parameters hold no gradient)
+            self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
 
     def begin_epoch(self) -> None:
         """Trainer.run_epoch's start, for this member."""
@@ -118,22 +134,25 @@ class Member(Trainer):
 
 
 def inner_optimizer(cfg: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """The inner optimizer over the stacked tensors: the single run's, with its options (elementwise: N of them)."""
+    """The inner optimizer over the stacked tensors: the single run's, with its options (elementwise: N of them);
+    in fast mode on CUDA Adam fused and capturable, as build.build_optimizer makes a single fast run's."""
     kind = cfg.inner if cfg.optimizer == "laperm" else cfg.optimizer
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps)
+    if kind in ("adam", "adamw"):
+        device = params[0].device if cfg.mode == "fast" else torch.device("cpu")  # (cpu: torch's default Adam)
+        return make_adam(params, lr=cfg.lr, eps=cfg.adam_eps, device=device, weight_decay_free=kind)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def loss_spec(member: Member) -> LossSpec:
     names = {id(p): n for n, p in member.model.named_parameters()}
+    cfg = member.cfg
     return LossSpec(
         l2=member.l2,
         l2_names=tuple(names[id(p)] for p in member.l2_params),
-        logit_scale=member.cfg.logit_scale,
-        sum_scale=member.cfg.loss_scale == "sum",
+        logit_scale=cfg.logit_scale,
+        sum_scale=cfg.loss_scale == "sum",
+        precision=cfg.precision,
+        foreach_l2=cfg.mode == "fast",
     )
 
 
@@ -143,18 +162,43 @@ class StackTrainer:
     def __init__(self, members: list[Member], vectorize: bool, log: Callable[[str], None]) -> None:
         self.members, self.vectorize, self.log = members, vectorize, log
         self.device = members[0].device
-        self.model = StackedModel([m.model for m in members])
-        self.opt = inner_optimizer(members[0].cfg, self.model.parameters())
-        self.loss = loss_spec(members[0])
+        cfg = members[0].cfg
+        self.model = StackedModel([m.model for m in members], channels_last=cfg.channels_last)
+        self.opt = inner_optimizer(cfg, self.model.parameters())
         self.stopped: dict[int, str] = {}
+        self.sync_together = SYNC_TOGETHER if SYNC_TOGETHER is not None else self.device.type == "cuda"
         saved = [m.saved_stack for m in members]
         if saved[0] is not None:
             self._restore(cast(list[dict[str, Any]], saved))
         else:
-            torch.manual_seed(derive_seed(members[0].cfg.seed, STACK_SEED))
+            torch.manual_seed(derive_seed(cfg.seed, STACK_SEED))
             self.rng = RngStream(self.device)
+        # the members' running totals become views of the stack's: the step adds to all at once
+        totals = (torch.stack([m.loss_acc for m in members]), torch.stack([m.correct_acc for m in members]))
         for i, m in enumerate(members):
             m.stack, m.index = self, i
+            m.loss_acc, m.correct_acc = totals[0][i], totals[1][i]
+        self.update = self._step(cfg, totals)  # (after the restore: a graph captures the loaded state)
+
+    def _step(self, cfg: TrainConfig, totals: tuple[torch.Tensor, torch.Tensor]) -> StackStep:
+        """Fast mode captures the vectorised step in a CUDA graph where the inner step can be captured."""
+        factory = fast.GRAPH_FACTORY
+        capturable = all(g.get("capturable", False) for g in self.opt.param_groups)
+        graph = (
+            cfg.mode == "fast"
+            and self.vectorize
+            and (factory is not None or (self.device.type == "cuda" and capturable))
+        )
+        return StackStep(
+            self.model,
+            self.opt,
+            loss_spec(self.members[0]),
+            totals,
+            vectorize=self.vectorize,
+            around=self._member_stream,
+            graph=graph,
+            graph_factory=factory,
+        )
 
     # -- the stack's checkpoint share -------------------------------------------------
 
@@ -177,12 +221,20 @@ class StackTrainer:
             shares = [s["inner"][n] for s in saved]
             if not shares[0]:
                 continue
-            self.opt.state[p] = {
-                k: torch.stack([s[k] for s in shares]).to(self.device) if torch.is_tensor(v) and v.dim() > 0 else v
-                for k, v in shares[0].items()
-            }
+            self.opt.state[p] = {k: self._restored(k, v, [s[k] for s in shares]) for k, v in shares[0].items()}
         self.rng = RngStream(self.device)
         self.rng.state = saved[0]["rng"]
+
+    def _restored(self, key: str, first: Any, shares: list[Any]) -> Any:
+        """One optimizer state entry of the stack from the members' shares; a fused or capturable Adam keeps
+        its step count on the device, torch's default one on the CPU (as ``Optimizer.load_state_dict``)."""
+        if torch.is_tensor(first) and first.dim() > 0:
+            return torch.stack(shares).to(self.device)
+        if torch.is_tensor(first) and key == "step":
+            group = self.opt.param_groups[0]
+            on_device = group.get("fused") or group.get("capturable")
+            return first.to(self.device if on_device else "cpu", torch.float32)
+        return first
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -256,21 +308,32 @@ class StackTrainer:
         first_x, first_y = pairs[0]
         by_index = {m.index: p for m, p in zip(members, pairs, strict=True)}
         xs = [by_index.get(i, (first_x, first_y)) for i in range(len(self.members))]  # stopped: any batch
-        x, y = torch.stack([p[0] for p in xs]), torch.stack([p[1] for p in xs])
+        x, y = self.model.stack_inputs([p[0] for p in xs]), torch.stack([p[1] for p in xs])
         epoch = members[0].state.epoch
         # vmap draws every member's dropout from the stack's stream; the loop from each member's own
-        with self.rng.active() if self.vectorize else contextlib.nullcontext():
-            losses, logits = self.model.train_pass(x, y, self.loss, self.vectorize, around=self._member_stream)
-        with self.model.frozen_rows(sorted(self.stopped)):
-            self.opt.step()
+        with (
+            self.rng.active() if self.vectorize else contextlib.nullcontext(),
+            self.model.frozen_rows(sorted(self.stopped)),
+        ):
+            self.update(x, y)
+        if self.sync_together:
+            self._sync_members(members)
         for m, (xb, yb) in zip(members, pairs, strict=True):
             if m.index in self.stopped:
                 continue
-            m.pending = (losses[m.index], logits[m.index])
             try:
                 self._guarded(m, functools.partial(_member_step, xb=xb, yb=yb, epoch=epoch))
             except TrainingInterrupted as e:  # every member saves its checkpoint before the stack stops
                 interrupted.append(str(e))
+
+    def _sync_members(self, members: list[Member]) -> None:
+        """Every running LaPerm member's step count and due sync, as one sync (engine.stack_sync)."""
+        synced = [m for m in members if m.laperm is not None and m.index not in self.stopped]
+        for m in synced:
+            if m.checker is not None:
+                m.checker.step = m.state.step + 1  # (the step train_step is about to count: the hook's message)
+        for k in sync_together([cast(LaPerm, m.laperm) for m in synced]):
+            synced[k].sync_failed = True
 
     def _member_stream(self, i: int) -> contextlib.AbstractContextManager[None]:
         return self.members[i].rng.active()

@@ -90,11 +90,7 @@ class Trainer:
         if saved is not None:
             self._restore(saved)
         # The step strategy (after the restore: a CUDA graph is captured over the loaded optimizer state).
-        self.update: Callable[[torch.Tensor, torch.Tensor, int], None] = (
-            self._eager_update
-            if cfg.mode == "eager"
-            else fast.FastUpdate(cfg, self.model, self.opt, self.l2, self.l2_params, (self.loss_acc, self.correct_acc))
-        )
+        self.update = self._step_strategy()
         self.metrics = rundir.MetricsLog(run_dir / rundir.METRICS if self.main else None, self.state.records)
         self.checker = SyncChecker(self.laperm) if self.laperm else None
         self.replicas = distributed.ReplicaCheck(d) if self.laperm and d.enabled and cfg.check_replicas else None
@@ -135,6 +131,14 @@ class Trainer:
             )
             if self.d.enabled
             else self.model
+        )
+
+    def _step_strategy(self) -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+        """``update(xb, yb, batch)``: the eager step, or fast mode's device step (a stacked member: the stack's)."""
+        if self.cfg.mode == "eager":
+            return self._eager_update
+        return fast.FastUpdate(
+            self.cfg, self.model, self.opt, self.l2, self.l2_params, (self.loss_acc, self.correct_acc)
         )
 
     # -- checkpoints --------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``laperm run``'s stacks: an experiment's runs that differ only in seed and optimizer train as one
 stacked model (:func:`laperm.engine.stack_session.train_stack`), each still in its own run folder.
 
-Runs that cannot stack (a different model, a language model, an analysis hook, a run already
-started alone) train one by one as before.
+Runs in fast mode stack too (e.g. the paper experiment's ``on_cuda`` settings, mode fast with
+channels_last): the stack then trains on the fast path. Runs that cannot stack (a different model,
+a language model, an analysis hook, a run already started alone) train one by one as before.
 """
 
 from __future__ import annotations

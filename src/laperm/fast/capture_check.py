@@ -374,13 +374,10 @@ def check_model(
     loss scale, L2 and logit scale; the inner Adam fused and capturable): one warm-up step, then the
     captured region, on batches from :class:`~laperm.data.device.DeviceBatches`.  Returns the checker."""
     from .. import build
-    from ..config import PRESETS, resolve_config
-    from ..data.device import DeviceBatches
     from ..models import get_spec
     from .step import DeviceStep
 
-    fast = dict(optimizer=optimizer, mode="fast", precision=precision, channels_last=channels_last, device=device)
-    cfg = resolve_config({"preset": name} if name in PRESETS else {"model": name}, fast)
+    cfg = _fast_config(name, optimizer, precision, channels_last, device)
     spec, dev = get_spec(name), torch.device(device)
     model, _ = build.build_model(cfg, dev)
     opt = build.build_optimizer(cfg, model, capturable=True)
@@ -400,13 +397,69 @@ def check_model(
         warmup_steps=1,
         graph_factory=checker,
     )
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (2 * batch, *spec.input_shape), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, spec.num_classes, (2 * batch,), generator=g)
-    data = DeviceBatches(x, y, batch, seed=0, device=dev, mean=(0.5,), std=(0.25,), channels_last=channels_last)
-    for xb, yb in data:
+    for xb, yb in _batches(name, batch, dev, channels_last, seed=0):
         step(xb, yb)
     return checker
+
+
+def check_stack(
+    name: str,
+    *,
+    members: int = 2,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    batch: int = 2,
+    device: str = "cpu",
+) -> CaptureChecker:
+    """Check the stacked fast step (:class:`~laperm.engine.stack_step.StackStep`, vectorised) of ``members``
+    nets of registry model ``name``, as a stack of ``laperm train --mode fast --seeds`` builds it: one
+    warm-up step, then the captured region (the members' forward and backward, their totals, the one
+    inner Adam step over the stacked tensors, fused and capturable).  Returns the checker."""
+    import dataclasses
+
+    from .. import build
+    from ..engine.stack_step import StackStep
+    from ..models import get_spec
+    from ..models.stacked import LossSpec, StackedModel
+
+    cfg = _fast_config(name, "laperm", precision, channels_last, device)
+    spec, dev = get_spec(name), torch.device(device)
+    nets = [build.build_model(dataclasses.replace(cfg, seed=s), dev)[0] for s in range(members)]
+    stack = StackedModel(nets, channels_last=channels_last)
+    opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True, capturable=True)
+    l2 = spec.l2 if cfg.l2 is None else cfg.l2
+    names = {id(p): n for n, p in nets[0].named_parameters()}
+    l2_names = tuple(names[id(p)] for p in nets[0].l2_parameters()) if l2 else ()  # type: ignore[operator]
+    loss = LossSpec(l2, l2_names, cfg.logit_scale, cfg.loss_scale == "sum", precision, foreach_l2=True)
+    checker = CaptureChecker(stack.template, opt)
+    totals = (
+        torch.zeros(members, dtype=torch.float64, device=dev),
+        torch.zeros(members, dtype=torch.int64, device=dev),
+    )
+    step = StackStep(stack, opt, loss, totals, vectorize=True, graph=True, warmup_steps=1, graph_factory=checker)
+    loaders = [_batches(name, batch, dev, channels_last, seed=s) for s in range(members)]
+    for pairs in zip(*loaders, strict=True):
+        step(stack.stack_inputs([x for x, _ in pairs]), torch.stack([y for _, y in pairs]))
+    return checker
+
+
+def _fast_config(name: str, optimizer: str, precision: str, channels_last: bool, device: str) -> Any:
+    from ..config import PRESETS, resolve_config
+
+    fast = dict(optimizer=optimizer, mode="fast", precision=precision, channels_last=channels_last, device=device)
+    return resolve_config({"preset": name} if name in PRESETS else {"model": name}, fast)
+
+
+def _batches(name: str, batch: int, dev: torch.device, channels_last: bool, seed: int) -> Any:
+    """Two batches of random images for model ``name`` from :class:`~laperm.data.device.DeviceBatches`."""
+    from ..data.device import DeviceBatches
+    from ..models import get_spec
+
+    spec = get_spec(name)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (2 * batch, *spec.input_shape), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, spec.num_classes, (2 * batch,), generator=g)
+    return DeviceBatches(x, y, batch, seed=seed, device=dev, mean=(0.5,), std=(0.25,), channels_last=channels_last)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,16 @@ from torch import Tensor, nn
 from ..optim import LaPerm
 from .graph import CudaStepGraph, GraphFactory, StepGraph, rng_state, set_rng_state
 
-__all__ = ["PRECISIONS", "DeviceStep", "CaptureFailedWarning", "make_adam", "prepare_model", "l2_penalty"]
+__all__ = [
+    "PRECISIONS",
+    "GraphedStep",
+    "DeviceStep",
+    "inner_step_done",
+    "CaptureFailedWarning",
+    "make_adam",
+    "prepare_model",
+    "l2_penalty",
+]
 
 
 class CaptureFailedWarning(RuntimeWarning):
@@ -76,58 +85,27 @@ def l2_penalty(params: Sequence[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(list(params))).square().sum()
 
 
-class DeviceStep:
-    """One training step with no host sync, eager or replayed from a CUDA graph; metrics kept on the device.
+class GraphedStep:
+    """A step replayed from a graph once warmed up, with the fail-safe eager fallback: the machinery of
+    :class:`DeviceStep`, for any step body (a stacked model's: :mod:`laperm.engine.stack_step`).
 
-    Args:
-        model, optimizer: the model (on its device) and its optimizer (a :class:`~laperm.optim.LaPerm`
-            or a plain one, e.g. the Adam baseline).
-        l2, l2_params: coupled L2 term ``l2 * sum(p**2)`` added to the loss.
-        loss_scale: ``"mean"`` or ``"sum"`` (the gradient of the batch *sum*, as ``laperm train``).
-        logit_scale: softmax temperature of the loss (1: none).
-        precision: ``"fp32"`` or ``"bf16"`` (autocast).
-        channels_last: convert the model (do it before building the optimizer, or pass it already converted).
-        graph: capture a CUDA graph (default: on CUDA); ``warmup_steps`` eager steps come first.
-        graph_factory: makes the :class:`~laperm.fast.graph.StepGraph` (default: a CUDA graph); a test or
-            the capture-safety checker passes a stand-in (then ``graph=True`` works on any device).
-
-    A capture that fails (an exception while recording, or at the first replay) does not end the run:
-    that step and the following ones are computed eagerly, the device's random state is put back as it
-    was before the attempt, one :class:`CaptureFailedWarning` names the model and the full error, and
-    :meth:`reset_graph` (called when optimizer state is replaced; a resumed run starts afresh) retries.
+    A subclass sets ``opt`` (zeroed before the capture), ``inner`` (its param groups' lr become tensors
+    the graph reads) and ``name`` (the warning's), calls :meth:`_setup_graph`, and gives :meth:`_eager`
+    (one whole step), :meth:`_captured_body` (what the graph records, on ``self._static``) and
+    optionally :meth:`_after_replay` (host-side work after each replay).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        l2: float = 0.0,
-        l2_params: Sequence[Tensor] = (),
-        loss_scale: str = "mean",
-        logit_scale: float = 1.0,
-        precision: str = "fp32",
-        channels_last: bool = False,
-        graph: bool | None = None,
-        warmup_steps: int = 3,
-        graph_factory: GraphFactory | None = None,
-    ) -> None:
-        self.device = next(model.parameters()).device
-        _check_options(self.device, loss_scale, precision, graph and graph_factory is None, warmup_steps)
-        self.model, self.opt = prepare_model(model, channels_last), optimizer
-        self.laperm = optimizer if isinstance(optimizer, LaPerm) else None
-        self.inner = self.laperm.base_optimizer if self.laperm is not None else optimizer
-        self.l2, self.l2_params = float(l2), list(l2_params) if l2 else []
-        self.loss_scale, self.logit_scale, self.precision = loss_scale, float(logit_scale), precision
-        self.channels_last, self.warmup_steps = channels_last, warmup_steps
-        latent = any(g.get("sync_rule") == "latent" for g in optimizer.param_groups)
-        self.use_graph = (self.device.type == "cuda" if graph is None else graph) and not latent
+    device: torch.device
+    opt: torch.optim.Optimizer
+    inner: torch.optim.Optimizer
+    name: str
+
+    def _setup_graph(self, use_graph: bool, warmup_steps: int, graph_factory: GraphFactory | None) -> None:
+        self.use_graph, self.warmup_steps = use_graph, warmup_steps
         if self.use_graph and graph_factory is None:
             _check_capturable(self.inner)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
         self.images = 0  # counted on the host: the batch sizes are known there
         self.steps = 0
         self._factory: GraphFactory = graph_factory or CudaStepGraph
@@ -136,6 +114,12 @@ class DeviceStep:
         self.capture_error: str | None = None  # set when a capture failed: the steps are eager until a retry
         self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self._lrs: list[Tensor] = []
+
+    def _eager(self, x: Tensor, y: Tensor) -> None:
+        raise NotImplementedError
+
+    def _captured_body(self) -> None:
+        raise NotImplementedError
 
     @property
     def captured(self) -> bool:
@@ -151,32 +135,8 @@ class DeviceStep:
             self._warmup_graph().warmup(lambda: self._eager(x, y))  # warm-up, and a batch of another size
         else:
             self._replay(x, y)
-        self.images += len(y)
+        self.images += y.shape[-1]  # (a stack's y is [members, batch])
         self.steps += 1
-
-    def _forward_backward(self, x: Tensor, y: Tensor) -> None:
-        """Forward, loss, backward and metric accumulation: the loop body of ``laperm train`` up to the step."""
-        with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
-        ):  # (no weight-cast cache: it would not survive graph replay)
-            logits = self.model(x)
-            scaled = logits if self.logit_scale == 1.0 else logits * self.logit_scale
-            loss = F.cross_entropy(scaled, y)
-        if self.l2_params:
-            loss = loss + self.l2 * l2_penalty(self.l2_params)
-        (loss * len(y) if self.loss_scale == "sum" else loss).backward()
-        self.loss_sum += loss.detach().double() * len(y)
-        self.correct += (logits.detach().argmax(1) == y).sum()
-
-    def _eager(self, x: Tensor, y: Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self._forward_backward(x, y)
-        self.opt.step()
-
-    def _captured_body(self) -> None:
-        """What the graph records: forward, loss, backward and the inner step on the static buffers."""
-        self._forward_backward(*self._static)
-        self.inner.step()
 
     def _warmup_graph(self) -> StepGraph:
         if self._pending is None:
@@ -192,9 +152,10 @@ class DeviceStep:
             self._copy_in(x, y)
             self._refresh_lr()
             self._graph.replay()
-        if self.laperm is not None:
-            with _inner_step_done(self.inner):
-                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+        self._after_replay()
+
+    def _after_replay(self) -> None:
+        """What follows a replay outside the graph (DeviceStep: LaPerm's count and sync)."""
 
     def _copy_in(self, x: Tensor, y: Tensor) -> None:
         static_x, static_y = self._static
@@ -242,7 +203,7 @@ class DeviceStep:
         if error.__context__ is not None:  # e.g. capture_end's error raised while an op's error propagated
             self.capture_error += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
         warnings.warn(
-            f"{type(self.model).__name__}: the CUDA graph capture of the training step failed, so this run "
+            f"{self.name}: the CUDA graph capture of the training step failed, so this run "
             f"goes on with eager steps (the same computation, slower); reset_graph() or a resumed run tries "
             f"again. The error: {self.capture_error}",
             CaptureFailedWarning,
@@ -265,6 +226,88 @@ class DeviceStep:
         self._static = (torch.empty(0), torch.empty(0))
         self._lrs = []
 
+
+class DeviceStep(GraphedStep):
+    """One training step with no host sync, eager or replayed from a CUDA graph; metrics kept on the device.
+
+    Args:
+        model, optimizer: the model (on its device) and its optimizer (a :class:`~laperm.optim.LaPerm`
+            or a plain one, e.g. the Adam baseline).
+        l2, l2_params: coupled L2 term ``l2 * sum(p**2)`` added to the loss.
+        loss_scale: ``"mean"`` or ``"sum"`` (the gradient of the batch *sum*, as ``laperm train``).
+        logit_scale: softmax temperature of the loss (1: none).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast).
+        channels_last: convert the model (do it before building the optimizer, or pass it already converted).
+        graph: capture a CUDA graph (default: on CUDA); ``warmup_steps`` eager steps come first.
+        graph_factory: makes the :class:`~laperm.fast.graph.StepGraph` (default: a CUDA graph); a test or
+            the capture-safety checker passes a stand-in (then ``graph=True`` works on any device).
+
+    A capture that fails (an exception while recording, or at the first replay) does not end the run:
+    that step and the following ones are computed eagerly, the device's random state is put back as it
+    was before the attempt, one :class:`CaptureFailedWarning` names the model and the full error, and
+    :meth:`reset_graph` (called when optimizer state is replaced; a resumed run starts afresh) retries.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        l2: float = 0.0,
+        l2_params: Sequence[Tensor] = (),
+        loss_scale: str = "mean",
+        logit_scale: float = 1.0,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        graph: bool | None = None,
+        warmup_steps: int = 3,
+        graph_factory: GraphFactory | None = None,
+    ) -> None:
+        self.device = next(model.parameters()).device
+        _check_options(self.device, loss_scale, precision, graph and graph_factory is None, warmup_steps)
+        self.model, self.opt = prepare_model(model, channels_last), optimizer
+        self.laperm = optimizer if isinstance(optimizer, LaPerm) else None
+        self.inner = self.laperm.base_optimizer if self.laperm is not None else optimizer
+        self.l2, self.l2_params = float(l2), list(l2_params) if l2 else []
+        self.loss_scale, self.logit_scale, self.precision = loss_scale, float(logit_scale), precision
+        self.channels_last = channels_last
+        self.name = type(model).__name__
+        latent = any(g.get("sync_rule") == "latent" for g in optimizer.param_groups)
+        self._setup_graph(
+            (self.device.type == "cuda" if graph is None else graph) and not latent, warmup_steps, graph_factory
+        )
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def _forward_backward(self, x: Tensor, y: Tensor) -> None:
+        """Forward, loss, backward and metric accumulation: the loop body of ``laperm train`` up to the step."""
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
+        ):  # (no weight-cast cache: it would not survive graph replay)
+            logits = self.model(x)
+            scaled = logits if self.logit_scale == 1.0 else logits * self.logit_scale
+            loss = F.cross_entropy(scaled, y)
+        if self.l2_params:
+            loss = loss + self.l2 * l2_penalty(self.l2_params)
+        (loss * len(y) if self.loss_scale == "sum" else loss).backward()
+        self.loss_sum += loss.detach().double() * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+
+    def _eager(self, x: Tensor, y: Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self._forward_backward(x, y)
+        self.opt.step()
+
+    def _captured_body(self) -> None:
+        """What the graph records: forward, loss, backward and the inner step on the static buffers."""
+        self._forward_backward(*self._static)
+        self.inner.step()
+
+    def _after_replay(self) -> None:
+        if self.laperm is not None:
+            with _inner_step_done(self.inner):
+                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+
     # -- metrics ---------------------------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
         """Mean loss and accuracy over the images since the last read (one host sync), then reset."""
@@ -278,7 +321,7 @@ class DeviceStep:
 
 
 @contextlib.contextmanager
-def _inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
+def inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
     """Make ``inner.step()`` a no-op for a moment: the graph replay has just done it, and LaPerm's
     ``step()`` then does only its own part (step count, sync).  Uses LaPerm's public step only."""
     inner.step = lambda closure=None: None  # type: ignore[method-assign, assignment]
@@ -286,6 +329,9 @@ def _inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
         yield
     finally:
         del inner.step
+
+
+_inner_step_done = inner_step_done
 
 
 def _check_options(device: torch.device, loss_scale: str, precision: str, graph: bool | None, warmup: int) -> None:

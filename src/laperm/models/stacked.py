@@ -38,6 +38,8 @@ class LossSpec:
     l2_names: tuple[str, ...] = ()
     logit_scale: float = 1.0
     sum_scale: bool = False  # loss_scale "sum": the objective times the batch size
+    precision: str = "fp32"  # fast mode's "bf16": forward and cross-entropy autocast, as DeviceStep does
+    foreach_l2: bool = False  # fast mode: the penalty summed as DeviceStep sums it (member loop only)
 
 
 def _clone_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -50,17 +52,17 @@ def _clone_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 class StackedModel:
     """The stacked parameters (leaves with ``.grad``) and buffers of ``members``, and their training pass."""
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], channels_last: bool = False) -> None:
         if not members:
             raise StackError("a stack needs at least one model")
-        self.members = members
+        self.members, self.channels_last = members, channels_last
         self.template = members[0]  # functional_call runs its code with each member's tensors
         shapes = _signature(self.template)
         for i, m in enumerate(members[1:], 1):
             if _signature(m) != shapes:
                 raise StackError(f"member {i} is not the same architecture as member 0; only equal models stack")
         self.params: dict[str, Tensor] = {
-            n: torch.stack([dict(m.named_parameters())[n].detach() for m in members]).requires_grad_()
+            n: _stack([dict(m.named_parameters())[n].detach() for m in members], channels_last).requires_grad_()
             for n, _ in self.template.named_parameters()
         }
         self.buffers: dict[str, Tensor] = {
@@ -71,6 +73,10 @@ class StackedModel:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
 
     def bind(self) -> None:
         """Make every member's parameters and buffers views of its slice of the stack."""
@@ -86,6 +92,18 @@ class StackedModel:
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
+
+    def stack_inputs(self, xs: list[Tensor]) -> Tensor:
+        """The members' batches as one ``[N, B, ...]`` tensor. With ``channels_last`` images are laid out
+        ``[B, H, W, N, C]`` in memory: vmap's grouped convolution then sees its ``[B, N*C, H, W]`` input as
+        a channels_last view, as the weights (no re-layout copy before each convolution)."""
+        if not self.channels_last or xs[0].dim() != 4:
+            return torch.stack(xs)
+        n, (b, c, h, w) = len(xs), xs[0].shape
+        out = torch.empty((b, h, w, n, c), dtype=xs[0].dtype, device=xs[0].device).permute(3, 0, 4, 1, 2)
+        for i, x in enumerate(xs):
+            out[i].copy_(x)
+        return out
 
     def train_pass(
         self,
@@ -113,8 +131,10 @@ class StackedModel:
 
     def _vectorized(self, x: Tensor, y: Tensor, spec: LossSpec) -> tuple[Tensor, Tensor]:
         def one(params: dict[str, Tensor], buffers: dict[str, Tensor], xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
-            logits = functional_call(self.template, (params, buffers), (xb,))
-            return _member_loss(logits, yb, params, spec), logits
+            with _autocast(xb.device, spec.precision):
+                logits = functional_call(self.template, (params, buffers), (xb,))
+                ce = _cross_entropy(logits, yb, spec)
+            return _with_l2(ce, params, spec, foreach=False), logits
 
         # randomness "different": each member draws its own dropout masks from the (one) global stream
         return vmap(one, randomness="different")(self.params, self.buffers, x, y)
@@ -129,9 +149,10 @@ class StackedModel:
     ) -> tuple[Tensor, Tensor]:
         params = {n: p[i] for n, p in self.params.items()}
         buffers = {n: b[i] for n, b in self.buffers.items()}
-        with around(i) if around is not None else contextlib.nullcontext():
+        with around(i) if around is not None else contextlib.nullcontext(), _autocast(xb.device, spec.precision):
             logits = functional_call(self.template, (params, buffers), (xb,))
-        return _member_loss(logits, yb, params, spec), logits
+            ce = _cross_entropy(logits, yb, spec)
+        return _with_l2(ce, params, spec, foreach=spec.foreach_l2), logits
 
     @contextlib.contextmanager
     def frozen_rows(self, members: list[int]) -> Iterator[None]:
@@ -149,13 +170,34 @@ class StackedModel:
                     p[idx] = saved[n]
 
 
-def _member_loss(logits: Tensor, yb: Tensor, params: dict[str, Tensor], spec: LossSpec) -> Tensor:
-    """Cross-entropy of (scaled) logits plus the L2 penalty, in the single run's order of operations."""
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    # (no weight-cast cache: it would not survive a CUDA graph's replay; as DeviceStep)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)
+
+
+def _cross_entropy(logits: Tensor, yb: Tensor, spec: LossSpec) -> Tensor:
     scaled = logits if spec.logit_scale == 1.0 else logits * spec.logit_scale
-    loss = F.cross_entropy(scaled, yb)
-    if spec.l2_names:
-        loss = loss + spec.l2 * sum(params[n].pow(2).sum() for n in spec.l2_names)
-    return loss
+    return F.cross_entropy(scaled, yb)
+
+
+def _with_l2(loss: Tensor, params: dict[str, Tensor], spec: LossSpec, foreach: bool) -> Tensor:
+    """The loss plus the L2 penalty, in the single run's order of operations (``foreach``: fast mode's sum;
+    vmap's path sums tensor by tensor, ``_foreach_norm`` having no batching rule)."""
+    if not spec.l2_names:
+        return loss
+    if foreach:
+        return loss + spec.l2 * torch.stack(torch._foreach_norm([params[n] for n in spec.l2_names])).square().sum()
+    return loss + spec.l2 * sum(params[n].pow(2).sum() for n in spec.l2_names)
+
+
+def _stack(tensors: list[Tensor], channels_last: bool) -> Tensor:
+    """``torch.stack(tensors)``; with ``channels_last`` a 4-D weight's slices are channels_last (and so is
+    the [N*out, in, kh, kw] view vmap's grouped convolution takes of it)."""
+    if not channels_last or tensors[0].dim() != 4:
+        return torch.stack(tensors)
+    n, (o, i, kh, kw) = len(tensors), tensors[0].shape
+    out = torch.empty((n, o, kh, kw, i), dtype=tensors[0].dtype, device=tensors[0].device).permute(0, 1, 4, 2, 3)
+    return out.copy_(torch.stack(tensors))
 
 
 def _signature(m: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
