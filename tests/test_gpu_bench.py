@@ -34,6 +34,7 @@ KEYS = {
         "batch",
         "k",
         "device",
+        "mode",
         "steps",
         "images_per_s",
         "single_images_per_s",
