@@ -56,8 +56,12 @@ class Run:
     on_cuda: dict[str, Any] = field(default_factory=dict)  # added where the run trains on CUDA (the fast path)
 
     def settings(self, cuda: bool = False) -> dict[str, Any]:
-        """The overrides this run trains with: ``on_cuda`` on top where the device is a GPU."""
-        return {**self.overrides, **self.on_cuda} if cuda else dict(self.overrides)
+        """The overrides this run trains with: ``on_cuda`` on top where the device is a GPU.  The mode is
+        eager unless the run says otherwise (mode auto would pick fast on CUDA: other random streams,
+        another run name than the results already recorded)."""
+        out = {**self.overrides, **self.on_cuda} if cuda else dict(self.overrides)
+        out.setdefault("mode", "eager")
+        return out
 
     def config(
         self,
@@ -67,9 +71,7 @@ class Run:
         device: str | None = None,
         cuda: bool = False,
     ) -> TrainConfig:
-        # The experiments' runs train eagerly unless they say otherwise (mode auto would pick fast on
-        # CUDA: other random streams, another run name than the results already recorded).
-        layer = dict({"mode": "eager"}, **self.settings(cuda), out=str(out), progress=False)
+        layer = dict(self.settings(cuda), out=str(out), progress=False)
         if seed_threads:
             layer["threads"] = seed_threads
         if data_dir:
@@ -100,9 +102,7 @@ def register(exp: Experiment) -> Experiment:
 def command_for(run: Run, out: Path, cuda: bool = False) -> str:
     """The ``laperm train`` command that reproduces ``run`` (hooks add analysis files only)."""
     args = ["laperm", "train"]
-    # Runs train eagerly unless they say otherwise (Run.config): say so, or `--mode auto` would pick fast on CUDA.
-    settings = run.settings(cuda)
-    for key, value in {**settings, "mode": settings.get("mode", "eager")}.items():
+    for key, value in run.settings(cuda).items():  # (the mode included: `--mode auto` would pick fast on CUDA)
         if value is None:
             continue
         flag = "--" + key.replace("_", "-")
