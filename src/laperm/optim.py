@@ -51,7 +51,8 @@ param-group dicts, or through :func:`laperm_param_groups`):
 * ``sync_rule`` -- ``"overwrite"`` (the paper's) or ``"latent"`` (see above);
   fixed when the group is added (changing it later raises :class:`LaPermError`).
 * ``transposed`` / ``unit_groups`` -- for ``ConvTranspose*`` weights, whose
-  output units sit on dim 1 (see :class:`laperm.reconnect.RowLayout`).
+  output units sit on dim 1 (see :class:`laperm.reconnect.RowLayout`);
+  ``unit_dim`` -- rows on a later dim after size-1 ones (:mod:`laperm.layouts`).
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.optim.optimizer as _torch_optimizer
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import flat_sync, optim_state, reconnect, sharding
 from .initial_values import COUNTS, SORTED, SortedRows
+from .layouts import NORM_LAYERS, group_layout, group_permutes, laperm_param_groups, permuted_layouts
 from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
 from .optim_state import INNER, INNER_COUNT
 from .reconnect import RowLayout
@@ -266,16 +268,11 @@ class LaPerm(torch.optim.Optimizer):
 
     @staticmethod
     def _permuted(group: dict[str, Any], p: Tensor) -> bool:
-        permute = group.get("permute")
-        return p.dim() >= 2 if permute is None else bool(permute) and p.dim() >= 1
+        return group_permutes(group, p)
 
     @staticmethod
     def _layout(group: dict[str, Any], p: Tensor) -> RowLayout:
-        return RowLayout(
-            granularity=group["granularity"],
-            transposed=bool(group["transposed"]) and p.dim() >= 2,
-            groups=int(group["unit_groups"]),
-        )
+        return group_layout(group, p)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the inner optimizer; its current values become its θ0."""
@@ -734,72 +731,3 @@ def _check_k(k: Any) -> None:
 def _param_name(group: dict[str, Any], i: int) -> str:
     names = group.get("param_names")
     return names[i] if names and i < len(names) else f"#{i} of its param group"
-
-
-NORM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.LocalResponseNorm,
-)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def laperm_param_groups(
-    model: nn.Module,
-    permute_biases: bool = False,
-    permute_norm: bool = False,
-    **group_options: Any,
-) -> list[dict[str, Any]]:
-    """Param groups for ``model`` chosen by module type, ready for an inner optimizer.
-
-    * weights of ordinary layers (Linear, Conv*, ...): permuted by rows;
-    * ``ConvTranspose*`` weights: permuted with output units on dim 1;
-    * biases: permuted (each as one row) only if ``permute_biases``;
-    * normalisation-layer parameters: never permuted unless ``permute_norm``.
-
-    Every group carries ``param_names`` so errors name the offending tensor.
-    ``group_options`` (e.g. ``k=250``) are copied into every group.
-    """
-    groups: dict[tuple, dict[str, Any]] = {}
-
-    def add(key: tuple, name: str, p: Tensor, **opts: Any) -> None:
-        g = groups.setdefault(key, {"params": [], "param_names": [], **opts, **group_options})
-        g["params"].append(p)
-        g["param_names"].append(name)
-
-    seen: set[int] = set()
-    for mod_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            name = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, NORM_LAYERS):
-                add(("norm",), name, p, permute=permute_norm)
-            elif p.dim() == 1:
-                add(("bias",), name, p, permute=permute_biases)
-            elif isinstance(module, _CONV_T):
-                add(("convT", module.groups), name, p, permute=True, transposed=True, unit_groups=module.groups)
-            else:
-                add(("weight",), name, p, permute=None)
-    return list(groups.values())
-
-
-def permuted_layouts(
-    model: nn.Module,
-    permute_biases: bool = False,
-    granularity: str = "row",
-    permute_norm: bool = False,
-) -> dict[str, RowLayout]:
-    """``{parameter name: RowLayout}`` of the tensors that ``LaPerm`` over :func:`laperm_param_groups`
-    permutes in ``model``, in its parameter order: the optimizer's own choice (same groups, same
-    per-group rule and layout), without building an optimizer, for analyses and rebuilt records."""
-    out: dict[str, RowLayout] = {}
-    for group in laperm_param_groups(model, permute_biases=permute_biases, permute_norm=permute_norm):
-        full = {"granularity": granularity, **_GROUP_DEFAULTS, **group}
-        for name, p in zip(group["param_names"], group["params"], strict=True):
-            if LaPerm._permuted(full, p):
-                out[name] = LaPerm._layout(full, p)
-    return out

@@ -8,6 +8,8 @@ themselves.  Everything here works on a 2-D *row matrix* of shape
   is ``weight[o].flatten()`` -- a free view for contiguous tensors.
 * ``ConvTransposeNd.weight`` (in, out/groups, *k) keeps output units on dim 1;
   the rows are gathered per group (a copy), see :func:`to_rows`.
+* ``unit_dim=d`` (rows along dim ``d``, every dim before it of size 1): a ``(1, L, D)``
+  tensor has ``L`` rows of ``D`` values -- a free view too.
 * ``granularity="tensor"`` treats the whole tensor as a single row (ablations),
   and a 1-D tensor (a bias) is always one row.
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -68,17 +70,38 @@ class RowLayout:
             weights of shape ``(in, out/groups, *kernel)``.
         groups: the ``groups`` of a transposed convolution; output unit
             ``(g, j)`` receives ``weight[g*in/groups:(g+1)*in/groups, j]``.
+        unit_dim: for a row layout that is not transposed, the dim the rows run
+            along; every dim before it must have size 1 (the leading singleton
+            dims of e.g. a ``(1, L, D)`` position embedding, which has ``L`` rows).
     """
 
     granularity: str = "row"
     transposed: bool = False
     groups: int = 1
+    unit_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be a positive integer, got {self.groups!r}")
+        if not isinstance(self.unit_dim, int) or self.unit_dim < 0 or (self.unit_dim and self.transposed):
+            raise ValueError(f"unit_dim must be an integer >= 0 (0 when transposed), got {self.unit_dim!r}")
+
+    def record(self) -> dict[str, object]:
+        """JSON-able fields (``unit_dim`` only when set, so the records of earlier layouts are unchanged)."""
+        out: dict[str, object] = {"granularity": self.granularity, "transposed": self.transposed, "groups": self.groups}
+        if self.unit_dim:
+            out["unit_dim"] = self.unit_dim
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> RowLayout:
+        """The layout of a :meth:`record` (ValueError for a malformed one)."""
+        fields = (record.get("granularity"), record.get("transposed"), record.get("groups"), record.get("unit_dim", 0))
+        if not isinstance(fields[1], bool) or not all(isinstance(f, int) for f in fields[2:]):
+            raise ValueError(f"malformed layout record {dict(record)!r}")
+        return cls(str(fields[0]), fields[1], int(fields[2]), int(fields[3]))  # type: ignore[arg-type]
 
     def is_view(self, t: Tensor) -> bool:
         """True when :func:`to_rows` returns a view that writes through to ``t``."""
@@ -92,7 +115,10 @@ def to_rows(t: Tensor, layout: RowLayout = RowLayout()) -> Tensor:
     if layout.granularity == "tensor" or t.dim() == 1:
         return t.reshape(1, -1)
     if not layout.transposed:
-        return t.reshape(t.shape[0], -1)
+        d = layout.unit_dim
+        if d and (t.dim() <= d or any(n != 1 for n in t.shape[:d])):
+            raise ValueError(f"unit_dim={d} needs size-1 dims before it, got a tensor of shape {tuple(t.shape)}")
+        return t.reshape(t.shape[d], -1)
     if t.dim() < 2:
         raise ValueError("a transposed layout needs a tensor with at least 2 dims")
     g = layout.groups

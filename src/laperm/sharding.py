@@ -41,7 +41,7 @@ def check_rows_whole(p: Tensor, layout: RowLayout, name: str) -> None:
     if not is_sharded(p):
         return
     placements = cast(Any, p).placements
-    rows_on_dim0 = layout.granularity == "row" and not layout.transposed and p.dim() >= 2
+    rows_on_dim0 = layout.granularity == "row" and not layout.transposed and not layout.unit_dim and p.dim() >= 2
     for placement in placements:
         if isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0 and rows_on_dim0):
             continue

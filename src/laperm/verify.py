@@ -45,20 +45,13 @@ def layout_records(optimizer: LaPerm) -> list[dict[str, Any]]:
     out = []
     for _, p in optimizer.permuted_parameters():
         layout = optimizer.layout_of(p)
-        out.append(
-            {
-                "name": optimizer.name_of(p),
-                "granularity": layout.granularity,
-                "transposed": layout.transposed,
-                "groups": layout.groups,
-            }
-        )
+        out.append({"name": optimizer.name_of(p), **layout.record()})
     return out
 
 
 def layouts_of_record(init: dict[str, Any]) -> dict[str, RowLayout]:
     """``{name: RowLayout}`` from init.pt's ``permuted`` records (the inverse of :func:`layout_records`)."""
-    return {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
+    return {r["name"]: RowLayout.from_record(r) for r in init["permuted"]}
 
 
 def verify_weights(init: dict[str, Any], weights: dict[str, torch.Tensor]) -> tuple[int, int, list[str]]:

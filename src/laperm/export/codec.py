@@ -313,7 +313,7 @@ def encode_compact(
                 bits=bits,
                 rows=int(codes.shape[0]),
                 cols=int(codes.shape[1]),
-                layout={"granularity": layout.granularity, "transposed": layout.transposed, "groups": layout.groups},
+                layout=layout.record(),
                 **add(pack_bits(codes.numpy(), bits)),
             )
         else:
@@ -423,7 +423,7 @@ def decode_compact(
                 continue
             if e["kind"] != "codes":
                 raise ValueError(f"unknown kind {e['kind']!r}")
-            layout = RowLayout(**e["layout"])
+            layout = RowLayout.from_record(e["layout"])
             t0 = theta0[e["name"]].detach().cpu()
             if list(t0.shape) != shape or t0.dtype != dtype:
                 raise ValueError(f"{e['name']} has θ0 of shape {tuple(t0.shape)}, expected {tuple(shape)}")

@@ -148,7 +148,7 @@ def export_run(
     if not isinstance(state, dict):
         raise RunDirError(f"{run_dir / which}.pt holds no model weights")
     theta0 = init["state"]
-    layouts = {r["name"]: RowLayout(r["granularity"], r["transposed"], r["groups"]) for r in init["permuted"]}
+    layouts = {r["name"]: RowLayout.from_record(r) for r in init["permuted"]}
     recipe = run_recipe(run_dir, cfg)
     if not with_theta0:
         names = [n for n in state if n in layouts]
