@@ -4,7 +4,18 @@
 >>> opt = LaPerm(torch.optim.Adam(laperm_param_groups(model), lr=1e-3), k=20)
 """
 
+from .layouts import UntrainableError, UntrainableWarning, register_unit_dim
 from .optim import LaPerm, LaPermError, laperm_param_groups
+from .overview import describe
 
 __version__ = "0.1.0"
-__all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "__version__"]
+__all__ = [
+    "LaPerm",
+    "LaPermError",
+    "laperm_param_groups",
+    "describe",
+    "register_unit_dim",
+    "UntrainableError",
+    "UntrainableWarning",
+    "__version__",
+]

@@ -25,12 +25,14 @@ from .data import text as textdata
 from .data.device import DeviceBatches
 from .data.loader import derive_seed
 from .optim import LaPerm, laperm_param_groups, permuted_layouts
+from .overview import Description, describe
 from .reconnect import RowLayout
 
 __all__ = [
     "resolve_device",
     "resolve_permute_biases",
     "model_layouts",
+    "describe_model",
     "load_data",
     "model_options",
     "build_model",
@@ -91,6 +93,12 @@ def resolve_permute_biases(model: str, override: bool | None) -> bool:
 def model_layouts(cfg: TrainConfig, model: nn.Module) -> dict[str, RowLayout]:
     """``{name: RowLayout}`` of the tensors the run of ``cfg`` permutes in ``model`` (the optimizer's rule)."""
     return permuted_layouts(model, resolve_permute_biases(cfg.model, cfg.permute_biases), cfg.granularity)
+
+
+def describe_model(cfg: TrainConfig, model: nn.Module) -> Description:
+    """:func:`laperm.overview.describe` of the run of ``cfg`` on ``model`` (at θ0), not printed."""
+    biases = resolve_permute_biases(cfg.model, cfg.permute_biases)
+    return describe(model, permute_biases=biases, granularity=cfg.granularity, show=False)
 
 
 def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset | textdata.TextCorpus:

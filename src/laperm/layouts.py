@@ -54,6 +54,7 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
 
 
@@ -86,7 +87,9 @@ def register_unit_dim(module_type: type[nn.Module] | str, dim: int, *, groups_at
     if not (isinstance(module_type, str) or (isinstance(module_type, type) and issubclass(module_type, nn.Module))):
         raise TypeError(f"register_unit_dim takes an nn.Module subclass or a qualified class name, got {module_type!r}")
     if dim not in (0, 1) or isinstance(dim, bool):
-        raise ValueError(f"unit dim must be 0 (weights stored (out, in, ...)) or 1 (stored (in, out, ...)), got {dim!r}")
+        raise ValueError(
+            f"unit dim must be 0 (weights stored (out, in, ...)) or 1 (stored (in, out, ...)), got {dim!r}"
+        )
     if groups_attr is not None and dim != 1:
         raise ValueError("groups_attr applies to dim-1 weights only (grouped transposed layouts)")
     _RULES[module_type] = _UnitRule(dim, groups_attr)
@@ -169,21 +172,23 @@ def _plan_one(name: str, module: nn.Module, p: Tensor, permute_biases: bool, per
         return ParamPlan(name, p, kind, key, options, reason)
 
     if isinstance(module, NORM_LAYERS):
-        return plan(("norm",), "norm layer" + ("" if permute_norm else " (permute_norm=False)"), permute=permute_norm)
+        return plan(("norm",), "norm layer" if permute_norm else "norm layer (permute_norm=False)", permute=permute_norm)
     if p.dim() == 1:
-        return plan(("bias",), "1-D" + ("" if permute_biases else " (permute_biases=False)"), permute=permute_biases)
+        return plan(("bias",), "1-D: one row" if permute_biases else "1-D (permute_biases=False)", permute=permute_biases)
     if p.dim() == 0:
         return plan(("weight",), "scalar", permute=None)
     rule = _rule(module)
     if rule is not None and rule.dim == 1:
         groups = int(getattr(module, rule.groups_attr)) if rule.groups_attr else 1
-        return plan(("convT", groups), f"{kind}: units on dim 1", permute=True, transposed=True, unit_groups=groups)
+        return plan(("convT", groups), "registered type", permute=True, transposed=True, unit_groups=groups)
     if rule is not None:
-        return plan(("weight",), f"{kind}: units on dim 0", permute=None)
+        return plan(("weight",), "registered type", permute=None)
     lead = _leading_ones(p)
     if lead:
-        return plan(("custom", lead), f"direct parameter: {lead} leading size-1 dims dropped", permute=True, unit_dim=lead)
-    return plan(("weight",), "direct parameter: units on dim 0", permute=None)
+        return plan(
+            ("custom", lead), f"direct parameter, {lead} leading size-1 dim(s) dropped", permute=True, unit_dim=lead
+        )
+    return plan(("weight",), "direct parameter", permute=None)
 
 
 def _named_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Module, Tensor]]:
@@ -235,7 +240,9 @@ def plan_parameters(
         layout = plan.layout(granularity)
         why = untrainable_reason(p, layout) if plan.permuted and layout is not None else None
         if why is not None:
-            plan = ParamPlan(name, p, plan.module_type, ("free",), {"permute": False}, f"untrainable by permutation: {why}")
+            plan = ParamPlan(
+                name, p, plan.module_type, ("free",), {"permute": False}, f"untrainable by permutation: {why}"
+            )
         out.append(plan)
     return out
 

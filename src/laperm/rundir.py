@@ -3,7 +3,8 @@
 A run folder holds::
 
     config.yaml       the resolved configuration (re-run it with --config)
-    init.pt           θ0: the initial state and which tensors LaPerm permutes
+    init.pt           θ0: the initial state, which tensors LaPerm permutes, which it leaves free and why
+    laperm.txt        the laperm.describe table: each parameter, permuted or free and why
     metrics.jsonl     one JSON object per evaluated epoch
     checkpoints/      ckpt-<step>.pt (+ .sha256), the newest few, for --resume
     best.pt           synced weights selected on the validation split
@@ -75,6 +76,7 @@ INIT, BEST, FINAL = "init.pt", "best.pt", "final.pt"
 METRICS, EVALS, SUMMARY, CURVES = "metrics.jsonl", "evals.jsonl", "summary.json", "curves.png"
 CHECKPOINTS = "checkpoints"
 VOCAB = "vocab.json"  # text runs: the character vocabulary (id -> character)
+DESCRIPTION = "laperm.txt"  # laperm.overview.describe's table of the model, written at the start of a run
 SYNCCOST = "synccost.jsonl"  # runs with the synccost analysis hook (experiments.hooks.SyncCostProbe)
 
 

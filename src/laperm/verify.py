@@ -6,7 +6,7 @@ file written by ``laperm export`` (decoded against θ0 rebuilt from its recipe).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,28 @@ class VerifyReport:
     tensors: int
     weights: int
     failures: list[str]
+    free: list[dict[str, str]] = field(default_factory=list)  # init.pt's: {"name", "reason"} of what was not permuted
 
     def message(self) -> str:
         if self.ok:
-            return (
+            text = (
                 f"verified: {self.weights:,} permuted weights in {self.tensors} tensors of "
                 f"{', '.join(self.checked)} are row-wise permutations of their initial values"
             )
-        return "NOT a permutation of the initial weights: " + "; ".join(self.failures)
+        else:
+            text = "NOT a permutation of the initial weights: " + "; ".join(self.failures)
+        return text + self.free_lines()
+
+    def free_lines(self) -> str:
+        """What the run left free (trained by the inner optimizer), counted by reason; untrainable ones by name."""
+        by_reason: dict[str, list[str]] = {}
+        for r in self.free:
+            by_reason.setdefault(r["reason"], []).append(r["name"])
+        lines = [
+            f"\n  free: {', '.join(names)} ({why})" if "untrainable" in why else f"\n  free: {len(names)} x {why}"
+            for why, names in by_reason.items()
+        ]
+        return "".join(lines)
 
 
 def layout_records(optimizer: LaPerm) -> list[dict[str, Any]]:
@@ -77,6 +91,11 @@ def _load_init(run_dir: Path) -> dict[str, Any]:
         and isinstance(init.get("state"), dict)
         and isinstance(init.get("permuted", []), list)
         and all(isinstance(r, dict) and set(LAYOUT_FIELDS) <= r.keys() for r in init.get("permuted", []))
+        and isinstance(init.get("free", []), list)
+        and all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("reason"), str)
+            for r in init.get("free", [])
+        )
     ):
         raise RunDirError(f"{run_dir / rundir.INIT} is not a laperm init record (damaged or from another tool)")
     if not init.get("permuted"):
@@ -106,7 +125,7 @@ def verify_run(run_dir: str | Path) -> VerifyReport:
             checked.append(name)
     if not checked:
         raise RunDirError(f"{run_dir} has no final.pt or best.pt yet; finish or --resume the run first")
-    return VerifyReport(not failures, checked, tensors, weights, failures)
+    return VerifyReport(not failures, checked, tensors, weights, failures, list(init.get("free", [])))
 
 
 def verify_compact(path: str | Path) -> VerifyReport:

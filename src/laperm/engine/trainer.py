@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoint, distributed, rundir
-from ..build import Loaders, build_model, build_optimizer, model_options
+from ..build import Loaders, build_model, build_optimizer, describe_model, model_options
 from ..config import ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_init
 from ..data import Dataset
 from ..data.loader import derive_seed
@@ -114,9 +114,11 @@ class Trainer:
             [(p, masks[n]) for n, p in self.model.named_parameters() if n in masks] if self.laperm is None else []
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: lr_factor(cfg.lr_schedule, e))
+        description = describe_model(cfg, self.model) if self.laperm else None
         self.init_record = {
             "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "permuted": layout_records(self.laperm) if self.laperm else [],
+            "free": description.records() if description else [],
             "optimizer": cfg.optimizer,
             "seed": cfg.seed,
             "model": cfg.model,
@@ -124,6 +126,9 @@ class Trainer:
         }
         if self.last_saved is None and self.main:
             checkpoint.save(self.init_record, self.run_dir / rundir.INIT)
+            if description is not None:
+                checkpoint.atomic_write_text(self.run_dir / rundir.DESCRIPTION, f"{description}\n")
+                self.log(f"LaPerm: {description.total} (table: {rundir.DESCRIPTION})")
         # Data parallel: DDP averages gradients; the weights and the sync stay local and identical.
         self.forward: nn.Module = (
             nn.parallel.DistributedDataParallel(
