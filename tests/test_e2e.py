@@ -55,8 +55,16 @@ def test_train_synthetic_run_folder_and_verify(tmp_path, capsys):
     for name in permuted:
         assert reconnect.is_row_permutation(final[name], init["state"][name])
         assert not torch.equal(final[name], init["state"][name])
+    # What LaPerm did with each parameter: the table in the run folder, its total line printed, the free
+    # tensors (and why) in init.pt and in `laperm verify`'s report.
+    table = (run / "laperm.txt").read_text()
+    assert "fc1.weight" in table and "free: 1-D (permute_biases=False)" in table
+    total = table.strip().splitlines()[-1]
+    assert total.startswith("Total: 3 of 6 parameters permuted") and total in out
+    assert init["free"] == [{"name": f"fc{i}.bias", "reason": "1-D (permute_biases=False)"} for i in (1, 2, 3)]
     assert run_cli("verify", str(run)) == 0
-    assert "verified" in capsys.readouterr().out
+    verified = capsys.readouterr().out
+    assert "verified" in verified and "free: 3 x 1-D (permute_biases=False)" in verified
 
 
 def test_verify_detects_a_tampered_run(tmp_path, capsys):

@@ -260,3 +260,16 @@ def test_plans_cover_every_trainable_parameter_once():
     names = [p.name for p in plan_parameters(model)]
     assert names == [n for n, _ in model.named_parameters()]
     assert is_row_permutation(model.pos_embed, model.pos_embed, RowLayout(unit_dim=1))
+
+
+def test_verify_reports_what_was_free_and_why():
+    from laperm.verify import VerifyReport
+
+    free = [
+        {"name": "head.weight", "reason": "untrainable by permutation: every value equals 0"},
+        {"name": "fc.bias", "reason": "1-D (permute_biases=False)"},
+        {"name": "fc2.bias", "reason": "1-D (permute_biases=False)"},
+    ]
+    message = VerifyReport(True, ["final.pt"], 1, 10, [], free).message()
+    assert "free: head.weight (untrainable by permutation: every value equals 0)" in message
+    assert "free: 2 x 1-D (permute_biases=False)" in message
