@@ -172,9 +172,13 @@ def _plan_one(name: str, module: nn.Module, p: Tensor, permute_biases: bool, per
         return ParamPlan(name, p, kind, key, options, reason)
 
     if isinstance(module, NORM_LAYERS):
-        return plan(("norm",), "norm layer" if permute_norm else "norm layer (permute_norm=False)", permute=permute_norm)
+        return plan(
+            ("norm",), "norm layer" if permute_norm else "norm layer (permute_norm=False)", permute=permute_norm
+        )
     if p.dim() == 1:
-        return plan(("bias",), "1-D: one row" if permute_biases else "1-D (permute_biases=False)", permute=permute_biases)
+        return plan(
+            ("bias",), "1-D: one row" if permute_biases else "1-D (permute_biases=False)", permute=permute_biases
+        )
     if p.dim() == 0:
         return plan(("weight",), "scalar", permute=None)
     rule = _rule(module)

@@ -104,8 +104,9 @@ def _line(plan: ParamPlan, granularity: str) -> ParamLine:
     if rows.numel():
         s = torch.sort(rows.detach(), dim=1).values
         distinct = int((s[:, 1:] != s[:, :-1]).sum(dim=1).min().item()) + 1
-    dim = _unit_dim(layout, rows.shape[0], p.dim())
-    return ParamLine(plan.name, shape, plan.module_type, plan.permuted, plan.reason, dim, *rows.shape, distinct)
+    n, length = rows.shape
+    dim = _unit_dim(layout, n, p.dim())
+    return ParamLine(plan.name, shape, plan.module_type, plan.permuted, plan.reason, dim, n, length, distinct)
 
 
 @torch.no_grad()

@@ -98,10 +98,13 @@ class RowLayout:
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> RowLayout:
         """The layout of a :meth:`record` (ValueError for a malformed one)."""
-        fields = (record.get("granularity"), record.get("transposed"), record.get("groups"), record.get("unit_dim", 0))
-        if not isinstance(fields[1], bool) or not all(isinstance(f, int) for f in fields[2:]):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"malformed layout record {record!r}")
+        granularity, transposed = record.get("granularity"), record.get("transposed")
+        groups, unit_dim = record.get("groups"), record.get("unit_dim", 0)
+        if not (isinstance(transposed, bool) and isinstance(groups, int) and isinstance(unit_dim, int)):
             raise ValueError(f"malformed layout record {dict(record)!r}")
-        return cls(str(fields[0]), fields[1], int(fields[2]), int(fields[3]))  # type: ignore[arg-type]
+        return cls(str(granularity), transposed, groups, unit_dim)
 
     def is_view(self, t: Tensor) -> bool:
         """True when :func:`to_rows` returns a view that writes through to ``t``."""
