@@ -60,6 +60,28 @@ def lines(
     return _save(fig, path)
 
 
+def panels(
+    path: str | Path,
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    styles: Mapping[str, str] | None = None,
+) -> Path:
+    """Side-by-side axes, one per ``panels[ylabel]``, each with a line per ``series[label] = (x, y)``;
+    one legend (the same labels in every panel)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for label, (x, y) in series.items():
+            ax.plot(list(x), list(y), (styles or {}).get(label, "-o"), label=label, markersize=2.5)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def bars(
     path: str | Path,
     groups: Sequence[str],

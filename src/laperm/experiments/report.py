@@ -22,7 +22,7 @@ import numpy as np
 from .. import rundir
 from ..analysis import plots
 from .base import load_manifest
-from .report_paper import paper_rows
+from .report_paper import paper_curves, paper_rows
 from .report_transformers import transformers_section
 
 __all__ = ["load_runs", "write_report", "mean_std", "fmt_acc"]
@@ -343,6 +343,7 @@ def _readme_table(rep: Report) -> None:
 
 def _paper(rep: Report) -> None:
     rep.add(*paper_rows(rep.results, rep.runs.get("paper", []), _table))
+    rep.add(*paper_curves(rep.runs.get("paper", []), rep.fig_dir))
     rep.notes("paper")
 
 
