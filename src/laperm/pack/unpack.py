@@ -50,7 +50,9 @@ def _user_path(value: str | Path, what: str) -> Path:
     """A path the user gave, usable (no NUL byte, statable), or one line saying why not."""
     try:
         path = Path(value)
-        path.exists()
+        if "\0" in str(path):
+            raise ValueError("it holds a NUL byte")
+        os.stat(path) if path.exists() else None
     except (ValueError, OSError) as e:
         raise PackError(f"{what} {str(value)[:100]!r} is not a usable path ({e})") from None
     return path
