@@ -411,3 +411,26 @@ def test_every_mutation_of_a_real_pack_unpacks_the_same_or_fails_cleanly(real_pa
     assert outside == {}
     for name, content in reference.items():  # every file of the real pack, bit for bit
         assert after.get(name) == content, name
+
+
+# -- "newer" means further on (issue 33, item 3) -------------------------------------------------
+
+
+def test_a_run_continued_after_unpacking_is_not_replaced_without_force(tmp_path, capsys):
+    """Unpack a finished 1-epoch run, continue it to 2 epochs, unpack the same pack again: refused,
+    naming the folder and both positions (main said "unpacked 1 run(s)" and lost epoch 2)."""
+    args = ["--model", "f1", "--dataset", "synthetic", "--train-subset", "64", "--val-size", "32", "--epochs", "1"]
+    args += ["--batch-size", "32", "--k", "2", "--threads", "1", "--no-progress", "--name", "run"]
+    assert run_cli(capsys, "train", *args, "--out", str(tmp_path / "exp"))[0] == 0
+    assert run_cli(capsys, "pack", str(tmp_path / "exp"), "--out", str(tmp_path / "pack"))[0] == 0
+    into = tmp_path / "into"
+    assert run_cli(capsys, "unpack", str(tmp_path / "pack"), "--into", str(into))[0] == 0
+    run = into / "exp" / "run"
+    assert run_cli(capsys, "train", "--resume", str(run), "--epochs", "2")[0] == 0
+    longer = listing(run)
+    err = refused(capsys, tmp_path / "pack", into)
+    assert f"{run} is newer: it got further (epochs, epoch, step)" in err
+    assert "here: finished, epoch 2 of 2, step 4; packed: finished, epoch 1 of 1, step 2" in err
+    assert listing(run) == longer
+    assert run_cli(capsys, "unpack", str(tmp_path / "pack"), "--into", str(into), "--force")[0] == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
