@@ -99,7 +99,7 @@ def _check_runs(plan: dict[str, Any], total: int) -> list[dict[str, Any]]:
         found = _CKPT.fullmatch(ckpt) if isinstance(ckpt, str) else None
         if ckpt is not None and (found is None or int(found.group(1)) != r.get("step")):
             raise PackError(f"plan.json names checkpoint {str(ckpt)[:60]!r} for {path} at step {r.get('step')!r}")
-    extras = plan.get("extras")
+    extras: dict[str, Any] = plan.get("extras")  # type: ignore[assignment]  # (checked next)
     _check_span(extras, total, "the non-run files")
     files = extras.get("files")
     if not isinstance(files, list) or not all(
