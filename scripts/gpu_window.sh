@@ -48,8 +48,10 @@ if [ "$QUICK" != 1 ] && [ -d "${CIFAR_PACK:-.devpack/cifar}" ] && [ -z "${LAPERM
   "$PY" scripts/cifar_jpeg_pack.py unpack "${CIFAR_PACK:-.devpack/cifar}" /tmp/cifar10/cifar10-jpg.zip >> "$LOG" 2>&1
   export LAPERM_CIFAR10=/tmp/cifar10
 fi
-# Where and with what this window trains: the report gives it for runs that have no summary yet.
+# Where and with what this window trains. Each run records its own stretches (its provenance.jsonl,
+# with this commit: LAPERM_COMMIT); paper/provenance.jsonl is the windows' log, and credits no run.
 COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export LAPERM_COMMIT=$COMMIT
 GPU=cpu; [ "$DEVICE" != cpu ] && GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 TORCH=$("$PY" -c "import importlib.metadata as m; print(m.version('torch'))" 2>/dev/null)
 printf '{"window_start": %s, "device": "%s", "torch": "%s", "commit": "%s"}\n' "$T0" "${GPU:-unknown}" \

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("components", ("laperm.models", "laperm.optim", "laperm.overview")),
     ("configuration", ("laperm.config", "laperm.launch")),
-    ("construction", ("laperm.build", "laperm.rundir")),
+    ("construction", ("laperm.build", "laperm.rundir", "laperm.provenance")),
     ("files", ("laperm.export", "laperm.verify", "laperm.pack")),
     ("analysis", ("laperm.analysis",)),
     ("engine", ("laperm.engine", "laperm.train", "laperm.fast")),

@@ -142,7 +142,7 @@ def test_parts_limits_waiting_runs_and_newer_folders(runs, tmp_path, capsys):
     into = tmp_path / "into"
     shutil.copytree(runs / "ref" / "run", into / "exp" / "run")
     rc, out, err = run_cli(capsys, "unpack", str(tmp_path / "whole"), "--into", str(into))
-    assert rc == 2 and "is newer (finished)" in err and "--force" in err
+    assert rc == 2 and "is newer: it got further (epoch, step, finished)" in err and "--force" in err
     assert (into / "ref" / "run" / "final.pt").is_file() and (into / "exp" / "run" / "final.pt").is_file()
     assert run_cli(capsys, "unpack", str(tmp_path / "whole"), "--into", str(into), "--force")[0] == 0
     assert not (into / "exp" / "run" / "final.pt").exists()

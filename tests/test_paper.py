@@ -79,7 +79,8 @@ def test_a_row_is_full_only_when_its_laperm_run_finished(tmp_path):
         tags = {"row": PAPER_ROWS[0].label, "model": "f1", "method": method, "seed": 0}
         runs[d.name] = {"folder": d.name, "tags": tags, "budget": "paper", "hook": None, "command": "laperm train"}
     (folder / "experiment.json").write_text(json.dumps({"runs": runs}))
-    (folder / "provenance.jsonl").write_text(json.dumps({"device": "GPU X", "commit": "abc1234"}) + "\n")
+    line = {"event": "start", "step": 0, "hardware": "GPU X", "torch": "2.x", "commit": "abc1234"}
+    (folder / "f1-laperm" / "provenance.jsonl").write_text(json.dumps(line) + "\n")
     text = report.write_report(folder.parent, tmp_path / "docs").read_text()
     row = next(x for x in text.splitlines() if x.startswith(f"| {PAPER_ROWS[0].label} |") and "Adam prefix" in x)
     assert "LaPerm full (10 epochs); Adam prefix (epoch 6 of 10) | 6 | 56.00% | 56.00% | +0.00 points |" in row

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import build, distributed, models, rundir
+from .. import build, distributed, models, provenance, rundir
 from ..config import ConfigError, TrainConfig
 from ..data import Dataset
 from ..data.text import TextCorpus
 from .callbacks import Callbacks, EpochCallback
 from .checkpointing import find_resume_checkpoint, resume_config
+from .summary import hardware
 from .text import record_vocab
 from .trainer import Trainer
 
@@ -130,4 +131,6 @@ def _run(
     if isinstance(ds, TextCorpus):
         record_vocab(run_dir, ds.vocab, resume, write=d.is_main)
     trainer = Trainer(cfg, run_dir, device, spec, ds, loaders, log, callbacks, d, resumed)
+    if d.is_main:  # where this stretch of the run trains (the report credits each run with its own)
+        provenance.record(run_dir, step=trainer.state.step, device=device, hardware=hardware(device))
     return trainer.fit()

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from .. import build, checkpoint, distributed, models, rundir
+from .. import build, checkpoint, distributed, models, provenance, rundir
 from ..config import ConfigError, TrainConfig
 from ..data import Dataset
 from .callbacks import Callbacks
 from .checkpointing import find_resume_checkpoint, resume_config
 from .stacked import Member, StackTrainer, read_stack_file, write_stack_file
+from .summary import hardware
 
 __all__ = ["parse_seeds", "plan_stack", "check_stackable", "stackable_reason", "train_stack", "resume_configs"]
 
@@ -159,7 +160,10 @@ def _run(
         Member(c, d, device, spec, ds, build.build_loaders(c, ds, device), log, Callbacks(), distributed.Dist(), r)
         for c, d, r in zip(cfgs, dirs, resumed, strict=True)
     ]
-    return StackTrainer(members, vectorize, log).fit()
+    trainer = StackTrainer(members, vectorize, log)
+    for m, d in zip(trainer.members, dirs, strict=True):  # each member's own record of where it trains
+        provenance.record(d, step=m.state.step, device=device, hardware=hardware(device))
+    return trainer.fit()
 
 
 def _step_of(path: Path) -> int:

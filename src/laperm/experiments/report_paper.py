@@ -2,9 +2,15 @@
 
 Each row shows where it is: *full* (the schedule finished) or a *prefix* (epoch e of E), LaPerm and
 Adam at the last epoch both reached and their gap there, and where the numbers come from (device,
-torch, commit). Runs folded in from elsewhere (a GPU machine's metrics) carry that in their
-manifest entry (``provenance``, ``device``, ``commit``); runs trained by ``laperm run paper`` take
-it from their summary, or from ``provenance.jsonl`` that ``scripts/gpu_window.sh`` appends to.
+torch, commit) -- each run's own, never another's:
+
+1. a run folded in from elsewhere: its manifest entry's ``provenance`` text, else its ``device``,
+   ``torch`` and ``commit`` fields;
+2. a run trained by laperm: its folder's ``provenance.jsonl`` (:mod:`laperm.provenance`: one line per
+   start or resume, so a run trained in several GPU windows lists each place);
+3. else its summary's hardware and torch (the commit "not recorded"), else "not recorded".
+
+(``paper/provenance.jsonl``, one line per GPU window, records the windows; it credits no run.)
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import rundir
+from .. import provenance
 from ..analysis import plots
 from .paper import ROWS, PaperRow
 
 __all__ = ["paper_rows", "row_status", "paper_curves"]
 
-PROVENANCE = "provenance.jsonl"  # <experiment folder>/provenance.jsonl: one line per GPU window
+NOT_RECORDED = "not recorded"
 
 
 def _epochs_done(run: dict[str, Any]) -> int:
@@ -70,16 +76,19 @@ def _standing(run: dict[str, Any], planned: int) -> str:
     return f"full ({done} epochs)" if run["summary"] is not None else f"prefix (epoch {done} of {planned})"
 
 
-def _where(run: dict[str, Any], windows: list[dict[str, Any]]) -> str:
-    """Device, torch and commit of a run, as recorded."""
+def _where(run: dict[str, Any]) -> str:
+    """Device, torch and commit of this run, as recorded for it (the module's doc); "not recorded" if nothing is."""
     if run.get("provenance"):
         return str(run["provenance"])
+    if any(run.get(k) for k in ("device", "torch", "commit")):
+        return provenance.describe([{k: run.get(k) for k in ("device", "torch", "commit")}]) or NOT_RECORDED
+    own = provenance.describe(provenance.read(run["path"])) if run.get("path") is not None else None
+    if own:
+        return own
     s = run["summary"] or {}
-    last = windows[-1] if windows else {}
-    device = s.get("hardware") or last.get("device") or "device not recorded"
-    torch_version = s.get("torch") or last.get("torch")
-    commit = last.get("commit") or "commit not recorded"
-    return ", ".join(x for x in (device, f"torch {torch_version}" if torch_version else None, commit) if x)
+    if s.get("hardware") or s.get("torch"):
+        return provenance.describe([{"hardware": s.get("hardware"), "torch": s.get("torch")}]) or NOT_RECORDED
+    return NOT_RECORDED
 
 
 def _pairs(runs: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
@@ -106,7 +115,7 @@ def _row_runs(row: PaperRow, runs: Sequence[dict[str, Any]]) -> list[dict[str, A
     return own + [r for r in runs if r["tags"].get("row") == row.baseline and r["tags"].get("method") == "adam"]
 
 
-def row_status(row: PaperRow, runs: Sequence[dict[str, Any]], windows: list[dict[str, Any]]) -> list[list[Any]]:
+def row_status(row: PaperRow, runs: Sequence[dict[str, Any]]) -> list[list[Any]]:
     """The table lines of one README row: one per (source, seed) pair of runs, or one saying nothing ran."""
     pairs = _pairs(_row_runs(row, runs))
     if not pairs:
@@ -119,7 +128,7 @@ def row_status(row: PaperRow, runs: Sequence[dict[str, Any]], windows: list[dict
         status = f"LaPerm {_standing(lap, row.epochs)}; Adam " + (
             _standing(adam, row.epochs) if adam is not None else "not run"
         )
-        where = _where(lap, windows)
+        where = _where(lap)
         lines.append(
             [row.label, row.data, row.paper, status, common, _acc(*acc_l), _acc(*acc_a), _gap(acc_l, acc_a), where]
         )
@@ -128,8 +137,7 @@ def row_status(row: PaperRow, runs: Sequence[dict[str, Any]], windows: list[dict
 
 def paper_rows(results: Path, runs: Sequence[dict[str, Any]], table: Callable[..., str]) -> list[str]:
     """The markdown of the section: every README row as it stands."""
-    windows = rundir.read_jsonl(results / "paper" / PROVENANCE)
-    lines = [line for row in ROWS for line in row_status(row, runs, windows)]
+    lines = [line for row in ROWS for line in row_status(row, runs)]
     header = [
         "row",
         "data",

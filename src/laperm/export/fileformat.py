@@ -19,13 +19,14 @@ from .. import checkpoint, rundir
 from ..build import build_model
 from ..config import ConfigError, TrainConfig
 from ..data.text import read_vocab
-from ..models import UnknownModelError
+from ..models import UnknownModelError, state_numel
 from ..reconnect import RowLayout
 from ..rundir import RunDirError
 from . import codec
 from .codec import MAGIC, SUFFIX, CompactFormatError, Decoded, encode_compact, state_dict_nbytes, theta0_digest
 
 __all__ = [
+    "check_recipe",
     "rebuild_theta0",
     "run_recipe",
     "decode_compact",
@@ -39,14 +40,43 @@ __all__ = [
 ]
 
 
+RECIPE_FIELDS = ("model", "init", "seed", "model_options")
+
+
+def _recipe_text(recipe: object) -> str:
+    text = repr(recipe)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def check_recipe(recipe: object) -> int:
+    """Check a θ0 recipe from a file against the model registry before anything is built; returns
+    how many numbers the model's ``state_dict`` holds (counted on the meta device, nothing allocated).
+
+    Known fields only; a known model and init, a seed in range (:class:`TrainConfig`'s checks), and
+    ``model_options`` the registry lists for that model, within their bounds."""
+    try:
+        if not isinstance(recipe, Mapping) or set(recipe) - set(RECIPE_FIELDS):
+            raise TypeError(f"a recipe is a mapping of {', '.join(RECIPE_FIELDS)}")
+        options = recipe.get("model_options") or {}
+        if not isinstance(options, dict):
+            raise TypeError("model_options is not a mapping")
+        cfg = TrainConfig(model=recipe["model"], init=recipe["init"], seed=recipe["seed"]).validate()
+        return state_numel(cfg.model, **options)
+    except (KeyError, TypeError, ValueError, ConfigError, UnknownModelError) as e:
+        raise CompactFormatError(f"the θ0 recipe {_recipe_text(recipe)} is refused ({e})") from None
+
+
 def rebuild_theta0(recipe: Mapping[str, Any]) -> dict[str, Tensor]:
     """θ0 (a CPU ``state_dict``) rebuilt from ``{"model", "init", "seed"}`` as ``laperm train`` builds it
-    (and ``"model_options"``, what the model took from the data: a text model's ``vocab_size``)."""
+    (and ``"model_options"``, what the model took from the data: a text model's ``vocab_size``).
+
+    The recipe is checked first (:func:`check_recipe`): one from a file never builds an oversized model."""
+    check_recipe(recipe)
     try:
         cfg = TrainConfig(model=recipe["model"], init=recipe["init"], seed=recipe["seed"]).validate()
-        model, _ = build_model(cfg, torch.device("cpu"), **recipe.get("model_options", {}))
+        model, _ = build_model(cfg, torch.device("cpu"), **(recipe.get("model_options") or {}))
     except (KeyError, TypeError, ConfigError, UnknownModelError) as e:
-        raise CompactFormatError(f"the θ0 recipe {dict(recipe)!r} cannot be rebuilt ({e})") from None
+        raise CompactFormatError(f"the θ0 recipe {_recipe_text(recipe)} cannot be rebuilt ({e})") from None
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

@@ -13,7 +13,17 @@ from .layers import (
     same_padding,
 )
 from .mnist import F1, F2, Conv7, LeNet300
-from .registry import MODELS, ModelSpec, UnknownModelError, build, get_spec
+from .registry import (
+    MAX_VOCAB,
+    MODELS,
+    ModelOptionError,
+    ModelSpec,
+    UnknownModelError,
+    build,
+    check_options,
+    get_spec,
+    state_numel,
+)
 from .resnet import BasicBlock, ResNetV1
 from .transformer import CharGPT, ViTTiny
 
@@ -21,6 +31,10 @@ __all__ = [
     "MODELS",
     "ModelSpec",
     "UnknownModelError",
+    "ModelOptionError",
+    "MAX_VOCAB",
+    "check_options",
+    "state_numel",
     "build",
     "get_spec",
     "F1",

@@ -35,6 +35,16 @@ class ModelSpec:
     l2: float
     permute_biases: bool
     description: str
+    # Keyword options a recipe may pass to the model class (what it takes from the data), each
+    # ``(name, smallest, largest)``: :func:`check_options` refuses anything else before building.
+    options: tuple[tuple[str, int, int], ...] = ()
+
+
+class ModelOptionError(UnknownModelError):
+    """A model option that the registry does not list for the model, or a value outside its bounds."""
+
+
+MAX_VOCAB = 1 << 16  # characters in a text model's vocabulary (laperm's corpora have a few hundred)
 
 
 def _resnet20(**kwargs) -> ResNetV1:
@@ -128,6 +138,7 @@ MODELS: dict[str, ModelSpec] = {
             False,
             "decoder-only char Transformer, 4 pre-LN layers, width 128, context 128, tied embedding "
             "(809,728 + 128 x vocabulary params: 823,040 with the default corpus)",
+            (("vocab_size", 2, MAX_VOCAB),),
         ),
         ModelSpec(
             "vit-tiny",
@@ -180,3 +191,29 @@ def build(
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
     return spec.builder(generator=generator, **kwargs)
+
+
+def check_options(name: str, options: dict[str, object]) -> None:
+    """Refuse options the registry does not list for model ``name``, and values outside their bounds."""
+    spec = get_spec(name)
+    bounds = {key: (lo, hi) for key, lo, hi in spec.options}
+    for key, value in options.items():
+        if key not in bounds:
+            takes = ", ".join(bounds) or "none"
+            raise ModelOptionError(f"model {spec.name} takes no option {key!r} (its options: {takes})")
+        lo, hi = bounds[key]
+        if type(value) is not int or not lo <= value <= hi:
+            raise ModelOptionError(f"model {spec.name}: {key} must be a whole number from {lo} to {hi}, got {value!r}")
+
+
+def state_numel(name: str, **options: int) -> int:
+    """How many numbers model ``name``'s ``state_dict`` holds, counted without allocating them.
+
+    The model is built on the meta device (shapes only), after :func:`check_options`."""
+    check_options(name, options)
+    try:
+        with torch.device("meta"):
+            model = get_spec(name).builder(**options)
+    except (TypeError, ValueError) as e:  # e.g. "resnet" without its depth
+        raise ModelOptionError(f"model {name} cannot be built from these options ({e})") from None
+    return sum(t.numel() for t in model.state_dict().values())

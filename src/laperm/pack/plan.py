@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +24,16 @@ from typing import Any
 import torch
 
 from .. import checkpoint, rundir
-from .runs import PackError, RunInfo, decode_run, encode_files, encode_run, inspect_run, run_progress, write_run
+from .errors import PackError
+from .names import check_name
+from .runs import RunInfo, encode_files, encode_run, inspect_run
+from .unpack import FORMAT, PLAN_JSON, VERSION, unpack
 
 __all__ = ["pack_runs", "unpack", "PLAN_JSON", "PLAN_MD"]
 
 MIB = 1 << 20
 EXTRA_MAX_BYTES = 1 * MIB  # non-run files larger than this are not carried
-PLAN_JSON, PLAN_MD, PART = "plan.json", "plan.md", "data-{:03d}.bin"
-FORMAT = "laperm-pack"
-VERSION = 1
+PLAN_MD, PART = "plan.md", "data-{:03d}.bin"
 DEVICE_TOOL_FILES = 8  # the device tool brings back at most this many files
 
 
@@ -69,13 +68,21 @@ def _scan(root: Path, skip: Path) -> tuple[list[Path], list[Path]]:
             runs.append(folder)
             return
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.is_symlink():
+            if child.is_dir() and not child.is_symlink() and not child.name.startswith("."):  # (unpack's staging)
                 visit(child)
             elif child.is_file() and child.name != rundir.LOCK and not child.name.endswith(checkpoint.TMP_SUFFIX):
                 files.append(child)
 
     visit(root)
     return runs, files
+
+
+def _fair_name(name: str) -> bool:
+    try:
+        check_name(name, "file")
+    except PackError:
+        return False
+    return True
 
 
 def discover(paths: list[str | Path], out: Path) -> tuple[list[RunInfo], list[tuple[Path, str]], list[dict[str, Any]]]:
@@ -93,7 +100,7 @@ def discover(paths: list[str | Path], out: Path) -> tuple[list[RunInfo], list[tu
         root = path.resolve()
         found, files = _scan(root, out.resolve())
         for folder in found:
-            recorded = folder.relative_to(root.parent).as_posix()
+            recorded = check_name(folder.relative_to(root.parent).as_posix(), "the run folder")
             if recorded in seen and seen[recorded] != folder:
                 raise PackError(f"{folder} and {seen[recorded]} would both unpack to {recorded}; pack them separately")
             if recorded not in seen:
@@ -103,6 +110,8 @@ def discover(paths: list[str | Path], out: Path) -> tuple[list[RunInfo], list[tu
             recorded, size = file.relative_to(root.parent).as_posix(), file.stat().st_size
             if size > EXTRA_MAX_BYTES:
                 skipped.append({"path": recorded, "nbytes": size, "reason": "over 1 MiB outside a run folder"})
+            elif not _fair_name(recorded):
+                skipped.append({"path": recorded, "nbytes": size, "reason": "a name unpack refuses"})
             elif all(recorded != r for _, r in extras):
                 extras.append((file, recorded))
     if not runs:
@@ -352,149 +361,3 @@ def _totals(records: list[dict[str, Any]], parts: list[dict[str, Any]], out: Pat
         "packed": len(packed),
         "summary": summary,
     }
-
-
-# -- unpacking --------------------------------------------------------------------------------
-
-
-def _read_plan(src: Path) -> dict[str, Any]:
-    file = src / PLAN_JSON
-    if not file.is_file():
-        raise PackError(f"{src} is not a pack folder (no {PLAN_JSON}); pass the --out folder of `laperm pack`")
-    try:
-        plan = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise PackError(f"{file} is damaged ({e}); pack again") from None
-    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
-        raise PackError(f"{file} is not a laperm pack plan")
-    if plan.get("version") != VERSION:
-        raise PackError(f"{file} is pack format {plan.get('version')}; this laperm reads {VERSION}: upgrade laperm")
-    return plan
-
-
-def _read_stream(src: Path, parts: list[dict[str, Any]]) -> Callable[[int, int], bytes]:
-    """Check every part (size, sha256) and return ``read(offset, nbytes)`` over their concatenation."""
-    starts = []
-    offset = 0
-    for p in parts:
-        file = src / p["name"]
-        if not file.is_file():
-            raise PackError(f"{file} is missing; copy every file of the pack folder")
-        data = file.read_bytes()
-        if len(data) != p["nbytes"] or hashlib.sha256(data).hexdigest() != p["sha256"]:
-            raise PackError(
-                f"{file} is damaged or truncated (its size or sha256 differs from {PLAN_JSON}); copy it again"
-            )
-        starts.append(offset)
-        offset += len(data)
-
-    def read(start: int, nbytes: int) -> bytes:
-        chunks = []
-        for p, a in zip(parts, starts, strict=True):
-            lo, hi = max(start, a), min(start + nbytes, a + p["nbytes"])
-            if lo < hi:
-                with open(src / p["name"], "rb") as f:
-                    f.seek(lo - a)
-                    chunks.append(f.read(hi - lo))
-        return b"".join(chunks)
-
-    return read
-
-
-def _package(read: Callable[[int, int], bytes], record: dict[str, Any], what: str) -> bytes:
-    data = read(int(record["offset"]), int(record["nbytes"]))
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise PackError(f"the packed bytes of {what} are damaged (sha256 mismatch); pack again")
-    return data
-
-
-def _unpack_extras(plan: dict[str, Any], read: Callable[[int, int], bytes], root: Path, force: bool) -> list[str]:
-    """Write the non-run files; an existing file newer than the packed one is kept (returned) unless ``force``."""
-    contents = decode_run(_package(read, plan["extras"], "the non-run files"), "the non-run files")
-    mtimes = {f["path"]: f["mtime"] for f in plan["extras"]["files"]}
-    kept = []
-    for name, data in contents.items():
-        target = root / name
-        if target.is_file() and target.read_bytes() != data and target.stat().st_mtime > mtimes[name] and not force:
-            kept.append(name)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(target, data)
-    return kept
-
-
-def _replace_folder(target: Path, contents: dict[str, Any]) -> None:
-    """Write the run into a sibling folder first, then swap it in, so a failure leaves the old folder."""
-    tmp = target.parent / f".{target.name}.unpack-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_run(contents, tmp)
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
-
-
-def _blocker(target: Path, record: dict[str, Any], force: bool) -> str | None:
-    """Why the packed run may not replace ``target`` (None: it may), or "same" to keep a folder that has more."""
-    if not target.exists():
-        return None
-    if not target.is_dir():
-        return f"{target} exists and is not a folder"
-    if (target / rundir.LOCK).is_file():
-        try:
-            with rundir.locked(target):
-                pass
-        except rundir.RunDirError:
-            return f"{target} is in use by a laperm process"
-    if force:
-        return None
-    if not (target / rundir.MARKER).is_file():
-        return f"{target} exists and is not a run folder" if any(target.iterdir()) else None
-    packed = (int(record["finished"]), record["step"] if record["step"] is not None else -1)
-    here = run_progress(target)
-    if here[0] == 1 and packed[0] == 1:
-        return "same" if not record["weights"] and (target / rundir.FINAL).is_file() else None
-    if here > packed:
-        where = "finished" if here[0] else f"at step {here[1]}"
-        return f"{target} is newer ({where}) than the packed run (step {record['step']})"
-    return None
-
-
-def unpack(
-    src: str | Path, into: str | Path = ".", force: bool = False, log: Callable[[str], None] = lambda _: None
-) -> dict[str, Any]:
-    """Restore the packed runs under ``into`` at their recorded paths; returns what was restored, kept and refused.
-
-    A run folder that exists is replaced unless it is newer (further on, or finished) -- then it is
-    refused, unless ``force``. Raises :class:`PackError` naming the refused runs after restoring the others.
-    """
-    src, root = Path(src), Path(into)
-    plan = _read_plan(src)
-    read = _read_stream(src, plan["parts"])
-    root.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"restored": [], "refused": [], "kept": _unpack_extras(plan, read, root, force)}
-    for record in plan["runs"]:
-        if not record["packed"]:
-            continue
-        target = root / record["path"]
-        blocker = _blocker(target, record, force)
-        if blocker == "same":
-            result["kept"].append(record["path"])
-            continue
-        if blocker is not None:
-            result["refused"].append(blocker)
-            continue
-        log(f"restoring {record['path']}")
-        contents = decode_run(_package(read, record, record["path"]), record["path"])
-        _replace_folder(target, contents)
-        result["restored"].append(record["path"])
-    if result["refused"]:
-        raise PackError(
-            f"restored {len(result['restored'])} run(s) but not: {'; '.join(result['refused'])}; "
-            "pass --force to replace them anyway"
-        )
-    return result

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-import lzma
 import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,9 @@ from .. import checkpoint, rundir
 from ..export import codec
 from ..export.fileformat import rebuild_theta0, run_recipe
 from ..verify import layouts_of_record
+from .errors import PackError
+from .header import check_header
+from .names import check_name
 from .tensors import Blobs, Theta0, decode_object, encode_object, read_blob, same_object
 
 __all__ = [
@@ -44,7 +45,9 @@ __all__ = [
     "encode_files",
     "decode_run",
     "write_run",
-    "run_progress",
+    "Position",
+    "record_position",
+    "run_position",
 ]
 
 MAGIC = b"LAPERMPK"
@@ -52,10 +55,6 @@ VERSION = 1
 _FIXED = len(MAGIC) + 1 + 8
 # Never carried: the lock, checksum sidecars (re-made on unpack), temporaries, damaged files set aside.
 _NEVER = (rundir.LOCK, ".write-test")
-
-
-class PackError(rundir.RunDirError):
-    """Runs cannot be packed or unpacked as asked (bad input, no space in the limits, a newer run in the way)."""
 
 
 @dataclass
@@ -105,6 +104,11 @@ def inspect_run(source: Path, path: str) -> RunInfo:
         info.folder_nbytes += file.stat().st_size
         if _skipped(rel):
             continue
+        try:
+            check_name(rel.as_posix(), "file")
+        except PackError:
+            info.left.append(f"{rel} (a name unpack refuses: use letters, digits and _-.+=,@)")
+            continue
         if rel.parts[0] == rundir.CHECKPOINTS and file != info.checkpoint:
             info.left.append(f"{rel} ({'finished run' if finished else 'older checkpoint'})")
         elif file.suffix == ".pt":
@@ -116,12 +120,60 @@ def inspect_run(source: Path, path: str) -> RunInfo:
     return info
 
 
-def run_progress(folder: Path) -> tuple[int, int]:
-    """``(finished, step)`` of a run folder on disk, for "is it newer" (the newest checkpoint's step)."""
+@dataclass(frozen=True)
+class Position:
+    """How far a run got: finished, epochs planned, epochs done, step (-1: not known or no checkpoint)."""
+
+    finished: bool
+    epochs: int
+    epoch: int
+    step: int
+
+    def __str__(self) -> str:
+        where = "finished" if self.finished else "unfinished"
+        return f"{where}, epoch {self.epoch} of {self.epochs}, step {self.step}"
+
+    def further_than(self, other: Position) -> list[str]:
+        """The ways this position got further than ``other`` (none: it may be replaced by ``other``).
+
+        Finishing counts only against the same number of epochs: a run continued with more
+        epochs (unfinished) is further than the finished shorter one, unless it is behind in steps."""
+        ways = [k for k in ("epochs", "epoch", "step") if getattr(self, k) > getattr(other, k)]
+        if self.finished and not other.finished and self.epochs == other.epochs:
+            ways.append("finished")
+        return ways
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int else -1
+
+
+def record_position(record: dict[str, Any]) -> Position:
+    """The position plan.json records for a packed run."""
+    return Position(record.get("finished") is True, *(_int(record.get(k)) for k in ("epochs", "epoch", "step")))
+
+
+def run_position(folder: Path) -> Position:
+    """How far the run folder on disk got, read as :func:`inspect_run` reads it for plan.json (without
+    loading a checkpoint: the newest checkpoint's step from its name, epochs done from metrics.jsonl)."""
+    try:
+        epochs = _int(rundir.read_run_config(folder).get("epochs"))
+    except rundir.RunDirError:
+        epochs = -1
+    try:
+        records = rundir.read_metrics(folder)
+    except (OSError, ValueError):
+        records = []
     if (folder / rundir.SUMMARY).is_file():
-        return 1, 0
+        return Position(True, epochs, epochs, _int(records[-1].get("step")) if records else -1)
     ckpts = checkpoint.list_checkpoints(folder / rundir.CHECKPOINTS)
-    return 0, int(ckpts[0].name.split("-")[1].split(".")[0]) if ckpts else -1
+    if not ckpts:
+        return Position(False, epochs, -1, -1)
+    step = int(ckpts[0].name.split("-")[1].split(".")[0])
+    done = [
+        int(r["epoch"]) for r in records if isinstance(r.get("epoch"), (int, float)) and _int(r.get("step")) <= step
+    ]
+    return Position(False, epochs, max(done, default=0), step)
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -199,7 +251,8 @@ def encode_run(info: RunInfo, weights: bool = True) -> tuple[bytes, dict[str, in
             for t in entry["tensors"]:
                 counts[t["enc"]] = counts.get(t["enc"], 0) + 1
             files.append(entry)
-    package = _package({"path": info.path, "theta0": record, "files": files}, blobs)
+    recipe = run_recipe(info.source, rundir.read_run_config(info.source)) if weights else None
+    package = _package({"path": info.path, "recipe": recipe, "theta0": record, "files": files}, blobs)
     rebuilt = record is not None and "recipe" in record
     _check_round_trip(package, info, originals, init["state"] if rebuilt and init is not None else None)
     return package, counts
@@ -248,6 +301,7 @@ def _theta0_for(header: dict[str, Any], theta0_state: dict[str, Any] | None, whe
 def decode_run(package: bytes, where: str = "package", theta0_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{relative file name: bytes (small files) or the loaded object (.pt files)}`` of a package."""
     header, area = parse_package(package, where)
+    check_header(header, len(area), where)  # names, recipe and every declared size, before any decoding
     cache: dict[int, bytes] = {}
 
     def blob(i: int) -> bytes:
@@ -270,8 +324,8 @@ def decode_run(package: bytes, where: str = "package", theta0_state: dict[str, A
         return out
     except PackError:
         raise
-    except (KeyError, TypeError, ValueError, RuntimeError, OSError, lzma.LZMAError, zlib.error) as e:
-        raise PackError(f"{where} is damaged or inconsistent ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - anything a forged package provokes (a bad pickle, a bad layout)
+        raise PackError(f"{where} is damaged or inconsistent ({type(e).__name__}: {str(e)[:300]})") from None
 
 
 def write_run(contents: dict[str, Any], folder: Path) -> None:

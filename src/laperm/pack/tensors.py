@@ -37,11 +37,13 @@ from .. import reconnect
 from ..export import codec
 from ..initial_values import SortedRows
 from ..reconnect import RowLayout
+from .bounds import decompress_bounded
 
 __all__ = ["Blobs", "Theta0", "encode_object", "decode_object", "same_object", "raw_bytes", "tensor_from_bytes"]
 
 MARKER = "__laperm_pack_tensor__"  # a skeleton's stand-in for tensor number i: {MARKER: i}
 ZLIB_LEVEL = 6
+MAX_NODES = 1_000_000  # items of one decoded skeleton (a checkpoint's: a few thousand)
 
 
 # -- bytes ------------------------------------------------------------------------------------
@@ -73,16 +75,13 @@ def compress(data: bytes, method: str) -> bytes:
     return zlib.compress(data, ZLIB_LEVEL)
 
 
-def decompress(data: bytes, method: str) -> bytes:
-    if method == "none":
-        return data
-    if method == "lzma":
-        return lzma.decompress(data)
-    if method != "zlib" and not method.startswith("shuffle"):
-        raise ValueError(f"unknown compression {method!r}")
-    out = zlib.decompress(data)
+def decompress(data: bytes, method: str, size: int) -> bytes:
+    """The inverse of :func:`compress`, making at most ``size`` bytes (the declared size; see :mod:`.bounds`)."""
+    out = decompress_bounded(data, method, size)
     if method.startswith("shuffle"):
         width = int(method.removeprefix("shuffle"))
+        if width < 1 or size % width:
+            raise ValueError(f"{size} bytes are no whole number of {width}-byte values")
         out = np.frombuffer(out, np.uint8).reshape(width, -1).T.tobytes()
     return out
 
@@ -129,10 +128,10 @@ def read_blob(meta: list[dict[str, Any]], area: bytes | memoryview, index: int) 
     a, n = int(m["offset"]), int(m["nbytes"])
     if a < 0 or n < 0 or a + n > len(area):
         raise ValueError(f"blob {index} lies outside the package")
-    data = decompress(bytes(area[a : a + n]), m["method"])
-    if len(data) != int(m["size"]):
-        raise ValueError(f"blob {index} decompresses to {len(data)} bytes, expected {m['size']}")
-    return data
+    try:
+        return decompress(bytes(area[a : a + n]), m["method"], int(m["size"]))
+    except ValueError as e:
+        raise ValueError(f"blob {index}: {e}") from None
 
 
 # -- θ0 and what is derived from it -----------------------------------------------------------
@@ -292,9 +291,17 @@ def decode_tensor(entry: dict[str, Any], theta0: Theta0 | None, blob: Callable[[
 def decode_object(
     skeleton: Any, entries: list[dict[str, Any]], theta0: Theta0 | None, blob: Callable[[int], bytes]
 ) -> Any:
-    """The object :func:`encode_object` was given, exactly."""
+    """The object :func:`encode_object` was given, exactly.
+
+    At most :data:`MAX_NODES` containers and values are visited: a forged skeleton that shares one
+    list many times over would otherwise be walked exponentially often."""
+    visited = 0
 
     def visit(obj: Any, key: str = "") -> Any:
+        nonlocal visited
+        visited += 1
+        if visited > MAX_NODES:
+            raise ValueError(f"the skeleton has more than {MAX_NODES:,} items; a checkpoint has far fewer")
         if isinstance(obj, dict) and set(obj) == {MARKER} and isinstance(obj[MARKER], int):
             return decode_tensor(entries[obj[MARKER]], theta0, blob)
         return _rebuilt(obj, visit, key)
