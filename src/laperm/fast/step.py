@@ -30,9 +30,8 @@ captured region is checked on any device by :mod:`laperm.fast.capture_check`.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,7 +45,6 @@ __all__ = [
     "PRECISIONS",
     "GraphedStep",
     "DeviceStep",
-    "inner_step_done",
     "CaptureFailedWarning",
     "make_adam",
     "prepare_model",
@@ -305,8 +303,7 @@ class DeviceStep(GraphedStep):
 
     def _after_replay(self) -> None:
         if self.laperm is not None:
-            with _inner_step_done(self.inner):
-                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+            self.laperm.after_inner_step()  # LaPerm's own work: host-side step count, a sync when one is due
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
@@ -318,20 +315,6 @@ class DeviceStep(GraphedStep):
         self.correct.zero_()
         self.images = 0
         return out
-
-
-@contextlib.contextmanager
-def inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
-    """Make ``inner.step()`` a no-op for a moment: the graph replay has just done it, and LaPerm's
-    ``step()`` then does only its own part (step count, sync).  Uses LaPerm's public step only."""
-    inner.step = lambda closure=None: None  # type: ignore[method-assign, assignment]
-    try:
-        yield
-    finally:
-        del inner.step
-
-
-_inner_step_done = inner_step_done
 
 
 def _check_options(device: torch.device, loss_scale: str, precision: str, graph: bool | None, warmup: int) -> None:
