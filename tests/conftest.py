@@ -40,3 +40,14 @@ def _fresh_fault_counts():
     from laperm import checkpoint
 
     checkpoint.reset_fault_counts()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_capture_trust():
+    """Each test starts as a fresh process does: no CUDA-graph capture has failed in it (a failed one,
+    real or a stand-in's, makes ``laperm.fast.graph`` refuse every later capture in the process)."""
+    from laperm.fast import graph
+
+    graph._untrusted.clear()
+    yield
+    graph._untrusted.clear()

@@ -38,6 +38,10 @@ class LaPermError(RuntimeError):
     """A LaPerm invariant or usage rule was broken; the message says how to fix it."""
 
 
+# The param-group keys LaPerm adds and reads itself, on the host (never inside the inner step).
+LAPERM_GROUP_KEYS = ("k", "laperm_step", "granularity", "sync_rule", "permute", "transposed", "unit_groups")
+
+
 class HookHandle:
     """Returned by ``LaPerm.register_sync_hook``: ``remove()`` unregisters the hook."""
 

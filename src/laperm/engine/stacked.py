@@ -35,12 +35,13 @@ from tqdm import tqdm
 from .. import checkpoint, rundir
 from ..config import TrainConfig, k_for_epoch
 from ..data.loader import derive_seed
+from ..fast.graph import DeviceFault
 from ..fast.step import make_adam
 from ..models.stacked import LossSpec, StackedModel
 from ..optim import LaPerm, LaPermError
 from . import checkpointing as ckpt
 from . import fast
-from .errors import NumericalError, TrainingInterrupted
+from .errors import NumericalError, TrainingInterrupted, device_unusable
 from .guards import StopFlag
 from .stack_step import StackStep
 from .trainer import Trainer
@@ -313,7 +314,11 @@ class StackTrainer:
             self.rng.active() if self.vectorize else contextlib.nullcontext(),
             self.model.frozen_rows(sorted(self.stopped)),
         ):
-            self.update(x, y)
+            try:
+                self.update(x, y)
+            except DeviceFault as e:  # every member stops at its last checkpoint; resuming any resumes the stack
+                first = members[0]
+                raise device_unusable(e, first.state.step + 1, first.run_dir, first.last_saved) from e
         if self.sync_together:
             self._sync_members(members)
         for m, (xb, yb) in zip(members, pairs, strict=True):
