@@ -307,3 +307,71 @@ def test_the_warning_keeps_the_error_that_invalidated_the_capture():
     (failed,) = [w for w in caught if issubclass(w.category, CaptureFailedWarning)]
     assert "operation not permitted when stream is capturing" in str(failed.message)
     assert "cudaErrorStreamCaptureInvalidated" in str(failed.message)
+
+
+# -- the real thing, on CUDA: a host sync inside the captured region ---------------------------------------
+
+REAL_FAILURE = r"""
+import json, warnings, torch
+from torch import nn
+from laperm.fast.step import CaptureFailedWarning, DeviceStep, make_adam
+from laperm.fast import graph
+from laperm.optim import LaPerm
+
+class SyncsWhileCapturing(nn.Module):  # the test hook: a host sync, only inside the captured region
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(12, 16), nn.Dropout(0.3), nn.Linear(16, 4)
+    def forward(self, x):
+        if torch.cuda.is_current_stream_capturing():
+            float(x.sum())  # .item(): illegal while capturing, invalidates the capture
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+def run(use_graph):
+    torch.manual_seed(0)
+    model = SyncsWhileCapturing().cuda()
+    opt = LaPerm(make_adam(model.parameters(), lr=1e-2, eps=1e-8, device="cuda"), k=3)
+    step = DeviceStep(model, opt, graph=use_graph, warmup_steps=2)
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(5)
+    for _ in range(9):
+        step(torch.randn(8, 12, generator=g).cuda(), torch.randint(0, 4, (8,), generator=g).cuda())
+    return step, [p.detach().cpu() for p in model.parameters()]
+
+_, eager = run(False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    step, fell_back = run(True)
+torch.cuda.synchronize()
+torch.cuda.empty_cache()
+fresh = torch.ones(1 << 20, device="cuda")
+drawn = torch.rand(1000, device="cuda")
+print(json.dumps({
+    "warnings": [str(w.message) for w in caught if issubclass(w.category, CaptureFailedWarning)],
+    "captured": step.captured, "untrusted": graph.capture_untrusted() is not None,
+    "max_diff": max(float((a - b).abs().max()) for a, b in zip(eager, fell_back)),
+    "fresh": float(fresh.sum()), "rand_ok": bool(((drawn >= 0) & (drawn < 1)).all()) and float(drawn.std()) > 0.1,
+}))
+"""
+
+
+@pytest.mark.cuda
+def test_a_real_failed_capture_on_cuda_finishes_matches_eager_and_leaves_the_device_working():
+    """A fresh process (as a real failure leaves it, nothing else may run in it): eager run first, then the
+    same run whose capture meets a host sync; the run finishes eagerly, one warning, weights within 1e-6
+    of eager (the same kernels on the same device; the warm-up ran on a side stream), and afterwards
+    ``empty_cache()``, a fresh allocation and the random generator work."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", REAL_FAILURE], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(out["warnings"]) == 1 and "SyncsWhileCapturing" in out["warnings"][0], out
+    assert out["captured"] is False and out["untrusted"] is True
+    assert out["max_diff"] <= 1e-6, out
+    assert out["fresh"] == float(1 << 20) and out["rand_ok"]

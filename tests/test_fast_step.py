@@ -186,7 +186,7 @@ def test_bad_options_fail_with_a_clear_message():
         make_adam(model.parameters(), lr=1e-3, eps=1e-7, device="cpu", weight_decay_free="sgd")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("laperm", [True, False])
 def test_cuda_graph_step_trains_like_the_eager_step(laperm):
     def run(graph: bool) -> list[torch.Tensor]:
