@@ -375,3 +375,30 @@ def test_a_real_failed_capture_on_cuda_finishes_matches_eager_and_leaves_the_dev
     assert out["captured"] is False and out["untrusted"] is True
     assert out["max_diff"] <= 1e-6, out
     assert out["fresh"] == float(1 << 20) and out["rand_ok"]
+
+
+class FailsAtTheFifthReplay(EagerGraph):
+    """Replays (a stand-in without the optimizer: it just runs the step), then meets CUDA's sticky error."""
+
+    def replay(self) -> None:
+        self.replays = getattr(self, "replays", 0) + 1
+        if self.replays == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        super().replay()
+
+
+@pytest.mark.slow
+def test_a_sticky_error_ends_the_run_at_its_checkpoint_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engine_fast, "GRAPH_FACTORY", FailsAtTheFifthReplay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc, _, err = run_cli(capsys, "train", *BASE, "--out", str(tmp_path), "--name", "run")
+    run = tmp_path / "run"
+    assert rc == 3, err  # step 8 fails (3 warm-up steps, the capture's replay at step 4, then 4 more)
+    assert "an illegal memory access" in err and f"laperm train --resume {run}" in err and "is kept" in err
+    assert not (run / "final.pt").exists() and "recovered" not in err
+    monkeypatch.setattr(engine_fast, "GRAPH_FACTORY", None)
+    graph._untrusted.clear()  # (the resumed run is a fresh process)
+    assert run_cli(capsys, "train", "--resume", str(run))[0] == 0
+    assert rundir.read_metrics(run / "metrics.jsonl")[-1]["epoch"] == 2
+    assert run_cli(capsys, "verify", str(run))[0] == 0

@@ -311,6 +311,9 @@ class _CheckedGraph:
     def replay(self) -> None:
         """(The capture has just computed the step: nothing to replay.)"""
 
+    def check_health(self) -> None:
+        """(Nothing was recorded: the device is as the step left it.)"""
+
 
 class CaptureChecker:
     """A graph factory for :class:`~laperm.fast.step.DeviceStep` that checks instead of capturing.
