@@ -15,9 +15,19 @@ writing the weights in place under the graph.  The data is :func:`laperm.data.sy
 (class prototypes plus noise: learnable in a few dozen steps, so a fast step that does not train
 would be far from eager's loss).
 
-Each row records whether the graph was captured (and any warning, e.g. a fallback to eager), the final
-loss of both (mean over the last ``steps // 6`` steps), whether they agree within :data:`TOLERANCE`,
-images/s of both, and the full traceback when the process failed.  Rows run ``--jobs`` processes at
+Besides these ``plain`` rows, three kinds of row on the first model checked, LaPerm fp32 (:data:`KINDS`):
+
+* ``lr-schedule`` -- the learning rate changes during the run (x0.3 at a third, again at two thirds of
+  the steps), as a scheduler assigns it: the graph must read each new value;
+* ``odd-last-batch`` -- the data ends in a short batch of odd size (``drop_last=False``): the graph path
+  computes it eagerly, with the captured step's state;
+* ``stack4`` -- four nets trained as one stack (:class:`~laperm.engine.stack_step.StackStep`, vectorised,
+  captured on CUDA), each LaPerm member's sync through ``LaPerm.sync_together``; losses per member.
+
+Each row records whether the graph was captured (and any warning, e.g. a fallback to eager), the loss
+of every step of both runs and their largest difference, the final loss of both (mean over the last
+``steps // 6`` steps), whether every step and the final loss agree within :data:`TOLERANCE`, images/s
+of both, and the full traceback when the process failed.  Rows run ``--jobs`` processes at
 a time, but their training holds a lock: only one row uses the device at once (process starts
 overlap), so images/s is not shared with another row; it is still only indicative (a few dozen
 steps, a sync every 20); ``python -m benchmarks --device cuda`` measures throughput.
@@ -50,7 +60,9 @@ from laperm.config import PRESETS, resolve_config
 from laperm.data import synthetic_dataset
 from laperm.data.augment import make_augment
 from laperm.data.device import DeviceBatches
+from laperm.engine.stack_step import StackStep
 from laperm.fast.step import DeviceStep, make_adam
+from laperm.models.stacked import LossSpec, StackedModel
 from laperm.optim import LaPerm, laperm_param_groups
 
 from . import isolate
@@ -69,6 +81,8 @@ QUICK = {"models": ("conv7",), "steps": 6, "batch": 8}  # conv7: convs, dropout,
 # on CPU both runs compute the same thing, and the difference is exactly 0.
 TOLERANCE = {"fp32": (0.05, 0.02), "bf16": (0.10, 0.05)}  # precision: (rtol, atol)
 ROW_TIMEOUT_S = 150.0
+KINDS = ("plain", "lr-schedule", "odd-last-batch", "stack4")  # the extra kinds: LaPerm fp32, first model
+STACK = 4  # members of the stack4 row
 
 
 def fast_models() -> list[str]:
@@ -95,22 +109,41 @@ def _has_conv(model: torch.nn.Module) -> bool:
 
 
 def check_row(
-    name: str, optimizer: str, precision: str, device: torch.device, steps: int, batch: int, lock: Path | None
+    name: str,
+    optimizer: str,
+    precision: str,
+    device: torch.device,
+    steps: int,
+    batch: int,
+    lock: Path | None,
+    kind: str = "plain",
 ) -> dict[str, Any]:
     """Eager, then fast, on the same batches: the row (``error`` None; the parent fills failures)."""
     spec = models.get_spec(name)
-    data = synthetic_dataset(n_train=steps * batch, n_test=1, shape=spec.input_shape, num_classes=spec.num_classes)
+    short = (batch // 2) | 1 if kind == "odd-last-batch" else batch  # the last batch's size (odd)
+    n = (steps - 1) * batch + short
+    data = synthetic_dataset(n_train=n * (STACK if kind == "stack4" else 1), n_test=1, shape=spec.input_shape,
+                             num_classes=spec.num_classes)  # fmt: skip
     if device.type == "cuda":
         torch.zeros(1, device=device)  # the CUDA context, before the lock: process starts may overlap
+    train = _train_stack if kind == "stack4" else _train
     with _device_lock(lock):
-        eager = _train(name, optimizer, precision, device, False, data, steps, batch)
-        fast = _train(name, optimizer, precision, device, True, data, steps, batch)
+        eager = train(name, optimizer, precision, device, False, data, steps, batch, kind)
+        fast = train(name, optimizer, precision, device, True, data, steps, batch, kind)
     rtol, atol = TOLERANCE[precision]
     diff = abs(fast["final_loss"] - eager["final_loss"])
     within = math.isfinite(diff) and diff <= rtol * abs(eager["final_loss"]) + atol
+    step_diffs = [
+        (abs(f - e), abs(f - e) <= rtol * abs(e) + atol)
+        for fs, es in zip(fast["step_losses"], eager["step_losses"], strict=True)
+        for f, e in zip(fs, es, strict=True)
+    ]
+    worst = max(range(len(step_diffs)), key=lambda i: step_diffs[i][0])
+    steps_within = all(ok and math.isfinite(d) for d, ok in step_diffs)
     captured = fast["captured"]
     return {
-        **_ident(name, optimizer, precision, batch, steps),
+        **_ident(name, optimizer, precision, batch, steps, kind),
+        "last_batch": short,
         "device": str(device),
         "k": fast["k"],
         "graph": fast["graph"],
@@ -121,17 +154,22 @@ def check_row(
         "loss_eager": eager["final_loss"],
         "loss_fast": fast["final_loss"],
         "loss_diff": diff,
+        "step_losses_eager": eager["step_losses"],  # [step][member] (one member unless stack4)
+        "step_losses_fast": fast["step_losses"],
+        "step_diff_max": step_diffs[worst][0],
+        "step_diff_max_at": worst // len(fast["step_losses"][0]) + 1,
+        "steps_within_tolerance": steps_within,
         "tolerance": {"rtol": rtol, "atol": atol},
         "within_tolerance": within,
         "images_per_s_fast": fast["images_per_s"],
         "images_per_s_eager": eager["images_per_s"],
-        "ok": within and (captured is True or device.type != "cuda"),
+        "ok": within and steps_within and (captured is True or device.type != "cuda"),
         "error": None,
     }
 
 
-def _ident(name: str, optimizer: str, precision: str, batch: int, steps: int) -> dict[str, Any]:
-    return {"model": name, "optimizer": optimizer, "precision": precision, "batch": batch, "steps": steps}
+def _ident(name: str, optimizer: str, precision: str, batch: int, steps: int, kind: str) -> dict[str, Any]:
+    return {"model": name, "kind": kind, "optimizer": optimizer, "precision": precision, "batch": batch, "steps": steps}
 
 
 @contextlib.contextmanager
@@ -149,7 +187,15 @@ def _device_lock(path: Path | None) -> Iterator[None]:
 
 
 def _build(
-    name: str, optimizer: str, precision: str, device: torch.device, fast: bool, data: Any, batch: int, steps: int
+    name: str,
+    optimizer: str,
+    precision: str,
+    device: torch.device,
+    fast: bool,
+    data: Any,
+    batch: int,
+    steps: int,
+    kind: str = "plain",
 ) -> tuple[DeviceStep, DeviceBatches, int | None]:
     """Model (seed 0), optimizer, step and batches as ``laperm train`` builds them for this mode."""
     cfg, spec = _config(name), models.get_spec(name)
@@ -184,44 +230,125 @@ def _build(
         std=data.std,
         augment=augment,
         channels_last=channels_last,
+        drop_last=kind != "odd-last-batch",
     )
     return step, batches, k
 
 
 def _train(
-    name: str, optimizer: str, precision: str, device: torch.device, fast: bool, data: Any, steps: int, batch: int
+    name: str,
+    optimizer: str,
+    precision: str,
+    device: torch.device,
+    fast: bool,
+    data: Any,
+    steps: int,
+    batch: int,
+    kind: str = "plain",
 ) -> dict[str, Any]:
-    """``steps`` steps (one epoch of the data): first and final mean loss, images/s of the middle steps."""
-    step, batches, k = _build(name, optimizer, precision, device, fast, data, batch, steps)
+    """``steps`` steps (one epoch of the data): every step's loss, images/s of the middle steps."""
+    step, batches, k = _build(name, optimizer, precision, device, fast, data, batch, steps, kind)
+    schedule = _lr_schedule(step.inner, steps) if kind == "lr-schedule" else None
+    out = _timed_steps(step, iter(batches), steps, device, schedule)
+    return {**out, "k": k, **_capture_state(step)}
+
+
+def _lr_schedule(inner: torch.optim.Optimizer, steps: int) -> Any:
+    """Before step ``i``: each group's lr x0.3 at a third and at two thirds of the steps (floats, as a scheduler sets)."""
+    base = [float(g["lr"]) for g in inner.param_groups]
+
+    def apply(i: int) -> None:
+        for group, lr in zip(inner.param_groups, base, strict=True):
+            group["lr"] = lr * 0.3 ** (3 * i // steps)
+
+    return apply
+
+
+def _timed_steps(step: Any, batches: Iterator[Any], steps: int, device: torch.device, schedule: Any) -> dict[str, Any]:
+    """Run ``steps`` steps; the loss of each (from the step's device totals, read once at the end: no host
+    sync in between), first and final mean loss, images/s from after the capture to the last steps."""
     first_n, last_n = max(1, steps // 12), max(1, steps // 6)
     timed_from = max(first_n, steps // 6)  # after warm-up and capture
+    totals, sizes = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        it = iter(batches)
         for i in range(1, steps + 1):
-            step(*next(it))
-            if i == first_n:
-                first = step.read_metrics()["loss"]  # (reading syncs with the host)
+            if schedule is not None:
+                schedule(i - 1)
+            x, y = next(batches)
+            step(x, y)
+            totals.append(step.loss_sum.clone())  # (running sums: a graph adds to them in place)
+            sizes.append(y.shape[-1])
             if i == timed_from:
                 _sync(device)
                 start = time.perf_counter()
             if i == steps - last_n:
                 _sync(device)
                 elapsed = time.perf_counter() - start
-                step.read_metrics()
-        final = step.read_metrics()["loss"]
+    sums = torch.stack(totals).reshape(steps, -1).tolist()
+    losses = [[(b - a) / n for a, b in zip([0.0] * len(sums[0]) if i == 0 else sums[i - 1], sums[i])]
+              for i, n in enumerate(sizes)]  # fmt: skip
     timed = steps - last_n - timed_from
     return {
-        "first_loss": first,
-        "final_loss": final,
-        "images_per_s": timed * batch / elapsed if timed > 0 and elapsed > 0 else float("nan"),
-        "k": k,
-        **_capture_state(step),
+        "step_losses": losses,
+        "first_loss": sum(sum(r) / len(r) for r in losses[:first_n]) / first_n,
+        "final_loss": sum(sum(r) / len(r) for r in losses[-last_n:]) / last_n,
+        "images_per_s": timed * sizes[0] * len(losses[0]) / elapsed if timed > 0 and elapsed > 0 else float("nan"),
         "warnings": sorted({f"{w.category.__name__}: {w.message}"[:2000] for w in caught}),
     }
 
 
-def _capture_state(step: DeviceStep) -> dict[str, Any]:
+def _train_stack(
+    name: str,
+    optimizer: str,
+    precision: str,
+    device: torch.device,
+    fast: bool,
+    data: Any,
+    steps: int,
+    batch: int,
+    kind: str = "stack4",
+) -> dict[str, Any]:
+    """:data:`STACK` nets of ``name`` (seeds 0..) as one stack, each on its own share of the data; fast: the
+    vectorised step captured on CUDA. Each member's LaPerm syncs through ``LaPerm.sync_together``."""
+    cfg = _config(name)
+    torch.manual_seed(0)
+    nets = [models.build(name, seed=s).to(device) for s in range(STACK)]
+    stack = StackedModel(nets)
+    inner = make_adam(stack.parameters(), lr=cfg.lr, eps=cfg.adam_eps, device=device)
+    k = min(cfg.k, SYNC_EVERY, max(1, steps // 3))
+    # each member's LaPerm: its count and sync of its rows (its own parameters get no gradient)
+    laperms = [LaPerm(make_adam(laperm_param_groups(m), lr=cfg.lr, eps=cfg.adam_eps, device=device), k=k) for m in nets]
+    totals = (
+        torch.zeros(STACK, dtype=torch.float64, device=device),
+        torch.zeros(STACK, dtype=torch.int64, device=device),
+    )
+    loss = LossSpec(sum_scale=cfg.loss_scale == "sum", precision=precision, foreach_l2=True)
+    graphed = StackStep(stack, inner, loss, totals, vectorize=True, graph=fast and device.type == "cuda")
+    n = len(data.train_x) // STACK
+    shares = [
+        iter(DeviceBatches(data.train_x[i * n : (i + 1) * n], data.train_y[i * n : (i + 1) * n], batch, seed=i,
+                           device=device, mean=data.mean, std=data.std))
+        for i in range(STACK)
+    ]  # fmt: skip
+
+    class Step:  # the stacked step, then the members' syncs, with DeviceStep's loss_sum
+        loss_sum, inner = totals[0], graphed.inner
+
+        def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            graphed(x, y)
+            LaPerm.sync_together(laperms)
+
+    def batches() -> Iterator[Any]:
+        while True:
+            pairs = [next(b) for b in shares]
+            yield stack.stack_inputs([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+
+    out = _timed_steps(Step(), batches(), steps, device, None)
+    return {**out, "k": k, **_capture_state(graphed)}
+
+
+def _capture_state(step: Any) -> dict[str, Any]:
     """Whether the step ran from a captured CUDA graph (``DeviceStep.captured``), and the capture error if it fell back."""
     if not step.use_graph:
         return {"graph": False, "captured": None, "capture_error": None}
@@ -241,14 +368,15 @@ def run_check(
 ) -> list[dict[str, Any]]:
     """Every row, ``jobs`` processes at a time, taking turns on the device; ``save(rows)`` after each one.
     Rows not started within ``budget_s`` are recorded as not run."""
-    todo = [(n, o, p, batch or _config(n).batch_size) for n in names for p in PRECISIONS for o in OPTIMIZERS]
+    todo = [(n, o, p, batch or _config(n).batch_size, "plain") for n in names for p in PRECISIONS for o in OPTIMIZERS]
+    todo += [(names[0], "laperm", "fp32", batch or _config(names[0]).batch_size, kind) for kind in KINDS[1:]]
     rows: list[dict[str, Any] | None] = [None] * len(todo)
     deadline, guard = time.monotonic() + budget_s, threading.Lock()
     with tempfile.TemporaryDirectory(prefix="laperm-gpu-check-") as tmp:
 
         def one(i: int) -> None:
-            name, optimizer, precision, b = todo[i]
-            row = _run_row(name, optimizer, precision, b, device, steps, Path(tmp) / "device.lock", deadline)
+            name, optimizer, precision, b, kind = todo[i]
+            row = _run_row(name, optimizer, precision, b, device, steps, Path(tmp) / "device.lock", deadline, kind)
             with guard:
                 rows[i] = row
                 log(_log_line(row))
@@ -260,28 +388,42 @@ def run_check(
 
 
 def _run_row(
-    name: str, optimizer: str, precision: str, batch: int, device: str, steps: int, lock: Path, deadline: float
+    name: str,
+    optimizer: str,
+    precision: str,
+    batch: int,
+    device: str,
+    steps: int,
+    lock: Path,
+    deadline: float,
+    kind: str,
 ) -> dict[str, Any]:
-    ident = _ident(name, optimizer, precision, batch, steps)
+    ident = _ident(name, optimizer, precision, batch, steps, kind)
     left = deadline - time.monotonic()
     if left <= 0:
         error = {"returncode": None, "traceback": "not run: the check's time budget was spent", "command": ""}
         return {**ident, "device": device, "ok": False, "error": error}
     args = ["row", name, "--optimizer", optimizer, "--precision", precision, "--device", device]
     args += ["--steps", str(steps), "--batch", str(batch), "--lock", str(lock)]
-    args += ["--threads", str(torch.get_num_threads())]
+    args += ["--threads", str(torch.get_num_threads()), "--kind", kind]
     result, error = isolate.run_isolated("benchmarks.gpu_check", args, timeout=min(ROW_TIMEOUT_S, left + 30))
     return result if error is None else {**ident, "device": device, "ok": False, "error": error}
 
 
 def _log_line(r: dict[str, Any]) -> str:
-    head = f"{r['model']} {r['optimizer']} {r['precision']}"
+    head = f"{_model_cell(r)} {r['optimizer']} {r['precision']}"
     if r.get("error"):
         return f"FAILED {head} (exit {r['error']['returncode']}):\n{r['error']['traceback']}"
     return (
         f"{'ok' if r['ok'] else 'NOT OK'} {head}: captured {r['captured']}, loss fast {r['loss_fast']:.4f} "
-        f"eager {r['loss_eager']:.4f} (diff {r['loss_diff']:.2e}), {r['images_per_s_fast']:,.0f} img/s fast"
+        f"eager {r['loss_eager']:.4f} (diff {r['loss_diff']:.2e}; worst step {r['step_diff_max']:.2e}), "
+        f"{r['images_per_s_fast']:,.0f} img/s fast"
     )
+
+
+def _model_cell(r: dict[str, Any]) -> str:
+    kind = r.get("kind", "plain")
+    return r["model"] if kind == "plain" else f"{r['model']} ({kind})"
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -291,12 +433,12 @@ def _fmt(x: Any, spec: str) -> str:
 def markdown(res: dict[str, Any]) -> str:
     """The check as markdown: header, the table, then notes (warnings) and failures (tracebacks)."""
     head = ["model", "optimizer", "precision", "batch", "captured", "loss eager (first → final)", "loss fast"]
-    head += ["abs diff (tolerance)", "img/s fast", "img/s eager", "ok"]
+    head += ["abs diff (tolerance)", "worst step: abs diff (step)", "img/s fast", "img/s eager", "ok"]
     lines, notes, fails = [], [], []
     for r in res["rows"]:
-        ident = [r["model"], r["optimizer"], r["precision"], r["batch"]]
+        ident = [_model_cell(r), r["optimizer"], r["precision"], r["batch"]]
         if r.get("error"):
-            lines.append(ident + ["", "", "", "", "", "", f"**failed** (exit {r['error']['returncode']})"])
+            lines.append(ident + ["", "", "", "", "", "", "", f"**failed** (exit {r['error']['returncode']})"])
             fails.append(
                 f"*{' '.join(map(str, ident[:3]))}* (`{r['error']['command']}`):\n\n````\n{r['error']['traceback']}\n````\n"
             )
@@ -307,6 +449,7 @@ def markdown(res: dict[str, Any]) -> str:
             ident
             + [captured, f"{r['loss_eager_first']:.4f} → {r['loss_eager']:.4f}", f"{r['loss_fast']:.4f}"]
             + [f"{r['loss_diff']:.2e} ({'<=' if r['within_tolerance'] else '**>**'} {tol:.3f})"]
+            + [f"{r['step_diff_max']:.2e} ({r['step_diff_max_at']}){'' if r['steps_within_tolerance'] else ' **>**'}"]
             + [
                 _fmt(r["images_per_s_fast"], ",.0f"),
                 _fmt(r["images_per_s_eager"], ",.0f"),
@@ -335,8 +478,10 @@ def _summary(res: dict[str, Any]) -> dict[str, str]:
         "date": res["date"],
         "command": f"`{res['command']}`",
         "steps": f"{res['steps']} per run (eager, then fast; LaPerm syncs every min(k, {SYNC_EVERY}, steps // 3) steps)",
-        "loss": "mean over the last steps // 6 steps; tolerance |fast - eager| <= rtol |eager| + atol "
-        f"({tol}); why: benchmarks/gpu_check.py, TOLERANCE",
+        "loss": "every step's, and the final: the mean over the last steps // 6 steps; each within "
+        f"|fast - eager| <= rtol |eager| + atol ({tol}); why: benchmarks/gpu_check.py, TOLERANCE",
+        "rows": f"every model x {'/'.join(PRECISIONS)} x {'/'.join(OPTIMIZERS)}, plus {', '.join(KINDS[1:])} "
+        "(the first model, LaPerm fp32): benchmarks/gpu_check.py, KINDS",
         "img/s": "from the steps after warm-up and capture, up to the last ones; indicative only",
     }
 
@@ -370,7 +515,7 @@ def _tests_summary(log: Path | None, rc: int | None) -> str | None:
 
 
 def _result(a: argparse.Namespace, names: list[str], rows: list[dict[str, Any]], done: bool) -> dict[str, Any]:
-    expected = len(names) * len(PRECISIONS) * len(OPTIMIZERS)
+    expected = len(names) * len(PRECISIONS) * len(OPTIMIZERS) + len(KINDS) - 1
     bad = [r for r in rows if not r.get("ok")]
     tests_failed = a.tests_rc not in (None, 0)
     if not done:
@@ -447,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch", type=int, required=True)
     r.add_argument("--lock", type=Path)
     r.add_argument("--threads", type=int)
+    r.add_argument("--kind", choices=KINDS, default="plain")
     r.add_argument("--result", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.role == "check":
@@ -457,11 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         return _check(a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    key = f"row:{a.model}:{a.optimizer}:{a.precision}"
+    key = f"row:{a.model}:{a.optimizer}:{a.precision}" + ("" if a.kind == "plain" else f":{a.kind}")
     return isolate.child_main(
         key,
         a.result,
-        lambda: check_row(a.model, a.optimizer, a.precision, torch.device(a.device), a.steps, a.batch, a.lock),
+        lambda: check_row(a.model, a.optimizer, a.precision, torch.device(a.device), a.steps, a.batch, a.lock, a.kind),
     )
 
 

@@ -12,7 +12,7 @@ unstacked run (LaPerm(Adam) step), the reference the ratios are taken against.
 ``mode`` (default: fast on CUDA, eager elsewhere) is the engine's: ``eager`` times the plain steps;
 ``fast`` times the fast path -- the stack's :class:`~laperm.engine.stack_step.StackStep` (on CUDA one
 CUDA graph, fused capturable Adam) with every member's sync as one
-(:func:`~laperm.engine.stack_sync.sync_together`), against one run's
+(:meth:`~laperm.optim.LaPerm.sync_together`), against one run's
 :class:`~laperm.fast.step.DeviceStep`.
 
 Both are plain functions of simple arguments returning a dict, so that a harness may run each
@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from laperm import models
 from laperm.engine.stack_step import StackStep
-from laperm.engine.stack_sync import sync_together
-from laperm.fast.step import DeviceStep, inner_step_done, make_adam
+from laperm.fast.step import DeviceStep, make_adam
 from laperm.models.stacked import LossSpec, StackedModel
 from laperm.optim import LaPerm, laperm_param_groups
 
@@ -101,7 +100,7 @@ def stacked_throughput(
 
         def step() -> None:
             graphed(x, y)
-            sync_together(syncs)
+            LaPerm.sync_together(syncs)
 
     else:
         plain = torch.optim.Adam(stack.parameters(), lr=1e-3)
@@ -111,8 +110,7 @@ def stacked_throughput(
             stack.train_pass(x, y, LossSpec(), vectorize=True)
             plain.step()
             for s in syncs:
-                with inner_step_done(s.base_optimizer):
-                    s.step()
+                s.after_inner_step()
 
     steps, wall = _timed(step, dev, seconds, k, warmup=3 if mode == "eager" else 5)
     return {

@@ -17,7 +17,7 @@
 #   MIN_START start no run with less time left than this (default 30; QUICK 2)
 #   DEVICE    cuda (default) or cpu              MAX_TOTAL_MIB  packed state limit (default 60)
 #   CIFAR_PACK  scripts/cifar_jpeg_pack.py output (default .devpack/cifar), unpacked when present
-#   RUN_EXTRA  more `laperm run` arguments (the stacking flag of branch i22 goes here once merged)
+#   RUN_EXTRA  more `laperm run` arguments (e.g. --no-stack: train every run alone; stacking is on by default on CUDA)
 #   COMMIT    commit recorded for this window (default: git rev-parse HEAD, else "unknown")
 #   PYTHON    the Python to use (default python3)   LAPERM  how to call laperm (default: $PYTHON -m laperm)
 #   WORK      work folder (default: a new temporary one)

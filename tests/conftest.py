@@ -21,6 +21,16 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (``pytest -m cuda``: scripts/gpu_check.sh) are skipped where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked cuda: scripts/gpu_check.sh runs these on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def clean_engine_state(monkeypatch):
     """No fault injection from the environment, and torch's thread count restored after the test
@@ -40,3 +50,14 @@ def _fresh_fault_counts():
     from laperm import checkpoint
 
     checkpoint.reset_fault_counts()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_capture_trust():
+    """Each test starts as a fresh process does: no CUDA-graph capture has failed in it (a failed one,
+    real or a stand-in's, makes ``laperm.fast.graph`` refuse every later capture in the process)."""
+    from laperm.fast import graph
+
+    graph._untrusted.clear()
+    yield
+    graph._untrusted.clear()

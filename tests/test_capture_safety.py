@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from laperm.fast.capture_check import CaptureChecker, CaptureSafetyError, check_model, image_models
+from laperm.engine.capture_harness import check_model, image_models
+from laperm.fast.capture_check import CaptureChecker, CaptureSafetyError
 from laperm.fast.step import DeviceStep
 
 HEAVY = {"conv13", "resnet50"}  # ~10-30 s a cell on a shared 2-core machine
@@ -174,7 +175,7 @@ def test_an_unreached_capture_is_an_error():
 
 
 def test_the_command_line_checks_named_models(capsys):
-    from laperm.fast.capture_check import main
+    from laperm.engine.capture_harness import main
 
     assert main(["f1"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -12,7 +12,7 @@ import torch
 from laperm.data.augment import PRESETS, Augment
 from laperm.data.device import AffineParams, DeviceAugment, DeviceBatches
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 # float32 grid and interpolation against a float64 reference, on the 0..1 scale: a coordinate error of
 # ~1e-5 pixel times an intensity step of at most 1 per pixel.
 ATOL = 1e-4

@@ -9,8 +9,8 @@ from torch import nn
 
 from laperm.data.augment import PRESETS, Augment
 from laperm.data.device import DeviceBatches
-from laperm.fast.step import DeviceStep, _check_capturable, _inner_step_done, l2_penalty, make_adam
-from laperm.optim import LaPerm, laperm_param_groups
+from laperm.fast.step import DeviceStep, _check_capturable, l2_penalty, make_adam
+from laperm.optim import LaPerm, LaPermError, laperm_param_groups
 
 
 def _net(seed: int = 0) -> nn.Sequential:
@@ -119,24 +119,37 @@ def test_laperm_with_channels_last_weights_stays_a_permutation():
     step.opt.verify()
 
 
+def _wrapper(fn):
+    """What an LR scheduler puts on ``inner.step``: a wrapper on the instance, counting calls."""
+
+    def wrapped(*args, **kwargs):
+        wrapped.calls += 1
+        return fn(*args, **kwargs)
+
+    wrapped.calls = 0
+    return wrapped
+
+
 def test_graph_path_laperm_bookkeeping_matches_a_plain_step():
-    # What a replay does for LaPerm, on CPU: the inner step runs (in the graph), then LaPerm.step with
-    # the inner step disabled must count and sync exactly as a normal LaPerm step.
+    # What a replay does for LaPerm, on CPU: the inner step runs (in the graph), then
+    # LaPerm.after_inner_step must count and sync exactly as a normal LaPerm step, leaving the inner
+    # optimizer's methods alone (an LR scheduler wraps inner.step on the instance: it must stay).
     runs = []
     for replayed in (False, True):
         model = _net()
         opt = _optimizer(model, True, k=2)
+        wrapped = opt.base_optimizer.step = _wrapper(opt.base_optimizer.step)
         for xb, yb in list(_data())[:5]:
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             if replayed:
                 opt.base_optimizer.step()
-                with _inner_step_done(opt.base_optimizer):
-                    opt.step()
+                opt.after_inner_step()
             else:
                 opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
-        assert opt.param_groups[0]["laperm_step"] == 5 and "step" not in vars(opt.base_optimizer)
+        assert opt.param_groups[0]["laperm_step"] == 5 and vars(opt.base_optimizer)["step"] is wrapped
+        assert wrapped.calls == 5  # (the replayed run's inner steps are the test's own calls)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
@@ -173,7 +186,7 @@ def test_bad_options_fail_with_a_clear_message():
         make_adam(model.parameters(), lr=1e-3, eps=1e-7, device="cpu", weight_decay_free="sgd")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("laperm", [True, False])
 def test_cuda_graph_step_trains_like_the_eager_step(laperm):
     def run(graph: bool) -> list[torch.Tensor]:
@@ -192,3 +205,30 @@ def test_cuda_graph_step_trains_like_the_eager_step(laperm):
 
     for a, b in zip(run(False), run(True), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_after_inner_step_and_sync_together_run_step_hooks_and_the_profiler_range():
+    opts = [_optimizer(_net(seed), True, k=1) for seed in (0, 1)]
+    seen: list[tuple[str, int]] = []
+    for i, opt in enumerate(opts):
+        opt.register_step_pre_hook(lambda o, a, kw, i=i: seen.append(("pre", i)))
+        opt.register_step_post_hook(lambda o, a, kw, i=i: seen.append(("post", i)))
+        opt.register_sync_hook(lambda o, ps, i=i: seen.append(("sync", i)))
+    opts[0].after_inner_step()
+    assert seen == [("pre", 0), ("sync", 0), ("post", 0)]
+    seen.clear()
+    assert LaPerm.sync_together(opts) == []
+    assert seen == [("pre", 0), ("pre", 1), ("sync", 0), ("sync", 1), ("post", 1), ("post", 0)]
+    for call in (opts[1].after_inner_step, lambda: LaPerm.sync_together(opts)):  # torch's step range, as step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call()
+        assert "Optimizer.step#LaPerm.step" in [e.name for e in prof.events()]
+
+
+def test_after_inner_step_refuses_the_latent_rule():
+    model = _net()
+    opt = LaPerm(torch.optim.Adam(model.parameters(), lr=1e-3), k=2, sync_rule="latent")
+    with pytest.raises(LaPermError, match="latent"):
+        opt.after_inner_step()
+    with pytest.raises(LaPermError, match="latent"):
+        LaPerm.sync_together([opt])

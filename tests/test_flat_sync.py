@@ -16,7 +16,7 @@ from laperm.optim import LaPerm, LaPermError, laperm_param_groups
 from laperm.reconnect import RowLayout
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 KINDS = ["linear", "conv", "conv_cl", "bias", "convT", "tensor", "empty"]
 STRATEGIES = ["global", "by_length"]
 

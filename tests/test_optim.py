@@ -311,7 +311,7 @@ def test_load_state_dict_rejects_foreign_state():
         opt.load_state_dict(other.state_dict())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     data = batches(0, 12)
     cpu, _ = laperm_run(make_model(3, sparse=0.3), data, 4, lr=1e-3)

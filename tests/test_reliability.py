@@ -439,7 +439,7 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_laperm_run_resumes_on_cuda(tmp_path, capsys, monkeypatch):
     """Found on an H100: a resumed LaPerm run compared the checkpoint's last synced weights (loaded
     onto the CPU) with the live CUDA weights for the "reconnected" metric, and failed at the next epoch."""

@@ -20,12 +20,11 @@ from laperm import checkpoint, verify
 from laperm.config import TrainConfig
 from laperm.engine import fast as engine_fast
 from laperm.engine import stacked
+from laperm.engine.capture_harness import check_stack
 from laperm.engine.errors import TrainingInterrupted
 from laperm.engine.stack_session import plan_stack, train_stack
 from laperm.engine.stack_step import StackStep
-from laperm.engine.stack_sync import sync_together
-from laperm.fast.capture_check import check_stack
-from laperm.fast.step import CaptureFailedWarning, inner_step_done
+from laperm.fast.step import CaptureFailedWarning
 from laperm.optim import LaPerm
 from laperm.rundir import read_run_config
 
@@ -204,9 +203,8 @@ def test_one_sync_for_all_members_equals_their_own_syncs():
         _perturb(own, step)
         _perturb(together, step)
         for opt in own:
-            with inner_step_done(opt.base_optimizer):
-                opt.step()
-        assert sync_together(together) == []
+            opt.after_inner_step()
+        assert LaPerm.sync_together(together) == []
         assert all(torch.equal(a, b) for a, b in zip(_weights(own), _weights(together), strict=True)), step
         assert [[g["laperm_step"] for g in o.param_groups] for o in together] == [[step, step]] * 3
         assert [o.is_synced for o in together] == [o.is_synced for o in own]
@@ -220,12 +218,11 @@ def test_one_sync_leaves_a_nan_member_unsynced_and_syncs_the_others():
     with torch.no_grad():
         opts[1].param_groups[0]["params"][0][0, 0, 0, 0] = float("nan")
     before = [p.detach().clone() for p in opts[1].param_groups[0]["params"]]
-    assert sync_together(opts) == []  # step 1: nothing due
-    assert sync_together(opts) == [1]  # step 2: group 0 due everywhere; member 1 holds a NaN
+    assert LaPerm.sync_together(opts) == []  # step 1: nothing due
+    assert LaPerm.sync_together(opts) == [1]  # step 2: group 0 due everywhere; member 1 holds a NaN
     for opt in reference:
         for _ in range(2):
-            with inner_step_done(opt.base_optimizer):
-                opt.step()
+            opt.after_inner_step()
     got, want = _weights(opts), _weights(reference)
     n = len(got) // 3
     assert all(torch.equal(a, b) for a, b in zip(got[:n] + got[2 * n :], want[:n] + want[2 * n :], strict=True))

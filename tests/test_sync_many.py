@@ -12,7 +12,7 @@ from laperm.optim import LaPerm, laperm_param_groups
 from laperm.reconnect import RowLayout
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def _tensor(draw: st.DrawFn, dtype: torch.dtype) -> tuple[torch.Tensor, RowLayout]:
@@ -108,7 +108,7 @@ def test_laperm_through_the_batched_sync_trains_bit_identically(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(plain, batched, strict=True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_laperm_on_cuda_uses_the_flat_sync(monkeypatch):
     calls = []
     real = flat_sync.sync_flat_

@@ -303,7 +303,7 @@ def test_state_dicts_of_the_other_rule_are_refused_and_old_ones_still_load():
         latent.load_state_dict(missing)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_latent_weights_load_onto_the_parameters_device():
     model = make_model(2)
     opt = LaPerm(torch.optim.Adam(model.parameters(), lr=1e-2), k=2, sync_rule="latent")

@@ -482,12 +482,12 @@ def _explain(e: Exception) -> tuple[int, str]:
     from .config import ConfigError
     from .data import DataError
     from .distributed import DivergenceError
-    from .engine.errors import NumericalError, TrainingInterrupted
+    from .engine.errors import DeviceUnusable, NumericalError, TrainingInterrupted
     from .models import UnknownModelError
     from .optim import LaPermError
     from .rundir import RunDirError
 
-    if isinstance(e, TrainingInterrupted):
+    if isinstance(e, TrainingInterrupted | DeviceUnusable):  # stopped at a checkpoint: the message says how to resume
         return 3, str(e)
     if isinstance(
         e,

@@ -58,12 +58,12 @@ param-group dicts, or through :func:`laperm_param_groups`):
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 
 from . import flat_sync, optim_state, reconnect, sharding
@@ -71,13 +71,20 @@ from .initial_values import COUNTS, SORTED, SortedRows
 from .layouts import NORM_LAYERS, group_layout, group_permutes, laperm_param_groups, permuted_layouts
 from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
 from .optim_state import INNER, INNER_COUNT
+from .optim_steps import (
+    DueSync,
+    HookHandle,
+    LaPermError,
+    check_finite,
+    count_steps,
+    finite_check,
+    observed,
+    sync_due_together,
+)
+from .optim_steps import check_k as _check_k
 from .reconnect import RowLayout
 
 __all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "permuted_layouts", "NORM_LAYERS", "SYNC_RULES"]
-
-
-class LaPermError(RuntimeError):
-    """A LaPerm invariant or usage rule was broken; the message says how to fix it."""
 
 
 _GROUP_DEFAULTS = {"permute": None, "transposed": False, "unit_groups": 1}
@@ -172,6 +179,7 @@ class LaPerm(torch.optim.Optimizer):
         self._meta: dict[Tensor, _Permuted] = {}
         self._unattached: set[Tensor] = set()
         self._synced = True
+        self._inner_done = False  # inside after_inner_step: step() leaves the inner optimizer alone
         self._set_aside: dict[Tensor, Tensor] | None = None  # inner weights, inside synced_weights()
         self._sync_hooks: list[Callable[[LaPerm, list[Tensor]], None]] = []
         # Each group's sync rule as it was added, and for latent groups their (index,
@@ -286,7 +294,7 @@ class LaPerm(torch.optim.Optimizer):
         # the range alone costs ~10 us per call, about 0.5% of a small model's
         # training step.  So that wrapper runs only when something observes it:
         # a step hook on this optimizer, a global optimizer hook, or the profiler.
-        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _observed():
+        if observed(self):
             return self._observed_step(closure)
         return self._step(closure)
 
@@ -297,10 +305,10 @@ class LaPerm(torch.optim.Optimizer):
         # groups, no host sync, and the sync machinery only when a sync is due.
         if self._latent:
             return self._latent_step(closure)
-        with torch.no_grad():
-            loss = self.base_optimizer.step(closure)  # it re-enables grad for the closure
+        with torch.no_grad():  # (the inner step re-enables grad for the closure)
+            loss = None if self._inner_done else self.base_optimizer.step(closure)
         self._synced = False
-        due = self._count_steps()
+        due = count_steps(self.param_groups)
         if due is None:
             return loss
         if len(due) == len(self.param_groups):
@@ -310,23 +318,6 @@ class LaPerm(torch.optim.Optimizer):
                 synced = [p for i in due for p in self._sync_group(self.param_groups[i])]
             self._run_hooks(synced)
         return loss
-
-    def _count_steps(self) -> list[int] | None:
-        """Count one step in every group; the indices of the groups whose sync is due now (None: none)."""
-        due = None
-        for i, group in enumerate(self.param_groups):
-            if "laperm_step" not in group:
-                raise LaPermError(
-                    "a param group was added to the inner optimizer after wrapping it; "
-                    "add groups through LaPerm.add_param_group so their θ0 is recorded"
-                )
-            count = group["laperm_step"] = group["laperm_step"] + 1
-            k = group["k"]
-            if type(k) is not int or k < 1:  # the full check only when the fast one fails
-                _check_k(k)
-            if count % k == 0:
-                due = (due or []) + [i]
-        return due
 
     def _latent_step(self, closure: Callable[[], float] | None) -> Any:
         """A step with latent groups: the inner step on the latent weights, with the gradients
@@ -358,7 +349,7 @@ class LaPerm(torch.optim.Optimizer):
         if len(self._latent) < len(groups):
             self._synced = False  # (latent groups alone never leave the synced state)
         try:
-            due = self._count_steps()
+            due = count_steps(groups)
             if due is not None:
                 with torch.no_grad():
                     synced = [p for i in due for p in self._sync_group(groups[i])]
@@ -372,6 +363,67 @@ class LaPerm(torch.optim.Optimizer):
         return loss
 
     _observed_step = torch.optim.Optimizer.profile_hook_step(_step)
+
+    def after_inner_step(self) -> None:
+        """Count a step whose inner step has already been done elsewhere (a CUDA graph's replay, a stacked
+        inner step) and sync if due: :meth:`step` without its inner step, step hooks, sync hooks and
+        profiler range included.  The inner optimizer is never touched (nor are its methods replaced)."""
+        if self._latent:
+            raise LaPermError(
+                "after_inner_step() does not fit the latent sync rule (its inner step runs on the latent "
+                "weights, inside LaPerm.step); call step() instead"
+            )
+        self._inner_done = True
+        try:
+            self.step()
+        finally:
+            self._inner_done = False
+
+    @staticmethod
+    def sync_together(optimizers: Sequence[LaPerm]) -> list[int]:
+        """:meth:`after_inner_step` for every one of ``optimizers`` at once, their due syncs as one flat
+        sync (:func:`laperm.optim_steps.sync_due_together`; bit for bit each one's own sync).  Each one's
+        step hooks and profiler range run around the whole, its sync hooks after it with its own synced
+        parameters.  Returns the indices of the optimizers whose due tensors were not finite: those are
+        left unsynced (their step is counted), for the caller to report as their own fault."""
+        opts = list(optimizers)
+        if any(opt._latent for opt in opts):
+            raise LaPermError("sync_together() does not fit the latent sync rule; call each optimizer's step()")
+        run: Callable[[], list[int]] = functools.partial(LaPerm._sync_due, opts)
+        for opt in reversed(opts):
+            run = functools.partial(opt._hooked, run)
+        return run()
+
+    def _hooked(self, work: Callable[[], Any]) -> Any:
+        """``work()`` inside this optimizer's step hooks and profiler range, as :meth:`step`, when observed."""
+        if observed(self):
+            return torch.optim.Optimizer.profile_hook_step(lambda _self: work())(self)
+        return work()
+
+    @staticmethod
+    @torch.no_grad()
+    def _sync_due(opts: list[LaPerm]) -> list[int]:
+        """Count a step in each of ``opts``; their due syncs as one (see :meth:`sync_together`)."""
+        dues, todos = [], []
+        for opt in opts:
+            opt._synced = False
+            dues.append(count_steps(opt.param_groups) or [])
+            todos.append([x for g in dues[-1] for x in opt._sync_todo(opt.param_groups[g])])
+        plans = [
+            DueSync(
+                [t for _, t, _ in todo],
+                [opt._sorted_rows(p).dense() for p, _, _ in todo],
+                [st.layout for _, _, st in todo],
+                opt.check_finite,
+            )  # fmt: skip
+            for opt, todo in zip(opts, todos)
+        ]
+        bad = sync_due_together(plans)
+        for i, (opt, due, todo) in enumerate(zip(opts, dues, todos)):
+            if due and i not in bad:
+                opt._synced = len(due) == len(opt.param_groups)  # (a sync of every group: as sync())
+                opt._run_hooks([p for p, _, _ in todo])
+        return sorted(bad)
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -418,7 +470,7 @@ class LaPerm(torch.optim.Optimizer):
                 "the group is added (create a new LaPerm optimizer, or add a param group, for the other rule)"
             )
 
-    def register_sync_hook(self, hook: Callable[[LaPerm, list[Tensor]], None]) -> _HookHandle:
+    def register_sync_hook(self, hook: Callable[[LaPerm, list[Tensor]], None]) -> HookHandle:
         """Call ``hook(optimizer, params)`` after every sync of ``params``.
 
         Scheduled syncs and :meth:`sync` run hooks; the temporary sync of
@@ -427,7 +479,7 @@ class LaPerm(torch.optim.Optimizer):
         Returns a handle whose ``remove()`` unregisters the hook.
         """
         self._sync_hooks.append(hook)
-        return _HookHandle(self._sync_hooks, hook)
+        return HookHandle(self._sync_hooks, hook)
 
     def _run_hooks(self, params: list[Tensor]) -> None:
         for hook in list(self._sync_hooks):
@@ -440,11 +492,11 @@ class LaPerm(torch.optim.Optimizer):
                 [t for _, t, _ in todo],
                 [self._sorted_rows(p).dense() for p, _, _ in todo],
                 [st.layout for _, _, st in todo],
-                check=_finite_check(todo) if self.check_finite else None,
+                check=finite_check(*_tensors_and_names(todo)) if self.check_finite else None,
             )
             return [p for p, _, _ in todo]
         if self.check_finite:
-            self._check_finite(todo)
+            check_finite(*_tensors_and_names(todo))
         for p, t, st in todo:  # CPU: the per-tensor kernel (int64 keys, threaded) is the fastest there
             reconnect.sync_tensor_(t, self._sorted_rows(p).dense(), st.layout)
         return [p for p, _, _ in todo]
@@ -473,27 +525,6 @@ class LaPerm(torch.optim.Optimizer):
                 )
             todo.append((p, t, st))
         return todo
-
-    @staticmethod
-    def _check_finite(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> None:
-        """Raise if any of the tensors holds NaN or inf (checked before any of them is synced).
-
-        ``aminmax`` is one vectorised pass without a boolean temporary (about
-        15x faster than ``isfinite(p).all()`` on CPU); NaN propagates into it
-        and an inf is an extreme, so both extremes are finite iff the tensor is.
-        The extremes of all tensors are checked together: one host sync per
-        group on CUDA instead of one per tensor.
-        """
-        # (float64: tensors of several dtypes can share a group, and a cast never creates an inf)
-        ext = [e.double() for _, t, _ in todo if t.numel() for e in torch.aminmax(t.detach())]
-        if not ext or bool(torch.isfinite(torch.stack(ext)).all()):
-            return
-        for _, t, st in todo:  # slow path: name the culprit
-            if not bool(torch.isfinite(t).all()):
-                raise LaPermError(
-                    f"parameter {st.name} holds NaN or inf at a synchronisation, so its "
-                    "ranks are undefined; lower the learning rate or check the loss"
-                )
 
     @property
     def is_synced(self) -> bool:
@@ -680,39 +711,13 @@ class LaPerm(torch.optim.Optimizer):
         )
 
 
-class _HookHandle:
-    def __init__(self, hooks: list, hook: Callable) -> None:
-        self._hooks, self._hook = hooks, hook
-
-    def remove(self) -> None:
-        if self._hook in self._hooks:
-            self._hooks.remove(self._hook)
-
-
-def _observed() -> bool:
-    """True when a global optimizer step hook is registered or the autograd profiler is on."""
-    # (if a torch version renames these registries, always take the observed path)
-    return (
-        bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True))
-        or bool(getattr(_torch_optimizer, "_global_optimizer_post_hooks", True))
-        or torch.autograd._profiler_enabled()
-    )
-
-
 def _batched_sync(p: Tensor) -> bool:
     """Whether a group whose first permuted tensor is ``p`` syncs through :func:`flat_sync.sync_flat_`."""
     return p.is_cuda
 
 
-def _finite_check(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> Callable[[list[Tensor]], None]:
-    """:meth:`LaPerm._check_finite` for the flat sync: the extremes of its flat values, read once."""
-
-    def check(values: list[Tensor]) -> None:
-        ext = [e.double() for v in values if v.numel() for e in torch.aminmax(v)]
-        if ext and not bool(torch.isfinite(torch.stack(ext)).all()):
-            LaPerm._check_finite(todo)  # names the culprit and raises
-
-    return check
+def _tensors_and_names(todo: list[tuple[Tensor, Tensor, _Permuted]]) -> tuple[list[Tensor], list[str]]:
+    return [t for _, t, _ in todo], [st.name for _, _, st in todo]
 
 
 def _check_rule(rule: Any) -> None:
@@ -721,11 +726,6 @@ def _check_rule(rule: Any) -> None:
             f"sync_rule must be 'overwrite' (the paper's: a sync overwrites the inner weights) or 'latent' "
             f"(the inner weights are kept apart, the model always sees synced weights), got {rule!r}"
         )
-
-
-def _check_k(k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1 (the sync period in steps), got {k!r}")
 
 
 def _param_name(group: dict[str, Any], i: int) -> str:

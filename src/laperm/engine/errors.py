@@ -6,7 +6,15 @@ from pathlib import Path
 
 from ..optim import LaPermError
 
-__all__ = ["TrainingInterrupted", "DeadlineReached", "NumericalError", "InvariantError", "numerical_error"]
+__all__ = [
+    "TrainingInterrupted",
+    "DeadlineReached",
+    "NumericalError",
+    "InvariantError",
+    "DeviceUnusable",
+    "numerical_error",
+    "device_unusable",
+]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -23,6 +31,20 @@ class NumericalError(RuntimeError):
 
 class InvariantError(LaPermError):
     """A permuted row is no longer a permutation of its θ0 row (a bug or memory corruption)."""
+
+
+class DeviceUnusable(RuntimeError):
+    """The device cannot go on in this process (laperm.fast.graph.DeviceFault): the run ends at its last
+    checkpoint, and the resume command (a fresh process) continues it."""
+
+
+def device_unusable(fault: Exception, step: int, run_dir: Path, last: Path | None) -> DeviceUnusable:
+    """A DeviceUnusable saying what was kept and how to continue (nothing is saved from the broken process)."""
+    kept = f"the last checkpoint, {last.name}, is kept" if last else "no checkpoint had been saved yet"
+    return DeviceUnusable(
+        f"{fault} (at step {step}); nothing from that point on was saved and {kept}. "
+        f"Continue in a fresh process with: laperm train --resume {run_dir}"
+    )
 
 
 def numerical_error(what: str, step: int, run_dir: Path, last: Path | None, lr: float) -> NumericalError:

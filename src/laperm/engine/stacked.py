@@ -7,8 +7,8 @@ step is shared: the members' parameters are views of stacked tensors (:class:`St
 one forward/backward computes every member's gradients, one inner optimizer over the stacked
 tensors is N inner optimizers (elementwise) -- :class:`~laperm.engine.stack_step.StackStep`, eager
 or (fast mode on CUDA) one CUDA graph -- and each LaPerm member then syncs its own rows
-(``LaPerm.step`` on a member whose own parameters hold no gradient: no inner step, the count
-and the sync; on CUDA all members' due syncs as one, :mod:`laperm.engine.stack_sync`). Baseline
+(``LaPerm.after_inner_step``: the count and the sync; on CUDA all members' due syncs as one,
+``LaPerm.sync_together``). Baseline
 members have no sync. A member whose loss or weights become NaN stops alone (its rows are
 frozen); the others go on. In fast mode each member's training batches come from its own
 device-resident loader (``engine.fast.device_loaders``), as in its single fast run.
@@ -35,15 +35,15 @@ from tqdm import tqdm
 from .. import checkpoint, rundir
 from ..config import TrainConfig, k_for_epoch
 from ..data.loader import derive_seed
-from ..fast.step import inner_step_done, make_adam
+from ..fast.graph import DeviceFault
+from ..fast.step import make_adam
 from ..models.stacked import LossSpec, StackedModel
 from ..optim import LaPerm, LaPermError
 from . import checkpointing as ckpt
 from . import fast
-from .errors import NumericalError, TrainingInterrupted
+from .errors import NumericalError, TrainingInterrupted, device_unusable
 from .guards import StopFlag
 from .stack_step import StackStep
-from .stack_sync import sync_together
 from .trainer import Trainer
 
 __all__ = ["Member", "StackTrainer", "RngStream", "STACK_FILE", "STACK_KEY"]
@@ -52,7 +52,7 @@ STACK_FILE = "stack.json"  # in every member's run folder: the stack's members a
 STACK_KEY = "stack"  # a member checkpoint's share of the stack
 STACK_FORMAT = "laperm-stack/1"
 STACK_SEED = 9  # derive_seed(first member's seed, STACK_SEED): the stack's own random stream (vmap's dropout)
-# The LaPerm members' syncs as one flat sync (engine.stack_sync); None: on CUDA, where LaPerm's own sync is
+# The LaPerm members' syncs as one flat sync (LaPerm.sync_together); None: on CUDA, where LaPerm's own sync is
 # the flat one too (on CPU each member's per-tensor kernel is faster). A test sets True to run it on CPU.
 SYNC_TOGETHER: bool | None = None
 
@@ -106,8 +106,7 @@ class Member(Trainer):
             if self.sync_failed:
                 raise LaPermError("a permuted weight holds NaN or inf at a synchronisation")  # (reported by train_step)
             return
-        with inner_step_done(self.laperm.base_optimizer):  # (its parameters hold no gradient)
-            self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+        self.laperm.after_inner_step()  # LaPerm's own work: host-side step count, a sync when one is due
 
     def begin_epoch(self) -> None:
         """Trainer.run_epoch's start, for this member."""
@@ -315,7 +314,11 @@ class StackTrainer:
             self.rng.active() if self.vectorize else contextlib.nullcontext(),
             self.model.frozen_rows(sorted(self.stopped)),
         ):
-            self.update(x, y)
+            try:
+                self.update(x, y)
+            except DeviceFault as e:  # every member stops at its last checkpoint; resuming any resumes the stack
+                first = members[0]
+                raise device_unusable(e, first.state.step + 1, first.run_dir, first.last_saved) from e
         if self.sync_together:
             self._sync_members(members)
         for m, (xb, yb) in zip(members, pairs, strict=True):
@@ -327,12 +330,12 @@ class StackTrainer:
                 interrupted.append(str(e))
 
     def _sync_members(self, members: list[Member]) -> None:
-        """Every running LaPerm member's step count and due sync, as one sync (engine.stack_sync)."""
+        """Every running LaPerm member's step count and due sync, as one sync (LaPerm.sync_together)."""
         synced = [m for m in members if m.laperm is not None and m.index not in self.stopped]
         for m in synced:
             if m.checker is not None:
                 m.checker.step = m.state.step + 1  # (the step train_step is about to count: the hook's message)
-        for k in sync_together([cast(LaPerm, m.laperm) for m in synced]):
+        for k in LaPerm.sync_together([cast(LaPerm, m.laperm) for m in synced]):
             synced[k].sync_failed = True
 
     def _member_stream(self, i: int) -> contextlib.AbstractContextManager[None]:

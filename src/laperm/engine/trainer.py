@@ -25,6 +25,7 @@ from ..config import ConfigError, TrainConfig, k_for_epoch, lr_factor, parse_ini
 from ..data import Dataset
 from ..data.loader import derive_seed
 from ..data.text import TextCorpus
+from ..fast.graph import DeviceFault
 from ..models import ModelSpec
 from ..optim import LaPerm, LaPermError
 from ..verify import layout_records
@@ -33,7 +34,7 @@ from . import fast
 from . import summary as report
 from .callbacks import Callbacks
 from .checkpointing import Key
-from .errors import DeadlineReached, InvariantError, TrainingInterrupted, numerical_error
+from .errors import DeadlineReached, InvariantError, TrainingInterrupted, device_unusable, numerical_error
 from .evaluation import Evaluator, evaluate, recalibrate_bn
 from .guards import Deadline, StopFlag, SyncChecker, first_nonfinite, inject_fault
 from .state import TrainingState
@@ -288,6 +289,10 @@ class Trainer:
             if bad is None:
                 raise
             raise self._numerical(f"{bad} became NaN or inf", self.state.step + 1) from None
+        except (
+            DeviceFault
+        ) as e:  # a failed replay, or a failed capture that broke the device: stop, keep the checkpoint
+            raise device_unusable(e, self.state.step + 1, self.run_dir, self.last_saved) from e
         for p, m in self.fixed:
             p.data.mul_(m)
         self.state.step += 1

@@ -4,10 +4,9 @@ One experiment for the whole table (issue 23), meant for GPU windows: ``laperm r
 --deadline S --parallel N`` advances it and stops every run cleanly, and running it again
 continues (``scripts/gpu_window.sh`` does one window). Each row trains LaPerm at the preset and
 Adam from the same init (for the pruned and shared-value rows, Adam keeps the init's mask fixed).
-On CUDA the runs take the fast path (``--mode fast``, channels_last for the convnets).
-
-Stacked multi-seed training (several runs in one process) is not used yet: when it lands, this
-is where a row's runs would be grouped (see ``STACKABLE``).
+On CUDA the runs take the fast path (``--mode fast``, channels_last for the convnets), and a row's
+runs that differ only in seed and optimizer train as one stack (``laperm run --stack``, on by
+default on CUDA; the experiment layer groups them).
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ BEYOND_ROWS = (
     ),
 )
 ROWS = PAPER_ROWS + BEYOND_ROWS
-STACKABLE = ("seed",)  # what may differ between runs stacked into one process (the stacking hook, branch i22)
 
 
 def _overrides(row: PaperRow, optimizer: str) -> dict[str, Any]:

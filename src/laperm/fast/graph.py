@@ -7,9 +7,16 @@ A :data:`GraphFactory` makes one :class:`StepGraph` per capture attempt.  The de
 on CPU that a failed capture leaves a run able to go on (``tests/test_capture_failsafe.py``).
 
 The contract of :meth:`StepGraph.capture`: on failure it raises *after* putting the process back as
-it was before the capture (no stream left capturing, the caller's stream current again, the
-device's default generator out of capture mode).  :class:`DeviceStep` then restores the random
-state it saved before the attempt and computes the step eagerly.
+far as it can (no stream left capturing, the caller's stream current again, the device's default
+generator out of capture mode).  How far that is cannot be relied on: ``CUDAGraph::capture_end``
+raises before it ends the allocator's allocation to the graph's pool, and PyTorch says it cannot
+recover gracefully from such states.  So a process whose capture failed is never trusted to capture
+again (:func:`capture_untrusted`: every later step in it is eager; a resumed run, a fresh process,
+captures again), and :meth:`StepGraph.check_health` then decides whether it can go on at all: on CUDA
+a synchronisation, ``empty_cache()`` (which asserts while the allocator believes a capture is under
+way), a fresh allocation and a random draw.  If any fails, :class:`DeviceFault` ends the run (the
+engine keeps its last checkpoint and prints the resume command); so does any failed *replay*, which
+may have run part of the step (and, on CUDA, is typically a sticky error such as an illegal address).
 """
 
 from __future__ import annotations
@@ -20,7 +27,35 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["StepGraph", "GraphFactory", "CudaStepGraph", "rng_state", "set_rng_state"]
+__all__ = [
+    "StepGraph",
+    "GraphFactory",
+    "CudaStepGraph",
+    "DeviceFault",
+    "capture_untrusted",
+    "distrust_capture",
+    "rng_state",
+    "set_rng_state",
+]
+
+
+class DeviceFault(RuntimeError):
+    """The device cannot be trusted to go on in this process (a failed replay, or a failed capture that left
+    it unusable): the run ends at its last checkpoint, and a resumed run (a fresh process) continues it."""
+
+
+_untrusted: list[str] = []  # the first failed capture's error, once one failed in this process
+
+
+def capture_untrusted() -> str | None:
+    """The error of the capture that failed in this process (None: none failed; capturing is allowed)."""
+    return _untrusted[0] if _untrusted else None
+
+
+def distrust_capture(error: str) -> None:
+    """Record that a capture failed here: this process never captures again (see the module docstring)."""
+    if not _untrusted:
+        _untrusted.append(error)
 
 
 class StepGraph(Protocol):
@@ -34,6 +69,10 @@ class StepGraph(Protocol):
 
     def replay(self) -> None:
         """Run what :meth:`capture` recorded."""
+
+    def check_health(self) -> None:
+        """After a failure: raise unless the device still synchronises, frees its cache, allocates and draws
+        random numbers in this process."""
 
 
 GraphFactory = Callable[[torch.device], StepGraph]
@@ -70,6 +109,15 @@ class CudaStepGraph:
         assert self._graph is not None, "replay() before a successful capture()"
         self._graph.replay()
 
+    def check_health(self) -> None:
+        torch.cuda.synchronize(self.device)  # a sticky error (an illegal address, ...) raises here
+        torch.cuda.empty_cache()  # asserts while the allocator still believes a capture is under way
+        probe = torch.ones(1 << 20, device=self.device)  # a fresh allocation, outside any graph pool
+        drawn = torch.rand(4, device=self.device)  # the default generator, out of capture mode
+        if float(probe.sum()) != float(1 << 20) or not bool(((drawn >= 0) & (drawn < 1)).all()):
+            raise RuntimeError("a fresh allocation or a random draw on the device computed a wrong value")
+        torch.cuda.synchronize(self.device)
+
     def _recover(self, graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, caller: torch.cuda.Stream) -> None:
         """Leave no trace of a failed capture.  ``torch.cuda.graph``'s exit raises from ``capture_end``
         before it restores the caller's stream, and before the default generator leaves capture mode
@@ -80,6 +128,9 @@ class CudaStepGraph:
         with contextlib.suppress(Exception):
             if torch.cuda.is_current_stream_capturing():
                 graph.capture_end()  # ends the (invalidated) capture; its error is the one already raised
+        with contextlib.suppress(Exception):  # capture_end raised before it ended allocation to the pool
+            torch._C._cuda_endAllocateToPool(_index(self.device), graph.pool())
+            torch._C._cuda_releasePool(_index(self.device), graph.pool())
         torch.cuda.set_stream(caller)
         with contextlib.suppress(Exception):
             torch.cuda.synchronize(self.device)

@@ -30,9 +30,8 @@ captured region is checked on any device by :mod:`laperm.fast.capture_check`.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,13 +39,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import LaPerm
-from .graph import CudaStepGraph, GraphFactory, StepGraph, rng_state, set_rng_state
+from ..optim_steps import LAPERM_GROUP_KEYS
+from .graph import (
+    CudaStepGraph,
+    DeviceFault,
+    GraphFactory,
+    StepGraph,
+    capture_untrusted,
+    distrust_capture,
+    rng_state,
+    set_rng_state,
+)
 
 __all__ = [
     "PRECISIONS",
     "GraphedStep",
     "DeviceStep",
-    "inner_step_done",
     "CaptureFailedWarning",
     "make_adam",
     "prepare_model",
@@ -93,6 +101,11 @@ class GraphedStep:
     the graph reads) and ``name`` (the warning's), calls :meth:`_setup_graph`, and gives :meth:`_eager`
     (one whole step), :meth:`_captured_body` (what the graph records, on ``self._static``) and
     optionally :meth:`_after_replay` (host-side work after each replay).
+
+    What the graph reads from the param groups: each group's lr from a device tensor refreshed before
+    every replay; every other value of the groups that the inner step reads (betas, eps, weight decay,
+    ...: frozen into the graph as numbers at the capture) is compared before every replay with what
+    the capture saw, and a change recaptures (LaPerm's own keys, e.g. ``k``, are read on the host).
     """
 
     device: torch.device
@@ -108,12 +121,14 @@ class GraphedStep:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
         self.images = 0  # counted on the host: the batch sizes are known there
         self.steps = 0
+        self.recaptures = 0  # captures after the first one (a hyperparameter changed)
         self._factory: GraphFactory = graph_factory or CudaStepGraph
         self._pending: StepGraph | None = None  # made for the warm-up, captured into at the first replay
         self._graph: StepGraph | None = None  # captured
-        self.capture_error: str | None = None  # set when a capture failed: the steps are eager until a retry
+        self.capture_error: str | None = None  # set when this process may not capture: the steps are eager
         self._static: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
         self._lrs: list[Tensor] = []
+        self._frozen: list[dict[str, Any]] = []  # the groups' values the graph holds as numbers
 
     def _eager(self, x: Tensor, y: Tensor) -> None:
         raise NotImplementedError
@@ -130,7 +145,7 @@ class GraphedStep:
     def __call__(self, x: Tensor, y: Tensor) -> None:
         """One training step on the batch ``(x, y)`` (already on the device)."""
         if not self.use_graph or self.capture_error is not None:
-            self._eager(x, y)  # no graph, or the capture failed: the run goes on eagerly
+            self._eager(x, y)  # no graph, or this process may not capture: the run goes on eagerly
         elif self.steps < self.warmup_steps or (self._graph is not None and x.shape != self._static[0].shape):
             self._warmup_graph().warmup(lambda: self._eager(x, y))  # warm-up, and a batch of another size
         else:
@@ -144,6 +159,8 @@ class GraphedStep:
         return self._pending
 
     def _replay(self, x: Tensor, y: Tensor) -> None:
+        if self._graph is not None and _group_values(self.inner) != self._frozen:
+            self._graph, self.recaptures = None, self.recaptures + 1  # a value frozen in the graph changed
         if self._graph is None:
             if not self._capture_and_replay(x, y):
                 self._eager(x, y)  # the capture failed: this step, and the rest of the run, eagerly
@@ -151,7 +168,7 @@ class GraphedStep:
         else:
             self._copy_in(x, y)
             self._refresh_lr()
-            self._graph.replay()
+            self._guarded_replay(self._graph, "a replay of the captured step")
         self._after_replay()
 
     def _after_replay(self) -> None:
@@ -163,20 +180,25 @@ class GraphedStep:
         static_y.copy_(y)
 
     def _capture_and_replay(self, x: Tensor, y: Tensor) -> bool:
-        """Capture the step and replay it once; on any failure undo what the attempt changed, warn once,
-        and return False (the caller computes the step eagerly)."""
+        """Capture the step and replay it once.  A failed capture (which records and changes nothing) is
+        undone and warned about once, and no capture is tried again in this process: returns False (the
+        caller computes the step eagerly).  A failed replay, or a device left unusable, raises DeviceFault."""
+        untrusted = capture_untrusted()
+        if untrusted is not None:  # an earlier capture in this process failed (another step's, maybe)
+            self._refuse(f"not captured: a capture failed earlier in this process ({untrusted})")
+            return False
         rng = rng_state(self.device)  # a failed capture may have advanced the generator
         lrs = [g["lr"] for g in self.inner.param_groups]
-        graph = self._warmup_graph()
+        graph = self._factory(self.device) if self._pending is None else self._pending
         try:
             self._capture(graph, x, y)
-            self._copy_in(x, y)
-            self._refresh_lr()
-            graph.replay()
         except Exception as error:  # (any: a capture can fail in many ways; the run must not)
-            self._fall_back(error, rng, lrs)
+            self._fall_back(graph, error, rng, lrs)
             return False
-        self._graph = graph
+        self._copy_in(x, y)
+        self._refresh_lr()
+        self._guarded_replay(graph, "the first replay of the captured step")
+        self._graph, self._pending = graph, None
         return True
 
     def _capture(self, graph: StepGraph, x: Tensor, y: Tensor) -> None:
@@ -189,25 +211,50 @@ class GraphedStep:
             torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device) for g in self.inner.param_groups
         ]
         self._refresh_lr()
+        self._frozen = _group_values(self.inner)
         self.opt.zero_grad(set_to_none=True)  # backward in the graph then allocates the gradients in its pool
         graph.capture(self._captured_body)
 
-    def _fall_back(self, error: Exception, rng: Tensor, lrs: list[Any]) -> None:
-        """Undo a failed capture: random state, learning rates, gradients from the graph's pool; warn."""
+    def _guarded_replay(self, graph: StepGraph, what: str) -> None:
+        """Replay; a failure may have run part of the step (on CUDA it is typically sticky): DeviceFault."""
+        try:
+            graph.replay()
+        except Exception as error:
+            distrust_capture(_describe(error))
+            raise DeviceFault(
+                f"{self.name}: {what} failed, so this process's weights and device cannot be trusted; "
+                f"resume the run from its last checkpoint (a fresh process). The error: {_describe(error)}"
+            ) from error
+
+    def _fall_back(self, graph: StepGraph, error: Exception, rng: Tensor, lrs: list[Any]) -> None:
+        """Undo a failed capture (random state, learning rates, gradients from the graph's pool), make sure
+        the device still works (else DeviceFault), never capture again in this process, and warn once."""
+        described = _describe(error)
+        distrust_capture(described)
+        try:
+            graph.check_health()
+        except Exception as broken:
+            raise DeviceFault(
+                f"{self.name}: the CUDA graph capture of the training step failed and left the device "
+                f"unusable in this process ({_describe(broken)}); resume the run from its last checkpoint "
+                f"(a fresh process). The capture's error: {described}"
+            ) from error
         set_rng_state(self.device, rng)
         for group, lr in zip(self.inner.param_groups, lrs, strict=True):
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
-        self._static, self._lrs, self._pending = (torch.empty(0), torch.empty(0)), [], None
-        self.capture_error = f"{type(error).__name__}: {error}"
-        if error.__context__ is not None:  # e.g. capture_end's error raised while an op's error propagated
-            self.capture_error += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
+        self._static, self._lrs, self._pending, self._frozen = (torch.empty(0), torch.empty(0)), [], None, []
+        self._refuse(described)
+
+    def _refuse(self, error: str) -> None:
+        """Go on eagerly from here, and say so once."""
+        self.capture_error = error
         warnings.warn(
-            f"{self.name}: the CUDA graph capture of the training step failed, so this run "
-            f"goes on with eager steps (the same computation, slower); reset_graph() or a resumed run tries "
-            f"again. The error: {self.capture_error}",
+            f"{self.name}: the CUDA graph capture of the training step failed, so this run goes on with "
+            f"eager steps (the same computation, slower); this process will not capture again (a resumed "
+            f"run, in a fresh process, does). The error: {error}",
             CaptureFailedWarning,
-            stacklevel=5,  # the caller of the step
+            stacklevel=6,  # the caller of the step
         )
 
     def _refresh_lr(self) -> None:
@@ -220,11 +267,34 @@ class GraphedStep:
 
     def reset_graph(self) -> None:
         """Forget the captured graph (recaptured at the next step): after optimizer state is replaced.
-        After a failed capture this is also the retry: the next step tries to capture again."""
+        A process whose capture failed stays eager (it never captures again)."""
         self._graph = self._pending = None
-        self.capture_error = None
         self._static = (torch.empty(0), torch.empty(0))
-        self._lrs = []
+        self._lrs, self._frozen = [], []
+
+
+def _describe(error: BaseException) -> str:
+    """The error in full, with the one it was raised while handling (e.g. capture_end's, after an op's)."""
+    out = f"{type(error).__name__}: {error}"
+    if error.__context__ is not None:
+        out += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
+    return out
+
+
+def _group_values(inner: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """What a captured inner step holds of each param group, other than its lr (a tensor the graph reads):
+    every value as it is, a tensor by identity (the graph reads the one it saw at the capture)."""
+    return [
+        {
+            key: ("tensor", id(value)) if isinstance(value, Tensor) else value
+            for key, value in group.items()
+            if key not in _NOT_IN_GRAPH
+        }
+        for group in inner.param_groups
+    ]
+
+
+_NOT_IN_GRAPH = frozenset({"params", "param_names", "lr", *LAPERM_GROUP_KEYS})
 
 
 class DeviceStep(GraphedStep):
@@ -305,8 +375,7 @@ class DeviceStep(GraphedStep):
 
     def _after_replay(self) -> None:
         if self.laperm is not None:
-            with _inner_step_done(self.inner):
-                self.laperm.step()  # LaPerm's own work: host-side step count, a sync when one is due
+            self.laperm.after_inner_step()  # LaPerm's own work: host-side step count, a sync when one is due
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
@@ -318,20 +387,6 @@ class DeviceStep(GraphedStep):
         self.correct.zero_()
         self.images = 0
         return out
-
-
-@contextlib.contextmanager
-def inner_step_done(inner: torch.optim.Optimizer) -> Iterator[None]:
-    """Make ``inner.step()`` a no-op for a moment: the graph replay has just done it, and LaPerm's
-    ``step()`` then does only its own part (step count, sync).  Uses LaPerm's public step only."""
-    inner.step = lambda closure=None: None  # type: ignore[method-assign, assignment]
-    try:
-        yield
-    finally:
-        del inner.step
-
-
-_inner_step_done = inner_step_done
 
 
 def _check_options(device: torch.device, loss_scale: str, precision: str, graph: bool | None, warmup: int) -> None:
