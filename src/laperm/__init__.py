@@ -6,5 +6,5 @@
 
 from .optim import LaPerm, LaPermError, laperm_param_groups
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source: pyproject.toml reads it, `laperm --version` prints it; CHANGELOG.md
 __all__ = ["LaPerm", "LaPermError", "laperm_param_groups", "__version__"]
