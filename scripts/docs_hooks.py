@@ -2,6 +2,8 @@
 
 * ``cli.md`` is generated here from the argparse parser (`laperm COMMAND --help` for every subcommand the parser
   has), so the CLI reference cannot drift from the code.
+* Links from the tutorial notebook to other pages (``loop.md``) are rewritten to the pages' URLs, and a link to
+  a page that does not exist is a warning (an error under ``--strict``), as for any markdown page.
 * Pages may link to files of the repository outside docs/ (``../examples/with_lightning.py``), which is what reads
   well on GitHub; such files are copied into the site under ``_repo/`` and the links pointed there, so the strict
   build checks them like any other link.
@@ -12,17 +14,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import posixpath
 import re
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("mkdocs.plugins.laperm_docs")
 ROOT = Path(__file__).resolve().parent.parent
 CLI_PAGE = "cli.md"
 REPO_PREFIX = "_repo"
 # a markdown link or image target that climbs out of docs/: ](../examples/x.py) or ](../../src/laperm/cli.py#L3)
 _OUTSIDE_LINK = re.compile(r"\]\(((?:\.\./)+[^)\s#]+)(#[^)\s]*)?\)")
+# a link to a page in the HTML of a notebook (mkdocs-jupyter converts notebooks itself, so MkDocs neither checks
+# nor rewrites their links): href="loop.md" or href="api/laperm.md#laperm.LaPerm"
+_NOTEBOOK_LINK = re.compile(r'href="([^":#?]+\.md)(#[^"]*)?"')
 _HELP_WIDTH = "100"  # argparse wraps to $COLUMNS: fixed, so the page is the same on every machine
 
 
@@ -105,3 +112,20 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         copy = posixpath.relpath(f"{REPO_PREFIX}/{repo_path}", page_dir or ".")
         markdown = markdown.replace(f"]({target}", f"]({copy}")
     return markdown
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """In a notebook's HTML, point links to other pages (``loop.md#anchor``) at those pages' URLs."""
+    source = page.file.src_uri
+    if not source.endswith(".ipynb"):
+        return html
+
+    def link(match: re.Match) -> str:
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(source), match.group(1)))
+        found = files.get_file_from_path(target)
+        if found is None:
+            log.warning(f"notebook {source} links to {match.group(1)!r}, which is not a page of the site")
+            return match.group(0)
+        return f'href="{found.url_relative_to(page.file)}{match.group(2) or ""}"'
+
+    return _NOTEBOOK_LINK.sub(link, html)
