@@ -4,6 +4,9 @@
   has), so the CLI reference cannot drift from the code.
 * Links from the tutorial notebook to other pages (``loop.md``) are rewritten to the pages' URLs, and a link to
   a page that does not exist is a warning (an error under ``--strict``), as for any markdown page.
+* With ``LAPERM_EXECUTED_NOTEBOOKS=DIR`` (and ``LAPERM_DOCS_EXECUTE=false``), a notebook is rendered from its
+  executed copy ``DIR/<name>.ipynb`` instead of being executed again: .ci/docs_check.sh executes and times the
+  tutorial once with nbclient, then builds the site from that run.
 * Pages may link to files of the repository outside docs/ (``../examples/with_lightning.py``), which is what reads
   well on GitHub; such files are copied into the site under ``_repo/`` and the links pointed there, so the strict
   build checks them like any other link.
@@ -95,6 +98,12 @@ def on_files(files: Any, config: Any) -> Any:
     from mkdocs.structure.files import File
 
     files.append(File.generated(config, CLI_PAGE, content=render_cli_reference()))
+    executed = os.environ.get("LAPERM_EXECUTED_NOTEBOOKS")
+    for notebook in [f for f in files if f.src_uri.endswith(".ipynb")] if executed else []:
+        copy = Path(executed) / notebook.src_uri
+        if not copy.is_file():
+            raise FileNotFoundError(f"LAPERM_EXECUTED_NOTEBOOKS has no executed copy of {notebook.src_uri} ({copy})")
+        notebook.abs_src_path = str(copy)
     wanted: set[str] = set()
     for page in files.documentation_pages():
         if page.abs_src_path:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The release files, checked as a user meets them (called by .ci/run; runs alone too: `bash .ci/release_check.sh`).
+#   1. `python -m build`: the sdist, then the wheel built from that sdist (so the sdist is complete);
+#   2. `twine check --strict` on both;
+#   3. the wheel carries the bundled MNIST (and its checksums) and the LICENSE;
+#   4. the wheel installed into a fresh venv, base dependencies only, through constraints.txt;
+#   5. from that install, outside the repository: `laperm --version`, one quick epoch, `laperm verify`.
+# PYTHON: the interpreter that has `build` and `twine` (the release extra; default .venv/bin/python).
+# Prints the seconds each step took.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-.venv/bin/python}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 MPLBACKEND=Agg
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+step() { echo "release_check: $1 ($((SECONDS - T)) s)"; T=$SECONDS; }
+T=$SECONDS
+
+"$PY" -m build --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
+step "built $(cd "$WORK/dist" && echo *)"
+"$PY" -m twine check --strict "$WORK"/dist/*
+step "twine check passed"
+
+VERSION=$("$PY" -c 'import ast, sys; t = ast.parse(open("src/laperm/__init__.py").read())
+print(next(n.value.value for n in t.body if isinstance(n, ast.Assign) and n.targets[0].id == "__version__"))')
+WHEEL="$WORK/dist/laperm-$VERSION-py3-none-any.whl"
+"$PY" - "$WHEEL" <<'PYEOF'
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+wanted = {f"laperm/data/mnist/{s}-{k}-idx{d}-ubyte.gz" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))}
+wanted.add("laperm/data/mnist/SHA256SUMS")
+missing = sorted(wanted - names)
+licence = [n for n in names if n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")]
+if missing or not licence:
+    sys.exit(f"the wheel lacks {missing or 'the LICENSE'}")
+PYEOF
+step "the wheel holds the bundled MNIST and the LICENSE"
+
+python3.11 -m venv "$WORK/venv"
+"$WORK/venv/bin/pip" install -q -c "$ROOT/constraints.txt" "$WHEEL"
+step "installed the wheel into a fresh venv"
+
+cd "$WORK"  # away from src/: what runs is the installed package
+[ "$("$WORK/venv/bin/laperm" --version)" = "laperm $VERSION" ]
+"$WORK/venv/bin/laperm" train --epochs 1 --train-subset 5000 --threads 1 --no-progress --out runs --name wheel \
+  >"$WORK/train.log" 2>&1 || { cat "$WORK/train.log"; exit 1; }
+tail -n 2 "$WORK/train.log"
+"$WORK/venv/bin/laperm" verify runs/wheel
+step "trained one epoch and verified from the installed wheel"
