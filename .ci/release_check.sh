@@ -38,7 +38,7 @@ PYEOF
 step "the wheel holds the bundled MNIST and the LICENSE"
 
 python3.11 -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q -c "$ROOT/constraints.txt" "$WHEEL"
+"$WORK/venv/bin/pip" install -q -c "$ROOT/constraints.txt" "$WHEEL" >"$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log"; exit 1; }
 step "installed the wheel into a fresh venv"
 
 cd "$WORK"  # away from src/: what runs is the installed package
