@@ -46,8 +46,7 @@ def test_the_readme_is_under_10k_characters_and_keeps_the_two_fresh_machine_comm
     text = (ROOT / "README.md").read_text()
     assert len(text) < README_LIMIT, f"README.md has {len(text):,} characters: move a section to a docs/ page"
     assert (
-        "python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . && .venv/bin/laperm train"
-        in text
+        "python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e . && .venv/bin/laperm train" in text
     )
     test_command = (
         "python3.11 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e '.[dev,integrations]' "
@@ -132,7 +131,7 @@ def test_the_tutorial_is_committed_without_outputs_and_covers_the_tour():
     "page, content",
     [
         ("index.md", "verified: 266,200 permuted weights"),  # the main job's whole output
-        ("loop.md", "sync_rule=\"latent\""),
+        ("loop.md", 'sync_rule="latent"'),
         ("stacking.md", "laperm train --preset conv2 --seeds 0-7"),
         ("distributed.md", "torchrun --standalone --nproc-per-node 2 -m laperm train"),
         ("transformers.md", "laperm train --preset char-gpt"),

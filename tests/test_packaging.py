@@ -108,7 +108,7 @@ def test_ci_runs_the_release_and_docs_checks_and_the_extras_are_pinned():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash .ci/release_check.sh" in ci and "bash .ci/docs_check.sh" in ci
     release = (ROOT / ".ci" / "release_check.sh").read_text()
-    for step in ("-m build", "twine check", "laperm/data/mnist/", "laperm\" train --epochs 1", "laperm\" verify"):
+    for step in ("-m build", "twine check", "laperm/data/mnist/", 'laperm" train --epochs 1', 'laperm" verify'):
         assert step in release, step
     extras = pyproject()["project"]["optional-dependencies"]
     pins = {line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
