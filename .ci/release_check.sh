@@ -13,11 +13,23 @@ ROOT=$PWD
 PY=${PYTHON:-.venv/bin/python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 MPLBACKEND=Agg
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap 'T=$SECONDS; rm -rf "$WORK"; echo "release_check: cleaned up ($((SECONDS - T)) s)"' EXIT
 step() { echo "release_check: $1 ($((SECONDS - T)) s)"; T=$SECONDS; }
 T=$SECONDS
 
-"$PY" -m build --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
+# built from a copy of the files git knows (tracked, or new and not ignored): nothing the build writes
+# (src/laperm.egg-info, build/) lands in the working tree, and no stray local file slips into the sdist
+mkdir "$WORK/tree"
+"$PY" - "$WORK/tree" <<'PYEOF'
+import shutil, subprocess, sys
+from pathlib import Path
+listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True)
+for name in filter(None, listed.stdout.decode().split("\0")):
+    if Path(name).is_file():  # a tracked file deleted in the working tree is left out
+        (Path(sys.argv[1]) / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(name, Path(sys.argv[1]) / name)
+PYEOF
+"$PY" -m build --outdir "$WORK/dist" "$WORK/tree" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 step "built $(cd "$WORK/dist" && echo *)"
 "$PY" -m twine check --strict "$WORK"/dist/*
 step "twine check passed"
