@@ -6,6 +6,7 @@
 #   4. the wheel installed into a fresh venv, base dependencies only, through constraints.txt;
 #   5. from that install, outside the repository: `laperm --version`, one quick epoch, `laperm verify`.
 # PYTHON: the interpreter that has `build` and `twine` (the release extra; default .venv/bin/python).
+# KEEP_WORK=1: leave the temporary folder (CI, on a machine thrown away afterwards).
 # Prints the seconds each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,9 @@ ROOT=$PWD
 PY=${PYTHON:-.venv/bin/python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 MPLBACKEND=Agg
 WORK=$(mktemp -d)
-trap 'T=$SECONDS; rm -rf "$WORK"; echo "release_check: cleaned up ($((SECONDS - T)) s)"' EXIT
+# KEEP_WORK=1 leaves the work folder (the fresh venv is ~1 GB, and deleting it took ~75 s on a busy 2-core machine)
+cleanup() { if [ "${KEEP_WORK:-0}" = 1 ]; then echo "release_check: left $WORK"; else rm -rf "$WORK"; fi; }
+trap cleanup EXIT
 step() { echo "release_check: $1 ($((SECONDS - T)) s)"; T=$SECONDS; }
 T=$SECONDS
 
