@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import laperm
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -80,3 +82,35 @@ def test_installing_the_wheel_where_torch_2_13_is_installed_leaves_torch_in_plac
     assert plan.returncode == 0, plan.stderr
     would_install = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
     assert would_install == {"laperm"}
+
+
+def test_the_version_has_one_source_and_laperm_version_prints_it(capsys):
+    from conftest import run_cli
+
+    assert "version" not in pyproject()["project"] and "version" in pyproject()["project"]["dynamic"]
+    assert pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "laperm.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", laperm.__version__)
+    rc, out, _ = run_cli(capsys, "--version")
+    assert (rc, out.strip()) == (0, f"laperm {laperm.__version__}")
+
+
+def test_the_changelog_names_the_current_version_and_the_licence_is_mit():
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    releases = re.findall(r"(?m)^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog)
+    assert releases[0] == laperm.__version__ and "0.1.0" in releases  # newest first, as Keep a Changelog has it
+    assert "## [Unreleased]" in changelog
+    licence = (ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License") and "Copyright (c) 2026 the laperm authors" in licence
+    assert pyproject()["project"]["license"] == {"text": "MIT"}
+
+
+def test_ci_runs_the_release_and_docs_checks_and_the_extras_are_pinned():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash .ci/release_check.sh" in ci and "bash .ci/docs_check.sh" in ci
+    release = (ROOT / ".ci" / "release_check.sh").read_text()
+    for step in ("-m build", "twine check", "laperm/data/mnist/", 'laperm" train --epochs 1', 'laperm" verify'):
+        assert step in release, step
+    extras = pyproject()["project"]["optional-dependencies"]
+    pins = {line.split("==")[0] for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    for dep in extras["docs"] + extras["release"]:
+        assert re.split(r"[<>=\[]", dep)[0] in pins, dep

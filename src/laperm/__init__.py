@@ -8,7 +8,7 @@ from .layouts import UntrainableError, UntrainableWarning, register_unit_dim
 from .optim import LaPerm, LaPermError, laperm_param_groups
 from .overview import describe
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one source: pyproject.toml reads it, `laperm --version` prints it; CHANGELOG.md
 __all__ = [
     "LaPerm",
     "LaPermError",

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train neural networks by reconnecting their weights (Lookahead Permutation).",
         epilog="Run `laperm COMMAND --help` for each command's options and examples.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"laperm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "train",

@@ -267,7 +267,9 @@ def _readme_row_runs(rep: Report, label: str, data: str, paper: str, exps: Any, 
                 if adam and not h["done"]:  # compare at the epoch the LaPerm run reached
                     same = _at_epoch(adam[0], h["epochs"])
                     adam_col = f"{100 * same['at']:.2f}% (epoch {h['epochs']})" if same else "–"
-                name = label + "".join(f" [{x}]" for x in (protocol, seeds_label) if x)
+                # one bracket: "[a] [b]" would read as a reference link in the docs site's markdown
+                notes = "; ".join(x for x in (protocol, seeds_label) if x)
+                name = label + (f" [{notes}]" if notes else "")
                 rows.append(
                     [
                         name,
