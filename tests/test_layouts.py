@@ -273,3 +273,18 @@ def test_verify_reports_what_was_free_and_why():
     message = VerifyReport(True, ["final.pt"], 1, 10, [], free).message()
     assert "free: head.weight (untrainable by permutation: every value equals 0)" in message
     assert "free: 2 x 1-D (permute_biases=False)" in message
+
+
+def test_laperm_warns_of_a_tensor_it_cannot_train_in_groups_it_was_given():
+    """Groups built by hand (``model.parameters()``) skip laperm_param_groups' check: LaPerm itself names
+    such a tensor and the fix, and stays silent where laperm_param_groups already left it free."""
+    model = ViTReplica()
+    with pytest.warns(UntrainableWarning, match=r"head\.weight \(every value equals 0\).*laperm_param_groups"):
+        LaPerm(torch.optim.Adam([{"params": [model.head.weight], "param_names": ["head.weight"]}]), k=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LaPerm(torch.optim.Adam(laperm_param_groups(model)), k=2)
+    assert len([w for w in caught if issubclass(w.category, UntrainableWarning)]) == 1  # laperm_param_groups' only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LaPerm(torch.optim.Adam([torch.nn.Parameter(torch.randn(4, 3))]), k=2)  # a trainable tensor: no warning

@@ -230,6 +230,22 @@ def untrainable_reason(p: Tensor, layout: RowLayout) -> str | None:
     return None
 
 
+def warn_untrainable(params: list[tuple[str, Tensor, RowLayout]]) -> None:
+    """LaPerm's own check of the tensors its groups permute (groups not built by
+    :func:`laperm_param_groups`, which leaves such tensors free): one warning naming each tensor that
+    permutation cannot train, with the fix. ``params``: (name, local tensor, layout)."""
+    bad = [(name, why) for name, p, layout in params if (why := untrainable_reason(p, layout)) is not None]
+    if bad:
+        warnings.warn(
+            f"LaPerm permutes {len(bad)} tensor(s) that a permutation cannot change, so they stay at their "
+            f"initial values: {'; '.join(f'{n} ({why})' for n, why in bad)}. Build the param groups with "
+            "laperm.laperm_param_groups(model), which leaves such tensors to the inner optimizer, or put them in "
+            "a group with permute=False.",
+            UntrainableWarning,
+            stacklevel=4,
+        )
+
+
 def plan_parameters(
     model: nn.Module,
     permute_biases: bool = False,

@@ -68,7 +68,14 @@ from torch import Tensor
 
 from . import flat_sync, optim_state, reconnect, sharding
 from .initial_values import COUNTS, SORTED, SortedRows
-from .layouts import NORM_LAYERS, group_layout, group_permutes, laperm_param_groups, permuted_layouts
+from .layouts import (
+    NORM_LAYERS,
+    group_layout,
+    group_permutes,
+    laperm_param_groups,
+    permuted_layouts,
+    warn_untrainable,
+)
 from .optim_format import FORMAT, LAPERM_PREFIX, LATENT, FormatError, upgrade
 from .optim_state import INNER, INNER_COUNT
 from .optim_steps import (
@@ -241,13 +248,15 @@ class LaPerm(torch.optim.Optimizer):
         group.setdefault("laperm_step", 0)
         _check_k(group["k"])
         _check_rule(group["sync_rule"])
-        pairs = []
+        pairs, permuted = [], []
         for i, p in enumerate(group["params"]):
             if self._permuted(group, p):
                 entry = self._capture(p, self._layout(group, p), _param_name(group, i))
+                permuted.append((_param_name(group, i), sharding.local(p).detach(), self._layout(group, p)))
                 if group["sync_rule"] == "latent":  # z_0 = θ0
                     entry[LATENT] = p.detach().clone()
                     pairs.append((p, entry))
+        warn_untrainable(permuted)
         if pairs:
             self._latent.append((len(self._rules), pairs))
         self._rules.append(group["sync_rule"])
