@@ -110,7 +110,7 @@ def _gib(n: float) -> str:
 def check_stack_memory(base: TrainConfig, optimizers: Sequence[str], device: torch.device) -> None:
     """Refuse (ConfigError, one line) a stack whose members (one optimizer name each, ``base`` otherwise)
     would not fit in the memory free on ``device``: the estimate, the limit and the largest stack that fits."""
-    if not optimizers or models.get_spec(base.model).dataset == "text":
+    if not optimizers or models.check_trainable(base.model).dataset == "text":
         return  # (nothing to stack; a language model is refused as unstackable)
     counts = Counter(optimizers)
     costs = {o: member_cost(base, o) for o in counts}

@@ -13,7 +13,7 @@ from .layers import (
     same_padding,
 )
 from .mnist import F1, F2, Conv7, LeNet300
-from .registry import MODELS, ModelSpec, UnknownModelError, build, get_spec
+from .registry import MODELS, ModelSpec, UnknownModelError, build, check_trainable, get_spec
 from .resnet import BasicBlock, ResNetV1
 from .transformer import CharGPT, ViTTiny
 
@@ -23,6 +23,7 @@ __all__ = [
     "UnknownModelError",
     "build",
     "get_spec",
+    "check_trainable",
     "F1",
     "F2",
     "LeNet300",
