@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -97,8 +97,15 @@ def _optimizer_list(choices: tuple[str, ...]) -> Any:
     return parse
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line whatever the argument it quotes holds (a newline, say)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(" ".join(message.splitlines()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="laperm",
         description="Train neural networks by reconnecting their weights (Lookahead Permutation).",
         epilog="Run `laperm COMMAND --help` for each command's options and examples.",

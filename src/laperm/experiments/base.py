@@ -16,7 +16,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +202,9 @@ def run_experiment(
     # Every run's config is checked (and every stack's memory) before anything is written.
     cfgs = [run.config(folder, threads, data_dir, device, cuda) for run in runs]
     if not dry_run:
-        check_stacks_fit(folder, runs, cfgs, stack, window)
+        unfinished = [(r, c) for r, c in zip(runs, cfgs, strict=True) if not _finished(folder, c)]
+        check_data(c for _, c in unfinished)
+        check_stacks_fit(folder, unfinished, stack, window)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(folder) or {"experiment": name, "runs": {}}
     manifest.update(version=exp.version, description=exp.description)
@@ -254,21 +256,30 @@ def selected_runs(exp: Experiment, budget: str, seeds: list[int] | None, only: s
     return chosen
 
 
-def check_stacks_fit(
-    folder: Path, runs: list[Run], cfgs: list[TrainConfig], stack: bool | None, window: Window
-) -> None:
+def _finished(folder: Path, cfg: TrainConfig) -> bool:
+    return (folder / cfg.run_name() / "summary.json").is_file()
+
+
+def check_data(cfgs: Iterable[TrainConfig]) -> None:
+    """Every data set the runs need loads and fits its model (a missing CIFAR-10 is said before
+    anything is written, not after the first runs trained)."""
+    from .. import models
+    from ..build import load_data
+
+    seen = set()
+    for cfg in cfgs:
+        if (cfg.model, cfg.dataset, cfg.data_dir) not in seen:
+            seen.add((cfg.model, cfg.dataset, cfg.data_dir))
+            load_data(cfg, models.get_spec(cfg.model))
+
+
+def check_stacks_fit(folder: Path, unfinished: list[tuple[Run, TrainConfig]], stack: bool | None, window: Window) -> None:
     """Refuse, before anything is written, a stack of unfinished runs that would not fit in memory
     (:func:`laperm.engine.stack_memory.check_stack_memory`; the fix: --no-stack)."""
     from ..engine.stack_memory import check_stack_memory
     from .stacking import stack_groups
 
-    jobs = [
-        (cfg, {})
-        for run, cfg in zip(runs, cfgs, strict=True)
-        if run.hook is None
-        and not (folder / cfg.run_name() / "summary.json").is_file()
-        and _stacks(stack, cfg, window, lambda message: None)
-    ]
+    jobs = [(cfg, {}) for run, cfg in unfinished if run.hook is None and _stacks(stack, cfg, window, lambda m: None)]
     for group in stack_groups(jobs, folder)[0]:
         members = [c for c, _ in group]
         try:

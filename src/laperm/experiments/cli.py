@@ -94,10 +94,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import suite  # noqa: F401 - registers the experiments
     from .base import EXPERIMENTS, ExperimentError
 
-    if args.list or not args.experiment:
+    if args.list:
         for exp in EXPERIMENTS.values():
             print(f"{exp.name:12s} v{exp.version}  {exp.description}")
-        return 0 if args.list else 2
+        return 0
+    if not args.experiment:
+        raise ConfigError(f"name an experiment: one of {', '.join(EXPERIMENTS)} (laperm run --list describes them)")
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be at least 1 (runs at once), got {args.parallel}")
     if args.deadline is not None and not args.deadline > 0:
