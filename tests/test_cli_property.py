@@ -216,7 +216,9 @@ COMMANDS = sorted(subcommands())
 
 
 def test_every_subcommand_is_covered():
-    assert set(COMMANDS) == set(GOOD), f"give each subcommand a known-good command line in GOOD: {set(COMMANDS) ^ set(GOOD)}"
+    assert set(COMMANDS) == set(GOOD), (
+        f"give each subcommand a known-good command line in GOOD: {set(COMMANDS) ^ set(GOOD)}"
+    )
 
 
 def _property(examples: int):

@@ -62,10 +62,14 @@ def test_the_largest_stack_named_fits_and_one_more_does_not(monkeypatch):
     per_member = cost.device + cost.host  # (the CPU: one memory holds both)
     _bytes_free(monkeypatch, int(10.5 * per_member / USABLE_FRACTION))
     check_stack_memory(base, ["laperm"] * 10, CPU)  # fits: no error
-    with pytest.raises(ConfigError, match=r"a stack of 11 f1 runs .* the largest stack that fits is 10 runs \(--seeds 0-9\)"):
+    with pytest.raises(
+        ConfigError, match=r"a stack of 11 f1 runs .* the largest stack that fits is 10 runs \(--seeds 0-9\)"
+    ):
         check_stack_memory(base, ["laperm"] * 11, CPU)
     # two optimizers: whole seeds of both
-    with pytest.raises(ConfigError, match=r"the largest stack that fits is \d+ runs \(--seeds 0-\d+ with 2 optimizers\)"):
+    with pytest.raises(
+        ConfigError, match=r"the largest stack that fits is \d+ runs \(--seeds 0-\d+ with 2 optimizers\)"
+    ):
         check_stack_memory(base, ["laperm"] * 20 + ["adam"] * 20, CPU)
     _bytes_free(monkeypatch, per_member)
     with pytest.raises(ConfigError, match="not even two runs fit: train them alone"):

@@ -415,6 +415,19 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(text: str) -> float:
+    """A size limit in MiB: a positive, finite number (inf or nan cannot size a file)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of MiB, got {text!r}")
+    return value
+
+
 def _add_pack_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pack",
@@ -428,8 +441,8 @@ def _add_pack_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, or a folder holding run folders")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the pack folder to write")
-    p.add_argument("--max-file-mib", type=float, default=16, metavar="MIB", help="largest data file (default 16)")
-    p.add_argument("--max-total-mib", type=float, metavar="MIB", help="all files together; runs that do not fit wait")
+    p.add_argument("--max-file-mib", type=_mib, default=16, metavar="MIB", help="largest data file (default 16)")
+    p.add_argument("--max-total-mib", type=_mib, metavar="MIB", help="all files together; runs that do not fit wait")
     p = sub.add_parser(
         "unpack",
         help="restore run folders from `laperm pack`",

@@ -273,13 +273,17 @@ def check_data(cfgs: Iterable[TrainConfig]) -> None:
             load_data(cfg, models.get_spec(cfg.model))
 
 
-def check_stacks_fit(folder: Path, unfinished: list[tuple[Run, TrainConfig]], stack: bool | None, window: Window) -> None:
+def check_stacks_fit(
+    folder: Path, unfinished: list[tuple[Run, TrainConfig]], stack: bool | None, window: Window
+) -> None:
     """Refuse, before anything is written, a stack of unfinished runs that would not fit in memory
     (:func:`laperm.engine.stack_memory.check_stack_memory`; the fix: --no-stack)."""
     from ..engine.stack_memory import check_stack_memory
     from .stacking import stack_groups
 
-    jobs = [(cfg, {}) for run, cfg in unfinished if run.hook is None and _stacks(stack, cfg, window, lambda m: None)]
+    jobs: list[tuple[TrainConfig, dict[str, Any]]] = [
+        (cfg, {}) for run, cfg in unfinished if run.hook is None and _stacks(stack, cfg, window, lambda m: None)
+    ]
     for group in stack_groups(jobs, folder)[0]:
         members = [c for c, _ in group]
         try:
