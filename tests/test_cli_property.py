@@ -15,8 +15,9 @@ no "unexpected" error, and a refusal ends in one ``laperm: error:`` line (or arg
 exit code is not 0, the working folder (and its parent) holds exactly the entries it held before.
 
 Examples drawn per subcommand (train, run, verify, export, pack, unpack, report, presets, models):
-``EXAMPLES`` = 8 in the default test set (about 20 s for all nine on 2 cores), ``SLOW_EXAMPLES`` =
-80 in the test marked slow.
+``EXAMPLES`` = 8 in the default test set, the same examples every time (``derandomize``: a stable
+time, under 30 s for all nine on 2 cores), and ``SLOW_EXAMPLES`` = 80, new ones each time, in the
+test marked slow.
 
 Kept quick and contained: commands that pass every check really run, but every training is stopped
 by the test's own SIGINT at step 3 (``LAPERM_TEST_FAULT=int@step:3``; such a command exits 3 after
@@ -221,8 +222,14 @@ def test_every_subcommand_is_covered():
     )
 
 
-def _property(examples: int):
-    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def _property(examples: int, derandomize: bool):
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+        derandomize=derandomize,
+    )
     @given(data=st.data())
     def body(command, template, stubs, data):
         argv = hostile_argv(data.draw, command, subcommands()[command])
@@ -234,13 +241,13 @@ def _property(examples: int):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_hostile_arguments_exit_cleanly(command, template, stubs):
-    _property(EXAMPLES)(command, template, stubs)
+    _property(EXAMPLES, derandomize=True)(command, template, stubs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_hostile_arguments_exit_cleanly_many(command, template, stubs):
-    _property(SLOW_EXAMPLES)(command, template, stubs)
+    _property(SLOW_EXAMPLES, derandomize=False)(command, template, stubs)
 
 
 def test_the_known_good_lines_succeed(template, stubs):

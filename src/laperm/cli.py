@@ -241,7 +241,10 @@ def _tensorboard(log_dir: str, cfg: Any) -> Any:
     if find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'laperm[integrations]'")
     from .integrations.tensorboard import TensorBoardCallbacks
+    from .rundir import check_can_create
 
+    if log_dir:  # (the default, RUN_DIR/tensorboard, is checked with the run folder)
+        check_can_create(Path(log_dir), "the --tensorboard folder")
     return TensorBoardCallbacks(log_dir or Path(cfg.out) / cfg.run_name() / "tensorboard")
 
 

@@ -157,7 +157,7 @@ def undone_unless_started(dirs: list[Path], enabled: bool = True) -> Iterator[li
     remove the member folders it made (the list it fills) and the output folders made for them.
     After a checkpoint the folders stay: ``laperm train --resume`` continues them."""
     made: list[Path] = []
-    parents = _missing_folders(dirs[0].parent) if dirs and enabled else []
+    parents = rundir.missing_folders(dirs[0].parent) if dirs and enabled else []
     empty = {d for d in dirs if d.is_dir()} if enabled else set()  # (check_run_dir let only empty ones through)
     try:
         yield made
@@ -167,19 +167,8 @@ def undone_unless_started(dirs: list[Path], enabled: bool = True) -> Iterator[li
                 shutil.rmtree(d, ignore_errors=True)
                 if d in empty:  # it was there, empty (or overwritten: its old run is gone either way)
                     d.mkdir(exist_ok=True)
-            for folder in parents:  # innermost first; only while empty (another run may have used it)
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            rundir.remove_empty(parents)  # (only while empty: another run may have used them)
         raise
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, innermost first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
 
 
 def _started(run_dir: Path) -> bool:

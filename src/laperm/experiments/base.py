@@ -199,12 +199,9 @@ def run_experiment(
     cuda = _on_cuda(device)
     if window.deadline is not None or max_runs is not None:
         runs = unfinished_first(runs, folder, cuda)
-    # Every run's config is checked (and every stack's memory) before anything is written.
-    cfgs = [run.config(folder, threads, data_dir, device, cuda) for run in runs]
+    cfgs = [run.config(folder, threads, data_dir, device, cuda) for run in runs]  # (each config checked)
     if not dry_run:
-        unfinished = [(r, c) for r, c in zip(runs, cfgs, strict=True) if not _finished(folder, c)]
-        check_data(c for _, c in unfinished)
-        check_stacks_fit(folder, unfinished, stack, window)
+        check_before_training(folder, runs, cfgs, stack, window)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(folder) or {"experiment": name, "runs": {}}
     manifest.update(version=exp.version, description=exp.description)
@@ -254,6 +251,15 @@ def selected_runs(exp: Experiment, budget: str, seeds: list[int] | None, only: s
         there = f"its tags: {', '.join(tags)}" if tags else "it has no runs to choose from"
         raise ConfigError(f"--only {only!r} matches none of the {len(runs)} runs of {exp.name}; {there}")
     return chosen
+
+
+def check_before_training(
+    folder: Path, runs: list[Run], cfgs: list[TrainConfig], stack: bool | None, window: Window
+) -> None:
+    """What the unfinished runs need, checked before anything is written: their data, their stacks' memory."""
+    unfinished = [(r, c) for r, c in zip(runs, cfgs, strict=True) if not _finished(folder, c)]
+    check_data(c for _, c in unfinished)
+    check_stacks_fit(folder, unfinished, stack, window)
 
 
 def _finished(folder: Path, cfg: TrainConfig) -> bool:
