@@ -1,4 +1,7 @@
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -61,3 +64,24 @@ def _fresh_capture_trust():
     graph._untrusted.clear()
     yield
     graph._untrusted.clear()
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised by :func:`time_limit`: a BaseException, so the CLI's ``except Exception`` cannot turn it into an
+    exit code (a command that runs too long fails the test instead of passing as an error)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`TimeLimitExceeded` in the main thread if the block runs longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeLimitExceeded(f"still running after {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

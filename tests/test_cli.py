@@ -203,3 +203,14 @@ def test_resume_rebuilds_a_lost_init_pt_and_refuses_a_foreign_one(capsys, tmp_pa
     (run / "init.pt.sha256").write_bytes((other / "x" / "init.pt.sha256").read_bytes())
     line = error_line(capsys, "train", "--resume", str(run))
     assert "init.pt and the newest checkpoint disagree about the initial values of fc.weight" in line
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_only_that_matches_no_run_is_an_error_listing_the_tags(capsys, tmp_path, dry_run):
+    """Issue 33: `laperm run paper --only row=Nope` printed nothing and exited 0 (a real run trained nothing)."""
+    line = error_line(capsys, "run", "paper", "--only", "row=Nope", *dry_run)
+    assert "--only 'row=Nope' matches none of the" in line and "runs of paper; its tags: " in line
+    assert "model=conv7" in line and "method=laperm" in line  # the tags there are, to pick from
+    assert list(tmp_path.iterdir()) == [], "a refused command must not create anything"
+    rc, out, _ = cli(capsys, "run", "paper", "--only", "model=conv7", "--dry-run", "--out", "r")
+    assert rc == 0 and "model=conv7" in out  # a filter that matches still lists its runs

@@ -411,9 +411,20 @@ def test_parallel_runs_give_the_same_folders_and_metrics_as_sequential(tmp_path:
 
 @pytest.mark.slow
 def test_parallel_reports_failed_runs_by_their_log(tmp_path: Path, monkeypatch, capsys):
-    runs = [Run(dict(model="f1", dataset="synthetic", epochs=1, val_size=64, data_dir="/nonexistent"), {"seed": 0})]
-    runs.append(Run(dict(runs[0].overrides, dataset="idx"), {"seed": 1}))  # no IDX folder there: fails
+    runs = [Run(dict(model="f1", dataset="synthetic", epochs=1, val_size=64), {"seed": 0})]
+    runs.append(Run(dict(runs[0].overrides, val_size=600), {"seed": 1}))  # no training data left: the run fails
     monkeypatch.setitem(base.EXPERIMENTS, "bad", Experiment("bad", 1, "test", lambda b, s: runs))
     assert main(["run", "bad", "--out", str(tmp_path), "--parallel", "2"]) == 1
     err = capsys.readouterr().err
     assert "1 of 2 runs failed" in err and "run-1.log (exit 2)" in err, err
+
+
+def test_missing_data_is_refused_before_any_run_trains(tmp_path: Path, monkeypatch, capsys):
+    """Issue 33 (validate first): a run whose data is missing stops `laperm run` before anything is
+    written, not after the runs before it trained and left their folders."""
+    runs = [Run(dict(model="f1", dataset="synthetic", epochs=1, val_size=64), {"seed": 0})]
+    runs.append(Run(dict(runs[0].overrides, dataset="idx", data_dir=str(tmp_path / "none")), {"seed": 1}))
+    monkeypatch.setitem(base.EXPERIMENTS, "bad", Experiment("bad", 1, "test", lambda b, s: runs))
+    assert main(["run", "bad", "--out", str(tmp_path / "results")]) == 2
+    assert "laperm: error: " in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

@@ -309,3 +309,52 @@ def test_a_failed_stacked_contender_is_a_row_with_its_traceback(monkeypatch):
     assert failed["members"] == 4 and failed["images_per_s"] is None
     assert "planted failure" in failed["error"]["traceback"]
     assert "**failed**" in bench.markdown(rows)
+
+
+SMALL_STACK = [
+    "--model", "f1", "--dataset", "synthetic", "--val-size", "64", "--train-subset", "128", "--epochs", "1",
+    "--batch-size", "32", "--threads", "1", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "int@write:.write-test#3",  # while the third member's folder is being made
+        "int@write:config.yaml#2",  # while the members' configs are written
+        "int@write:init.pt#3",  # while the members are built (each writes its init.pt)
+    ],
+)
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys, fault):
+    """Issue 33: killing a stack while it made its folders left every folder behind, half-made (no
+    config.yaml: neither --resume nor a new start could use them). A real SIGINT at each point now
+    leaves nothing, and the same command then starts afresh."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, fault)
+    n = torch.get_num_threads()
+    try:
+        assert cli.main(["train", *SMALL_STACK, "--seeds", "0-3", "--out", "runs/stack"]) == 130
+        assert "laperm: interrupted" in capsys.readouterr().err
+        assert list(tmp_path.iterdir()) == [], sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        monkeypatch.delenv(checkpoint.FAULT_ENV)
+        assert cli.main(["train", *SMALL_STACK, "--seeds", "0-3", "--out", "runs/stack"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert len(list((tmp_path / "runs" / "stack").iterdir())) == 4
+
+
+def test_ctrl_c_once_training_leaves_folders_that_resume(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C once the stack trains (before any checkpoint of its own) stops it cleanly: every member
+    saves a checkpoint, and --resume of any member finishes the stack."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "int@step:2")
+    n = torch.get_num_threads()
+    try:
+        assert cli.main(["train", *SMALL_STACK, "--seeds", "0-1", "--out", "runs"]) == 3
+        monkeypatch.delenv(checkpoint.FAULT_ENV)
+        members = sorted((tmp_path / "runs").iterdir())
+        assert len(members) == 2 and all(checkpoint.list_checkpoints(m / "checkpoints") for m in members)
+        assert cli.main(["train", "--resume", str(members[1])]) == 0
+    finally:
+        torch.set_num_threads(n)
+    assert all((m / "summary.json").is_file() for m in members)

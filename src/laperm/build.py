@@ -104,6 +104,7 @@ def describe_model(cfg: TrainConfig, model: nn.Module) -> Description:
 def load_data(cfg: TrainConfig, spec: models.ModelSpec) -> Dataset | textdata.TextCorpus:
     """The run's dataset, checked against the model's input shape and number of classes
     (a text model's: a character corpus long enough for its context)."""
+    models.check_trainable(spec.name)  # (a model that needs options the config cannot give fails here, not later)
     name = cfg.dataset or spec.dataset
     if (name in textdata.TEXT_DATASETS) != (spec.dataset in textdata.TEXT_DATASETS):
         raise ConfigError(

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -97,8 +97,15 @@ def _optimizer_list(choices: tuple[str, ...]) -> Any:
     return parse
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line whatever the argument it quotes holds (a newline, say)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(" ".join(message.splitlines()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="laperm",
         description="Train neural networks by reconnecting their weights (Lookahead Permutation).",
         epilog="Run `laperm COMMAND --help` for each command's options and examples.",
@@ -237,7 +244,10 @@ def _tensorboard(log_dir: str, cfg: Any) -> Any:
     if find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'laperm[integrations]'")
     from .integrations.tensorboard import TensorBoardCallbacks
+    from .rundir import check_can_create
 
+    if log_dir:  # (the default, RUN_DIR/tensorboard, is checked with the run folder)
+        check_can_create(Path(log_dir), "the --tensorboard folder")
     return TensorBoardCallbacks(log_dir or Path(cfg.out) / cfg.run_name() / "tensorboard")
 
 
@@ -411,6 +421,19 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(text: str) -> float:
+    """A size limit in MiB: a positive, finite number (inf or nan cannot size a file)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of MiB, got {text!r}")
+    return value
+
+
 def _add_pack_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pack",
@@ -424,8 +447,8 @@ def _add_pack_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a run folder, or a folder holding run folders")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the pack folder to write")
-    p.add_argument("--max-file-mib", type=float, default=16, metavar="MIB", help="largest data file (default 16)")
-    p.add_argument("--max-total-mib", type=float, metavar="MIB", help="all files together; runs that do not fit wait")
+    p.add_argument("--max-file-mib", type=_mib, default=16, metavar="MIB", help="largest data file (default 16)")
+    p.add_argument("--max-total-mib", type=_mib, metavar="MIB", help="all files together; runs that do not fit wait")
     p = sub.add_parser(
         "unpack",
         help="restore run folders from `laperm pack`",

@@ -140,16 +140,54 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
         return path
     if path.exists() and any(path.iterdir()):
         shutil.rmtree(path)  # check_run_dir allowed it: --overwrite of a laperm run folder
+    made = missing_folders(path)
     try:
         (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         checkpoint.atomic_write_bytes(probe, b"ok")  # the same path real writes take (and their test faults)
         probe.unlink()
     except OSError as e:
+        remove_empty(made)  # (e.g. --out made, then a --name too long for the file system)
         raise RunDirError(
             f"cannot write to the output folder {path}: {e.strerror or e}; choose another --out"
         ) from None
     return path
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, innermost first (what a
+    ``mkdir(parents=True)`` would make)."""
+    missing = []
+    path = Path(path)
+    try:
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+    except OSError:  # (a name too long to look up)
+        pass
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that exists and is empty; leave the rest."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def check_can_create(path: Path, what: str) -> None:
+    """Raise RunDirError unless folder ``path`` exists or can be made, writable; leaves nothing behind."""
+    path = Path(path)
+    made = missing_folders(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise RunDirError(f"cannot write {what} {path}: {e.strerror or e}; choose another folder") from None
+    finally:
+        remove_empty(made)
 
 
 def read_run_config(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ one, so it is refused when the optimizer is built.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, cast
 
 import torch
@@ -20,15 +21,17 @@ from .reconnect import RowLayout
 
 __all__ = ["is_sharded", "local", "check_rows_whole", "like", "all_ranks_agree"]
 
-try:  # builds without torch.distributed have no DTensor (and no sharded parameters)
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+DTENSOR_MODULE = "torch.distributed.tensor"
 
 
 def is_sharded(t: Any) -> bool:
-    """True for a ``DTensor`` (sharded or replicated over a device mesh)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """True for a ``DTensor`` (sharded or replicated over a device mesh).
+
+    torch.distributed.tensor is not imported here (a second of every ``laperm`` command's start):
+    a DTensor exists only once its module has been imported, so until then nothing is one."""
+    module = sys.modules.get(DTENSOR_MODULE)
+    dtensor = getattr(module, "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -40,6 +43,8 @@ def check_rows_whole(p: Tensor, layout: RowLayout, name: str) -> None:
     """Raise ValueError unless every row of ``p`` (under ``layout``) lies whole on one rank."""
     if not is_sharded(p):
         return
+    from torch.distributed.tensor import Replicate, Shard  # (loaded already: p is a DTensor)
+
     placements = cast(Any, p).placements
     rows_on_dim0 = layout.granularity == "row" and not layout.transposed and not layout.unit_dim and p.dim() >= 2
     for placement in placements:
@@ -61,6 +66,8 @@ def like(p: Tensor, rows: Tensor) -> Tensor:
     """
     if not is_sharded(p):
         return rows
+    from torch.distributed.tensor import DTensor  # (loaded already: p is a DTensor)
+
     n, sharded = rows.shape[1], cast(Any, p)
     return DTensor.from_local(
         rows, sharded.device_mesh, sharded.placements, run_check=False, shape=torch.Size((p.shape[0], n)), stride=(n, 1)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import Dataset
 from .callbacks import Callbacks
 from .checkpointing import find_resume_checkpoint, resume_config
+from .stack_memory import check_stack_memory
 from .stacked import Member, StackTrainer, read_stack_file, write_stack_file
 from .summary import hardware
 
@@ -28,22 +30,33 @@ __all__ = ["parse_seeds", "plan_stack", "check_stackable", "stackable_reason", "
 VARYING = ("seed", "optimizer", "name")  # what may differ between the members of a stack (name: on resume)
 
 
+MAX_SEEDS = 10**7  # more seeds than any memory holds as one stack: refused before the list is made
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0-7"``, ``"0,3,5"`` or ``"0-3,8"`` as a list of distinct seeds, else a ConfigError."""
-    seeds: list[int] = []
+    spans: list[range] = []
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
-            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            spans.append(range(int(lo), int(hi) + 1) if hi else range(int(lo), int(lo) + 1))
     except ValueError:
         raise ConfigError(f"--seeds {text!r} not understood; give e.g. 0-7, 0,3,5 or 0-3,8") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds {text!r} must name distinct seeds >= 0, e.g. 0-7")
+    count = sum(len(r) for r in spans)
+    if count > MAX_SEEDS:
+        raise ConfigError(f"--seeds {text!r} names {count:,} seeds; a stack holds at most {MAX_SEEDS:,}")
+    seeds = [s for r in spans for s in r]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2**63:
+        raise ConfigError(f"--seeds {text!r} must name distinct seeds from 0 to 2**63 - 1, e.g. 0-7")
     return seeds
 
 
 def plan_stack(base: TrainConfig, seeds: list[int] | None, optimizers: list[str]) -> list[TrainConfig]:
-    """One member per (optimizer, seed): ``base`` with that seed and optimizer."""
+    """One member per (optimizer, seed): ``base`` with that seed and optimizer; a stack that would not
+    fit in memory is refused first (from one model's size: no member is made)."""
+    base.validate()
+    n = len(seeds) if seeds is not None else 1
+    check_stack_memory(base, [o for o in optimizers for _ in range(n)], build.resolve_device(base.device))
     return [
         dataclasses.replace(base, seed=s, optimizer=o).validate()
         for o in optimizers
@@ -109,9 +122,13 @@ def train_stack(
 
     ``vectorize=False`` runs the members one by one inside each step (bit for bit the single runs' computation;
     in fast mode it never captures a CUDA graph)."""
+    if cfgs:
+        cfgs[0].validate()
+    device = build.resolve_device(cfgs[0].device) if cfgs else torch.device("cpu")
+    if cfgs:  # (first: it is quick however many members there are)
+        check_stack_memory(cfgs[0], [c.optimizer for c in cfgs], device)
     for c in cfgs:
         c.validate()
-    device = build.resolve_device(cfgs[0].device) if cfgs else torch.device("cpu")
     cfgs = [build.resolve_mode(c, device) for c in cfgs]  # mode auto: fast on CUDA, as for a single run
     check_stackable(cfgs)
     dirs = [Path(c.out) / c.run_name() for c in cfgs]
@@ -124,12 +141,40 @@ def train_stack(
     if isinstance(ds, Dataset) and cfgs[0].val_size >= len(ds.train_y):
         raise ConfigError(f"val_size {cfgs[0].val_size} leaves no training data; lower --val-size")
     build.build_augment(cfgs[0])
-    dirs = [rundir.prepare_run_dir(d, resume=resume, overwrite=overwrite) for d in dirs]
-    with contextlib.ExitStack() as locks:
+    with undone_unless_started(dirs, enabled=not resume) as made:
         for d in dirs:
-            locks.enter_context(rundir.locked(d))
-        with rundir.write_errors_explained(dirs[0]):  # (any member's folder resumes the stack)
-            return _run(cfgs, dirs, resume, device, spec, ds, log, vectorize)
+            made.append(d)  # (before it exists: an interrupt may come while it is being made)
+            rundir.prepare_run_dir(d, resume=resume, overwrite=overwrite)
+        with contextlib.ExitStack() as locks:
+            for d in dirs:
+                locks.enter_context(rundir.locked(d))
+            with rundir.write_errors_explained(dirs[0]):  # (any member's folder resumes the stack)
+                return _run(cfgs, dirs, resume, device, spec, ds, log, vectorize)
+
+
+@contextlib.contextmanager
+def undone_unless_started(dirs: list[Path], enabled: bool = True) -> Iterator[list[Path]]:
+    """Nothing half-made: if the block fails (an error, Ctrl-C) before any member saved a checkpoint,
+    remove the member folders it made (the list it fills) and the output folders made for them.
+    After a checkpoint the folders stay: ``laperm train --resume`` continues them."""
+    made: list[Path] = []
+    parents = rundir.missing_folders(dirs[0].parent) if dirs and enabled else []
+    empty = {d for d in dirs if d.is_dir()} if enabled else set()  # (check_run_dir let only empty ones through)
+    try:
+        yield made
+    except BaseException:
+        if enabled and not any(_started(d) for d in made):
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+                if d in empty:  # it was there, empty (or overwritten: its old run is gone either way)
+                    d.mkdir(exist_ok=True)
+            rundir.remove_empty(parents)  # (only while empty: another run may have used them)
+        raise
+
+
+def _started(run_dir: Path) -> bool:
+    """A member folder that holds a checkpoint or a summary: resumable work, never removed."""
+    return bool(checkpoint.list_checkpoints(run_dir / rundir.CHECKPOINTS)) or (run_dir / rundir.SUMMARY).exists()
 
 
 def _run(

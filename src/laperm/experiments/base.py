@@ -16,7 +16,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,18 +195,18 @@ def run_experiment(
     window = Window.from_seconds(deadline_s, min_start_s)
     exp = EXPERIMENTS[name]
     folder = Path(out) / name
-    folder.mkdir(parents=True, exist_ok=True)
-    runs = exp.make_runs(budget, list(seeds) if seeds else list(exp.default_seeds))
-    if only:
-        runs = [r for r in runs if only in _label(r)]
+    runs = selected_runs(exp, budget, seeds, only)
     cuda = _on_cuda(device)
     if window.deadline is not None or max_runs is not None:
         runs = unfinished_first(runs, folder, cuda)
+    cfgs = [run.config(folder, threads, data_dir, device, cuda) for run in runs]  # (each config checked)
+    if not dry_run:
+        check_before_training(folder, runs, cfgs, stack, window)
+    folder.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(folder) or {"experiment": name, "runs": {}}
     manifest.update(version=exp.version, description=exp.description)
     entries, todo = [], []
-    for i, run in enumerate(runs, 1):
-        cfg = run.config(folder, threads, data_dir, device, cuda)
+    for i, (run, cfg) in enumerate(zip(runs, cfgs, strict=True), 1):
         run_dir = folder / cfg.run_name()
         entry: dict[str, Any] = {
             "folder": cfg.run_name(),
@@ -237,6 +237,65 @@ def run_experiment(
     if exp.post is not None and not dry_run and not outcome["unfinished"] and not outcome["not started"]:
         exp.post(folder, entries)
     return entries
+
+
+def selected_runs(exp: Experiment, budget: str, seeds: list[int] | None, only: str | None) -> list[Run]:
+    """The runs of ``exp`` for ``budget`` and ``seeds``, those whose tags contain ``only`` if given; a
+    filter that matches no run is an error listing the tags there are (a typo must not look like "all done")."""
+    runs = exp.make_runs(budget, list(seeds) if seeds else list(exp.default_seeds))
+    if not only:
+        return runs
+    chosen = [r for r in runs if only in _label(r)]
+    if not chosen:
+        tags = sorted({f"{k}={v}" for r in runs for k, v in r.tags.items()})
+        there = f"its tags: {', '.join(tags)}" if tags else "it has no runs to choose from"
+        raise ConfigError(f"--only {only!r} matches none of the {len(runs)} runs of {exp.name}; {there}")
+    return chosen
+
+
+def check_before_training(
+    folder: Path, runs: list[Run], cfgs: list[TrainConfig], stack: bool | None, window: Window
+) -> None:
+    """What the unfinished runs need, checked before anything is written: their data, their stacks' memory."""
+    unfinished = [(r, c) for r, c in zip(runs, cfgs, strict=True) if not _finished(folder, c)]
+    check_data(c for _, c in unfinished)
+    check_stacks_fit(folder, unfinished, stack, window)
+
+
+def _finished(folder: Path, cfg: TrainConfig) -> bool:
+    return (folder / cfg.run_name() / "summary.json").is_file()
+
+
+def check_data(cfgs: Iterable[TrainConfig]) -> None:
+    """Every data set the runs need loads and fits its model (a missing CIFAR-10 is said before
+    anything is written, not after the first runs trained)."""
+    from .. import models
+    from ..build import load_data
+
+    seen = set()
+    for cfg in cfgs:
+        if (cfg.model, cfg.dataset, cfg.data_dir) not in seen:
+            seen.add((cfg.model, cfg.dataset, cfg.data_dir))
+            load_data(cfg, models.get_spec(cfg.model))
+
+
+def check_stacks_fit(
+    folder: Path, unfinished: list[tuple[Run, TrainConfig]], stack: bool | None, window: Window
+) -> None:
+    """Refuse, before anything is written, a stack of unfinished runs that would not fit in memory
+    (:func:`laperm.engine.stack_memory.check_stack_memory`; the fix: --no-stack)."""
+    from ..engine.stack_memory import check_stack_memory
+    from .stacking import stack_groups
+
+    jobs: list[tuple[TrainConfig, dict[str, Any]]] = [
+        (cfg, {}) for run, cfg in unfinished if run.hook is None and _stacks(stack, cfg, window, lambda m: None)
+    ]
+    for group in stack_groups(jobs, folder)[0]:
+        members = [c for c, _ in group]
+        try:
+            check_stack_memory(members[0], [c.optimizer for c in members], resolve_device(members[0].device))
+        except ConfigError as e:
+            raise ConfigError(f"{e}; or train these runs alone with --no-stack") from None
 
 
 def unfinished_first(runs: list[Run], folder: Path, cuda: bool = False) -> list[Run]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -94,14 +95,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import suite  # noqa: F401 - registers the experiments
     from .base import EXPERIMENTS, ExperimentError
 
-    if args.list or not args.experiment:
+    if args.list:
         for exp in EXPERIMENTS.values():
             print(f"{exp.name:12s} v{exp.version}  {exp.description}")
-        return 0 if args.list else 2
+        return 0
+    if not args.experiment:
+        raise ConfigError(f"name an experiment: one of {', '.join(EXPERIMENTS)} (laperm run --list describes them)")
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be at least 1 (runs at once), got {args.parallel}")
-    if args.deadline is not None and not args.deadline > 0:
+    if args.deadline is not None and not 0 < args.deadline < math.inf:
         raise ConfigError(f"--deadline must be a positive number of seconds, got {args.deadline:g}")
+    if args.min_start is not None and not 0 <= args.min_start < math.inf:
+        raise ConfigError(f"--min-start must be a number of seconds >= 0, got {args.min_start:g}")
     if args.max_runs is not None and args.max_runs < 1:
         raise ConfigError(f"--max-runs must be at least 1, got {args.max_runs}")
     if args.experiment not in EXPERIMENTS:
@@ -145,8 +150,17 @@ def _run(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..config import ConfigError
     from .report import write_report
 
+    try:
+        found = Path(args.results).is_dir()
+    except OSError as e:  # (e.g. a name too long for the file system)
+        raise ConfigError(f"--results {args.results!r} cannot be read ({e.strerror or e})") from None
+    if not found:  # (an empty report would look like "no results")
+        raise ConfigError(f"--results {args.results!r} is not a folder; give the folder `laperm run --out` wrote")
     path = write_report(args.results, args.docs)
     print(f"wrote {path}")
     return 0

@@ -21,6 +21,7 @@ from .registry import (
     UnknownModelError,
     build,
     check_options,
+    check_trainable,
     get_spec,
     state_numel,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "state_numel",
     "build",
     "get_spec",
+    "check_trainable",
     "F1",
     "F2",
     "LeNet300",

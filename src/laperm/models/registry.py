@@ -172,6 +172,32 @@ def get_spec(name: str) -> ModelSpec:
         raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
+ENGINE_OPTIONS = ("generator", "vocab_size")  # what the training engine passes to a model class itself
+
+
+def check_trainable(name: str) -> ModelSpec:
+    """``name``'s spec if a run can build it by name alone; else UnknownModelError naming what it lacks
+    (``resnet`` needs ``depth=``: its fixed-depth entries train by name)."""
+    import inspect
+
+    spec = get_spec(name)
+    needs = [
+        p.name
+        for p in inspect.signature(spec.builder).parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in ENGINE_OPTIONS
+    ]
+    if needs:
+        others = ", ".join(n for n in MODELS if n.startswith(spec.name) and n != spec.name)
+        instead = f" such as {others}" if others else ""
+        raise UnknownModelError(
+            f"model {spec.name} needs {', '.join(f'{n}=' for n in needs)} and cannot be trained by name; "
+            f"choose a model{instead} (see laperm models), or build it in Python with laperm.models.build"
+        )
+    return spec
+
+
 def build(
     name: str,
     *,
