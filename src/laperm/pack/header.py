@@ -103,6 +103,22 @@ def _check_file(f: Any, sizes: list[int], ceilings: Ceilings) -> str:
     return name
 
 
+def _check_tiling(files: list[dict[str, Any]], sizes: list[int]) -> None:
+    """Small files lie one after another in their blob, in the order listed, and fill it (as ``laperm pack``
+    writes them): a forged start or size that would hand a file another file's bytes is refused."""
+    ends: dict[int, int] = {}
+    for f in files:
+        if f.get("kind") != "file":
+            continue
+        blob = f["blob"]
+        if f["start"] != ends.get(blob, 0):
+            raise ValueError(f"{f['name']} does not start where the file before it in its blob ends")
+        ends[blob] = f["start"] + f["size"]
+    for blob, end in ends.items():
+        if end != sizes[blob]:
+            raise ValueError(f"the files of blob {blob} do not fill it ({end} of {sizes[blob]} bytes)")
+
+
 def check_header(header: Any, area: int, where: str) -> Ceilings:
     """Check a package's header (names, recipe, every declared size); returns the ceilings it was held to."""
     try:
@@ -115,6 +131,7 @@ def check_header(header: Any, area: int, where: str) -> Ceilings:
         ceilings = Ceilings.for_model(check_recipe(recipe) if torch_files else None)
         sizes = _check_blobs(header.get("blobs"), area, ceilings)
         names = [_check_file(f, sizes, ceilings) for f in header["files"]]
+        _check_tiling(header["files"], sizes)
         check_disjoint(names, where)
         return ceilings
     except PackError as e:

@@ -88,7 +88,11 @@ def _check_runs(plan: dict[str, Any], total: int) -> list[dict[str, Any]]:
     runs = plan.get("runs")
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         raise PackError("plan.json lists no runs; the pack is damaged or forged")
-    packed = [r for r in runs if r.get("packed") is True]
+    if not all(isinstance(r.get("packed"), bool) for r in runs):
+        raise PackError(
+            "plan.json says of a run neither that it is packed nor that it is not; the pack is damaged or forged"
+        )
+    packed = [r for r in runs if r["packed"]]
     for r in packed:
         path = check_name(r.get("path"), "the run folder")
         _check_span(r, total, path)
@@ -108,7 +112,24 @@ def _check_runs(plan: dict[str, Any], total: int) -> list[dict[str, Any]]:
         raise PackError("plan.json lists the non-run files without their times; the pack is damaged or forged")
     names = [check_name(f.get("path"), "the file") for f in files]
     check_disjoint([*names, *(r["path"] for r in packed)], "plan.json")
+    _check_tiling([extras, *packed], total)
     return packed
+
+
+def _check_tiling(records: list[dict[str, Any]], total: int) -> None:
+    """The packages lie one after another and fill the part files (as ``laperm pack`` writes them): no
+    overlap, and no bytes that no record accounts for (a package the plan was edited to hide)."""
+    end = 0
+    for offset, nbytes in sorted((r["offset"], r["nbytes"]) for r in records):
+        if offset != end:
+            raise PackError(
+                "plan.json's packages overlap or leave a gap in the part files; the pack is damaged or forged"
+            )
+        end = offset + nbytes
+    if end != total:
+        raise PackError(
+            f"the part files hold {total - end} bytes that plan.json does not account for; the pack is damaged or forged"
+        )
 
 
 def _sha256(file: Path) -> str:
