@@ -112,7 +112,7 @@ class LaPerm(torch.optim.Optimizer):
 
     Args:
         base_optimizer: any ``torch.optim.Optimizer``, already holding the
-            parameters (their current values are taken as :math:`\\theta_0`:
+            parameters (their current values are taken as θ0:
             create the wrapper *after* any pruning or shared-value init).
         k: synchronisation period in steps (default for groups that set none).
         granularity: default unit of permutation, ``"row"`` or ``"tensor"``.
@@ -127,8 +127,8 @@ class LaPerm(torch.optim.Optimizer):
             weights, and updated with the gradients taken at the synced ones).
             A latent group keeps one extra copy of its permuted weights.
 
-    Example::
-
+    Example:
+        ```python
         inner = torch.optim.Adam(laperm_param_groups(model), lr=1e-3)
         opt = LaPerm(inner, k=250)
         for x, y in loader:
@@ -136,6 +136,7 @@ class LaPerm(torch.optim.Optimizer):
             loss_fn(model(x), y).backward()
             opt.step()
         opt.sync()   # end of training: leave the weights in a synced state
+        ```
     """
 
     def __init__(
