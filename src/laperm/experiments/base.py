@@ -248,7 +248,7 @@ def selected_runs(exp: Experiment, budget: str, seeds: list[int] | None, only: s
     chosen = [r for r in runs if only in _label(r)]
     if not chosen:
         tags = sorted({f"{k}={v}" for r in runs for k, v in r.tags.items()})
-        there = f"its tags: {', '.join(tags)}" if tags else "it has no runs to choose from"
+        there = f"its tags: {'; '.join(tags)}" if tags else "it has no runs to choose from"
         raise ConfigError(f"--only {only!r} matches none of the {len(runs)} runs of {exp.name}; {there}")
     return chosen
 
