@@ -685,7 +685,7 @@ class LaPerm(torch.optim.Optimizer):
         with torch.no_grad():
             for i, p in enumerate(self._all_params()):
                 if p in self._meta:
-                    self._load_entry(p, sd["state"][i])
+                    self._entries[p] = optim_state.loaded_entry(p, sd["state"][i], self._entries[p])
                     if INNER in sd["state"][i]:
                         st = self._meta[p]
                         carried.append((p, sd["state"][i][INNER], self.initial_sorted(p), st.layout, st.name))
@@ -694,19 +694,6 @@ class LaPerm(torch.optim.Optimizer):
         self._synced = all(bool(g.get("laperm_synced", False)) for g in sd["param_groups"])
         if optim_state.restore_inner(carried, sum(int(g.get(INNER_COUNT, 0)) for g in sd["param_groups"])):
             self._synced = False  # (the model is back between syncs, as when it was saved)
-
-    def _load_entry(self, p: Tensor, saved: dict[str, Any]) -> None:
-        """Replace ``p``'s LaPerm tensors by the saved ones, on ``p``'s device; latent weights in place."""
-        local = sharding.local(p)
-        entry: dict[str, Any] = {SORTED: sharding.like(p, sharding.local(saved[SORTED]).to(local.device, local.dtype))}
-        if COUNTS in saved:
-            entry[COUNTS] = saved[COUNTS].to(local.device)
-        if LATENT in saved:
-            z = self._entries[p][LATENT]
-            if z is not saved[LATENT]:  # (DCP loads into the live tensors themselves)
-                sharding.local(z).copy_(sharding.local(saved[LATENT]))  # in place: the same tensors stay live
-            entry[LATENT] = z
-        self._entries[p] = entry
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]

@@ -31,7 +31,7 @@ from .initial_values import COUNTS, SORTED, SortedRows
 from .optim_format import LATENT
 from .reconnect import RowLayout
 
-__all__ = ["INNER", "INNER_COUNT", "carried_inner", "add_inner", "check_saved", "restore_inner"]
+__all__ = ["INNER", "INNER_COUNT", "carried_inner", "add_inner", "check_saved", "restore_inner", "loaded_entry"]
 
 INNER = "laperm_inner"  # per parameter: the inner weights, in a state taken at temporarily synced weights
 INNER_COUNT = "laperm_inner_count"  # per param group: how many of its tensors carry them
@@ -134,3 +134,18 @@ def restore_inner(saved: list[tuple[Tensor, Tensor, Tensor, RowLayout, str]], ex
             stacklevel=3,
         )
     return restored
+
+
+def loaded_entry(p: Tensor, saved: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
+    """``p``'s LaPerm tensors from its ``saved`` entry, on ``p``'s device. Latent weights are copied into the
+    ``live`` entry's tensor, in place: the tensors the inner optimizer and the model's forward hold stay live."""
+    local = sharding.local(p)
+    entry: dict[str, Any] = {SORTED: sharding.like(p, sharding.local(saved[SORTED]).to(local.device, local.dtype))}
+    if COUNTS in saved:
+        entry[COUNTS] = saved[COUNTS].to(local.device)
+    if LATENT in saved:
+        z = live[LATENT]
+        if z is not saved[LATENT]:  # (DCP loads into the live tensors themselves)
+            sharding.local(z).copy_(sharding.local(saved[LATENT]))
+        entry[LATENT] = z
+    return entry
