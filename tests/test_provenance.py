@@ -4,6 +4,7 @@ run with its own record (issue 30): never another run's, never the last GPU wind
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -76,3 +77,17 @@ def test_report_credits_each_run_with_its_own_windows(tmp_path):
     ]
     assert _credit(text, PAPER_ROWS[2]) == ["not recorded"]
     assert _credit(text, PAPER_ROWS[3]) == ["NVIDIA H200, torch 2.11.0+cu130, 0555275"]
+
+
+def test_a_cpu_run_records_the_cpu_model(tmp_path, monkeypatch):
+    """CPUs of other kinds round differently: a run moved between machines records each one's model."""
+    from laperm.engine import summary
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000 @ 3.0GHz\nflags\t: a b\n")
+    assert summary.cpu_model(str(info)) == "Some CPU 9000 @ 3.0GHz"
+    assert summary.cpu_model(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(summary, "cpu_model", lambda: "Some CPU 9000")
+    assert "CPU (Some CPU 9000), " in summary.hardware(torch.device("cpu"))
+    monkeypatch.setattr(summary, "cpu_model", lambda: None)
+    assert summary.hardware(torch.device("cpu")).startswith(f"{platform.machine()} CPU, ")

@@ -57,10 +57,26 @@ def describe_optimizer(cfg: TrainConfig, opt: torch.optim.Optimizer) -> str:
 
 
 def hardware(device: torch.device) -> str:
-    """What the run's numbers were measured on, for reports: the GPU's name, or the CPU."""
+    """What the run's numbers were measured on, for reports: the GPU's name, or the CPU (its model where the
+    system names it: CPUs of other kinds round differently, so a run moved between machines records each)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores"
+    model = cpu_model()
+    cpu = f"{platform.machine()} CPU" + (f" ({model})" if model else "")
+    return f"{cpu}, {torch.get_num_threads()} torch thread(s) of {os.cpu_count()} cores"
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else None."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        return None
+    return None
 
 
 def build_summary(run: Any, final_test: float, final_val: float | None) -> dict[str, Any]:
