@@ -252,8 +252,9 @@ class LaPerm(torch.optim.Optimizer):
         pairs, permuted = [], []
         for i, p in enumerate(group["params"]):
             if self._permuted(group, p):
-                entry = self._capture(p, self._layout(group, p), _param_name(group, i))
-                permuted.append((_param_name(group, i), sharding.local(p).detach(), self._layout(group, p)))
+                layout, name = self._layout(group, p), _param_name(group, i)
+                entry = self._capture(p, layout, name)
+                permuted.append((name, sharding.local(p).detach(), layout))
                 if group["sync_rule"] == "latent":  # z_0 = θ0
                     entry[LATENT] = p.detach().clone()
                     pairs.append((p, entry))
